@@ -1,0 +1,139 @@
+# The flow table and the per-flow state machine (see engine.pyx).
+
+# A flow is two sockets; side 0 is the client, side 1 the upstream.
+# Direction d carries bytes read from side d and written to side 1 - d.
+
+cdef enum FlowState:
+    F_FREE = 0
+    F_CONNECTING     # upstream connect (with linked timeout) in flight
+    F_OPEN           # both directions may move data
+    F_CLOSING        # decided to end; waiting for every in-flight op to complete
+    F_CLOSED_WAIT    # close SQEs in flight; the slot frees when they complete
+
+cdef enum DirFlag:
+    D_RECV_ARMED  = 1 << 0   # a recv on the source side is in flight
+    D_RECV_CANCEL = 1 << 1   # ... and a cancel for it was submitted (backpressure)
+    D_SEND_BUSY   = 1 << 2   # a send to the sink side is in flight
+    D_EOF         = 1 << 3   # FIN read from the source side
+    D_SHUT_SENT   = 1 << 4   # shutdown(SHUT_WR) submitted on the sink side
+    D_SHUT_DONE   = 1 << 5   # ... and completed
+    D_WAIT_BUF    = 1 << 6   # recv ended with ENOBUFS; queued on the buffer-wait list
+
+cdef enum Cause:
+    C_NONE = 0
+    C_NORMAL
+    C_CLIENT_RESET
+    C_UPSTREAM_RESET
+    C_UPSTREAM_REFUSED
+    C_CONNECT_TIMEOUT
+    C_CONNECT_ERROR
+    C_PROXY_SHUTDOWN
+    C_RESOURCE
+
+cdef struct Dir:
+    int32_t q_head          # buffer ids queued for sending, FIFO through buf_next
+    int32_t q_tail
+    uint32_t head_off       # bytes of the head buffer already sent
+    uint32_t flags          # DirFlag
+    uint64_t queued_bytes   # read from the source, not yet accepted by the sink
+    uint64_t moved_bytes    # accepted by the sink's socket
+    int32_t wait_prev       # buffer-wait list links (slot * 2 + d), -1 = none
+    int32_t wait_next
+
+cdef struct Flow:
+    uint32_t gen            # bumped on release: stale CQEs carry the old value
+    uint8_t state           # FlowState
+    uint8_t cause           # Cause, decided once
+    uint8_t reset_mask      # sides (bit per side) to close with SO_LINGER {1,0}
+    int32_t err             # errno behind the cause, 0 if none
+    int fd[2]
+    int32_t inflight        # SQEs submitted whose final CQE has not arrived
+    int32_t next_free
+    int64_t t_start_ns
+    Dir dir[2]
+    sockaddr_storage peer
+    socklen_t peer_len
+
+cdef struct CloseRec:
+    sockaddr_storage client
+    uint64_t c2u_bytes
+    uint64_t u2c_bytes
+    int64_t duration_ns
+    uint8_t cause
+    int32_t err
+
+cdef struct Stats:
+    uint64_t accepted
+    uint64_t closed
+    uint64_t rejected_full      # accepted while the table was full (closed at once)
+    uint64_t accept_pauses      # EMFILE/ENFILE/ENOMEM pauses
+    int32_t accept_last_err
+    uint64_t c2u_bytes
+    uint64_t u2c_bytes
+    uint64_t enobufs            # recvs that found the buffer pool empty
+    uint64_t recv_cancels       # backpressure: recv stopped at --max-inflight
+    uint64_t short_sends
+    uint64_t stale_cqes         # CQEs for a recycled slot, dropped
+    uint64_t cqes
+    uint64_t batches
+    uint64_t log_dropped
+
+cdef class Engine:
+    cdef Ring ring
+    cdef Flow *flows
+    cdef uint32_t max_conns
+    cdef int32_t free_head
+    cdef uint32_t nactive
+
+    # provided-buffer pool: one group shared by every flow
+    cdef io_uring_buf_ring *br
+    cdef char *buf_mem
+    cdef uint32_t nbufs
+    cdef uint32_t buf_size
+    cdef uint32_t *buf_len
+    cdef int32_t *buf_next
+    cdef int br_pending        # buffers returned since the last ring advance
+    cdef uint32_t bufs_held    # buffers delivered to flows, not yet returned
+    cdef int32_t wait_head     # flows (slot * 2 + d) waiting for buffers
+    cdef int32_t wait_tail
+
+    # listener and upstream
+    cdef int listen_fd
+    cdef bint acc_armed
+    cdef bint acc_cancel
+    cdef bint acc_paused       # resource error: a timer re-arms accept
+    cdef bint stopping
+    cdef sockaddr_storage up_addr
+    cdef socklen_t up_len
+    cdef int up_family
+    cdef __kernel_timespec connect_ts
+    cdef __kernel_timespec pause_ts
+    cdef uint64_t max_inflight
+    cdef bint ms_accept
+    cdef bint ms_recv
+
+    cdef CloseRec *log
+    cdef uint32_t log_n
+    cdef uint32_t log_cap
+    cdef Stats st
+
+    cdef void handle(self, io_uring_cqe *cqe) noexcept nogil
+    cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil
+    cdef void accept_step(self) noexcept nogil
+    cdef void flow_open(self, int cfd) noexcept nogil
+    cdef void on_connect(self, Flow *f, int res) noexcept nogil
+    cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
+    cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
+    cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
+    cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil
+    cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil
+    cdef void flow_step(self, uint32_t slot) noexcept nogil
+    cdef void dir_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
+    cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
+    cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
+    cdef void buf_return(self, uint32_t bid) noexcept nogil
+    cdef void bufs_flush(self) noexcept nogil
+    cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
+    cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil
+    cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil
+    cdef int run_c(self, int64_t timeout_ns) noexcept nogil

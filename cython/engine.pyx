@@ -1,0 +1,667 @@
+# The engine: a preallocated flow table and one per-flow state machine, driven
+# by io_uring completions. Everything from io_uring_submit_and_wait to the
+# next one runs nogil on C structs; Python is entered once per batch.
+#
+# Reading order: user_data encoding, the CQE dispatcher, the event handlers
+# (accept, connect, recv, send, shutdown), then flow_step/dir_step -- the one
+# place that decides what each flow submits next -- then the close path and
+# the buffer pool.
+#
+# Invariants (each is relied on below; break one and bytes are lost):
+# - A buffer has one owner: the kernel's provided-buffer ring, or exactly one
+#   direction's send queue. buf_return() is the only way back to the ring.
+# - A direction has at most one send in flight, so bytes leave in the order
+#   they arrived, and a short send resumes from head_off.
+# - shutdown(SHUT_WR) is submitted only when the direction has read EOF, its
+#   queue is empty and no send is in flight: the FIN follows the last byte.
+# - fds are closed only when flow.inflight == 0: no CQE can name them after.
+# - A slot's generation is bumped on release, and it is in every user_data,
+#   so a CQE that outlives its flow is recognised and dropped.
+
+# --- user_data ---------------------------------------------------------------
+# bits 0-31 slot | 32-55 generation | 56-59 op | 60 direction
+cdef enum Op:
+    OP_ACCEPT = 1
+    OP_ACCEPT_TIMER
+    OP_CONNECT
+    OP_CONNECT_TIMEOUT
+    OP_RECV
+    OP_SEND
+    OP_SHUTDOWN
+    OP_CANCEL
+    OP_CLOSE
+    OP_ENGINE_CANCEL    # a cancel not tied to a flow (the accept); CQE ignored
+
+DEF GEN_MASK = 0xFFFFFF
+DEF CQE_BATCH = 256
+DEF ACCEPT_PAUSE_MS = 100
+DEF LOG_CAP = 4096
+
+cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
+    return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << 32) \
+        | ((<uint64_t>op) << 56) | ((<uint64_t>d) << 60)
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+CAUSES = {
+    C_NORMAL: ("normal", "--"),
+    C_CLIENT_RESET: ("client_reset", "CD"),
+    C_UPSTREAM_RESET: ("upstream_reset", "SD"),
+    C_UPSTREAM_REFUSED: ("upstream_refused", "SC"),
+    C_CONNECT_TIMEOUT: ("connect_timeout", "sC"),
+    C_CONNECT_ERROR: ("connect_error", "SC"),
+    C_PROXY_SHUTDOWN: ("proxy_shutdown", "PD"),
+    C_RESOURCE: ("resource", "RC"),
+}
+
+
+cdef str _format_addr(sockaddr_storage *ss):
+    cdef char buf[64]
+    cdef sockaddr_in *a4
+    cdef sockaddr_in6 *a6
+    if ss.ss_family == AF_INET:
+        a4 = <sockaddr_in *>ss
+        inet_ntop(AF_INET, &a4.sin_addr, buf, sizeof(buf))
+        return f"{buf.decode()}:{ntohs(a4.sin_port)}"
+    if ss.ss_family == AF_INET6:
+        a6 = <sockaddr_in6 *>ss
+        inet_ntop(AF_INET6, &a6.sin6_addr, buf, sizeof(buf))
+        return f"[{buf.decode()}]:{ntohs(a6.sin6_port)}"
+    return "?"
+
+
+cdef class Engine:
+    def __cinit__(self, Ring ring not None, *, uint32_t max_conns, uint32_t buffers,
+                  uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
+                  bint multishot_accept=True, bint multishot_recv=True):
+        cdef int err = 0
+        cdef uint32_t i
+        self.ring = ring
+        self.listen_fd = -1
+        self.max_conns = max_conns
+        self.nbufs = buffers
+        self.buf_size = buffer_size
+        self.max_inflight = max_inflight
+        self.ms_accept = multishot_accept
+        self.ms_recv = multishot_recv
+        self.connect_ts.tv_sec = <int64_t>connect_timeout
+        self.connect_ts.tv_nsec = <long long>((connect_timeout - <int64_t>connect_timeout) * 1e9)
+        self.pause_ts.tv_sec = 0
+        self.pause_ts.tv_nsec = ACCEPT_PAUSE_MS * 1000000
+        self.wait_head = -1
+        self.wait_tail = -1
+
+        self.flows = <Flow *>calloc(max_conns, sizeof(Flow))
+        self.buf_len = <uint32_t *>calloc(buffers, sizeof(uint32_t))
+        self.buf_next = <int32_t *>calloc(buffers, sizeof(int32_t))
+        self.log = <CloseRec *>calloc(LOG_CAP, sizeof(CloseRec))
+        self.log_cap = LOG_CAP
+        if (self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
+                or self.log == NULL
+                or posix_memalign(<void **>&self.buf_mem, 4096,
+                                  <size_t>buffers * buffer_size) != 0):
+            raise MemoryError("cannot allocate the flow table or the buffer pool")
+        for i in range(max_conns):
+            self.flows[i].next_free = <int32_t>i + 1 if i + 1 < max_conns else -1
+            self.flows[i].fd[0] = -1
+            self.flows[i].fd[1] = -1
+        self.free_head = 0 if max_conns > 0 else -1
+
+        self.br = uc_setup_buf_ring(&ring.ring, buffers, 0, &err)
+        if self.br == NULL:
+            raise OSError(-err, f"registering the provided-buffer ring failed: {os.strerror(-err)}")
+        for i in range(buffers):
+            io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>i * buffer_size,
+                                  buffer_size, <unsigned short>i,
+                                  io_uring_buf_ring_mask(buffers), <int>i)
+        io_uring_buf_ring_advance(self.br, <int>buffers)
+
+    def __dealloc__(self):
+        # The ring must go first: queue_exit waits for in-flight requests,
+        # which may still point into the buffer pool.
+        if self.ring is not None:
+            self.ring.close()
+        free(self.flows)
+        free(self.buf_len)
+        free(self.buf_next)
+        free(self.log)
+        free(self.buf_mem)
+
+    # --- configuration (Python, start-up only) ------------------------------
+
+    def set_upstream(self, int family, str host, int port):
+        cdef sockaddr_in *a4 = <sockaddr_in *>&self.up_addr
+        cdef sockaddr_in6 *a6 = <sockaddr_in6 *>&self.up_addr
+        memset(&self.up_addr, 0, sizeof(self.up_addr))
+        hb = host.encode()
+        if family == AF_INET:
+            a4.sin_family = AF_INET
+            a4.sin_port = htons(port)
+            ok = inet_pton(AF_INET, hb, &a4.sin_addr)
+            self.up_len = sizeof(sockaddr_in)
+        elif family == AF_INET6:
+            a6.sin6_family = AF_INET6
+            a6.sin6_port = htons(port)
+            ok = inet_pton(AF_INET6, hb, &a6.sin6_addr)
+            self.up_len = sizeof(sockaddr_in6)
+        else:
+            raise ValueError("family must be AF_INET or AF_INET6")
+        if ok != 1:
+            raise ValueError(f"not a numeric address: {host!r}")
+        self.up_family = family
+
+    def add_listener(self, int fd):
+        if self.listen_fd >= 0:
+            raise ValueError("one listener per engine")
+        self.listen_fd = fd
+        with nogil:
+            self.accept_step()
+
+    # --- CQE dispatch ---------------------------------------------------------
+
+    cdef void handle(self, io_uring_cqe *cqe) noexcept nogil:
+        cdef uint64_t ud = cqe.user_data
+        cdef int op = <int>((ud >> 56) & 0xF)
+        cdef int d = <int>((ud >> 60) & 1)
+        cdef uint32_t slot = <uint32_t>ud     # the low 32 bits
+        cdef uint32_t gen = <uint32_t>((ud >> 32) & GEN_MASK)
+        cdef Flow *f
+        cdef int res = cqe.res
+        cdef uint32_t cflags = cqe.flags
+
+        if op == OP_ACCEPT:
+            self.on_accept(res, cflags)
+            return
+        if op == OP_ENGINE_CANCEL:
+            return
+        if op == OP_ACCEPT_TIMER:
+            self.acc_paused = False
+            self.accept_step()
+            return
+        if slot >= self.max_conns:
+            self.st.stale_cqes += 1
+            return
+        f = &self.flows[slot]
+        if f.state == F_FREE or (f.gen & GEN_MASK) != gen:
+            # A completion that outlived its flow. Our close path waits for
+            # every CQE, so this is defence in depth -- but a buffer it
+            # carries must still go home or the pool shrinks for good.
+            self.st.stale_cqes += 1
+            if cflags & IORING_CQE_F_BUFFER:
+                self.buf_return(cflags >> IORING_CQE_BUFFER_SHIFT)
+            return
+        if not (cflags & IORING_CQE_F_MORE):
+            f.inflight -= 1
+
+        if op == OP_RECV:
+            self.on_recv(f, d, res, cflags)
+        elif op == OP_SEND:
+            self.on_send(f, d, res)
+        elif op == OP_CONNECT:
+            self.on_connect(f, res)
+        elif op == OP_SHUTDOWN:
+            self.on_shutdown(f, d, res)
+        # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE: only the inflight count.
+        self.flow_step(slot)
+
+    # --- accept ----------------------------------------------------------------
+
+    cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil:
+        cdef io_uring_sqe *s
+        if not (cflags & IORING_CQE_F_MORE):
+            self.acc_armed = False
+            self.acc_cancel = False
+        if res >= 0:
+            if self.stopping or self.free_head < 0:
+                # Raced with our cancel of the multishot accept.
+                close(res)
+                self.st.rejected_full += 1
+            else:
+                self.st.accepted += 1
+                self.flow_open(res)
+        elif res == -EMFILE or res == -ENFILE or res == -ENOMEM or res == -ENOBUFS:
+            # Out of fds or memory: the connection stays in the backlog.
+            # Re-arming now would fail again at once, so wait a little; the
+            # timer's CQE re-arms (never a spin).
+            self.st.accept_pauses += 1
+            self.st.accept_last_err = -res
+            if not self.acc_paused:
+                self.acc_paused = True
+                s = self.ring.sqe()
+                io_uring_prep_timeout(s, &self.pause_ts, 0, 0)
+                io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT_TIMER, 0))
+        elif res != -ECANCELED:
+            self.st.accept_last_err = -res
+        self.accept_step()
+
+    # Decides whether an accept should be in flight: not while stopping, not
+    # while paused on a resource error, not while the flow table is full
+    # (HAProxy's maxconn: connections wait in the kernel's backlog).
+    cdef void accept_step(self) noexcept nogil:
+        cdef io_uring_sqe *s
+        cdef bint want = (self.listen_fd >= 0 and not self.stopping
+                          and not self.acc_paused and self.free_head >= 0)
+        if want and not self.acc_armed:
+            s = self.ring.sqe()
+            if self.ms_accept:
+                io_uring_prep_multishot_accept(s, self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+            else:
+                io_uring_prep_accept(s, self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+            io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT, 0))
+            self.acc_armed = True
+        elif not want and self.acc_armed and not self.acc_cancel:
+            s = self.ring.sqe()
+            io_uring_prep_cancel64(s, ud_make(0, 0, OP_ACCEPT, 0), 0)
+            io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ENGINE_CANCEL, 0))
+            self.acc_cancel = True
+
+    # --- flow set-up -------------------------------------------------------------
+
+    cdef void flow_open(self, int cfd) noexcept nogil:
+        cdef uint32_t slot = <uint32_t>self.free_head
+        cdef Flow *f = &self.flows[slot]
+        cdef int one = 1
+        cdef int ufd, d
+        cdef io_uring_sqe *s
+        self.free_head = f.next_free
+        self.nactive += 1
+        f.state = F_CONNECTING
+        f.cause = C_NONE
+        f.err = 0
+        f.reset_mask = 0
+        f.inflight = 0
+        f.t_start_ns = now_ns()
+        f.fd[0] = cfd
+        f.fd[1] = -1
+        memset(&f.dir[0], 0, sizeof(Dir) * 2)
+        for d in range(2):
+            f.dir[d].q_head = -1
+            f.dir[d].q_tail = -1
+            f.dir[d].wait_prev = -1
+            f.dir[d].wait_next = -1
+        f.peer_len = sizeof(sockaddr_storage)
+        if getpeername(cfd, <sockaddr *>&f.peer, &f.peer_len) != 0:
+            memset(&f.peer, 0, sizeof(f.peer))
+        # The proxy forwards whatever it has as soon as it has it; Nagle
+        # would hold a small tail back for an ACK round trip.
+        setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+
+        ufd = socket(self.up_family, SOCK_STREAM | SOCK_CLOEXEC, 0)
+        if ufd < 0:
+            self.flow_fail(f, C_RESOURCE, errno, 0)
+            self.flow_step(slot)
+            return
+        f.fd[1] = ufd
+        setsockopt(ufd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        # connect + linked timeout: the pair must reach the kernel in one
+        # submit, or the link is broken (io_uring_prep_link_timeout(3)).
+        self.ring.reserve(2)
+        s = self.flow_sqe(slot, f, OP_CONNECT, 0)
+        io_uring_prep_connect(s, ufd, <sockaddr *>&self.up_addr, self.up_len)
+        s.flags |= IOSQE_IO_LINK
+        s = self.flow_sqe(slot, f, OP_CONNECT_TIMEOUT, 0)
+        io_uring_prep_link_timeout(s, &self.connect_ts, 0)
+
+    # Every SQE of a flow goes through here, so inflight counts them all.
+    cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil:
+        cdef io_uring_sqe *s = self.ring.sqe()
+        f.inflight += 1
+        # liburing's prep helpers set every field but user_data, so it is
+        # safe to set it before the caller preps the operation.
+        io_uring_sqe_set_data64(s, ud_make(slot, f.gen, op, d))
+        return s
+
+    # --- events ------------------------------------------------------------------
+
+    cdef void on_connect(self, Flow *f, int res) noexcept nogil:
+        if f.state != F_CONNECTING:
+            return
+        if res == 0:
+            f.state = F_OPEN
+        elif res == -ECONNREFUSED:
+            self.flow_fail(f, C_UPSTREAM_REFUSED, -res, 0)
+        elif res == -ECANCELED or res == -ETIMEDOUT:
+            # -ECANCELED: the linked timeout fired (we cancel connects only
+            # once the flow is already closing, which returned above).
+            self.flow_fail(f, C_CONNECT_TIMEOUT, ETIMEDOUT, 0)
+        else:
+            self.flow_fail(f, C_CONNECT_ERROR, -res, 0)
+
+    cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        cdef uint32_t bid
+        if not (cflags & IORING_CQE_F_MORE):
+            D.flags &= ~(D_RECV_ARMED | D_RECV_CANCEL)
+        if cflags & IORING_CQE_F_BUFFER:
+            bid = cflags >> IORING_CQE_BUFFER_SHIFT
+            self.bufs_held += 1
+            if res <= 0 or f.state != F_OPEN:
+                self.buf_return(bid)
+            else:
+                # Ownership: ring -> this direction's send queue.
+                self.buf_len[bid] = <uint32_t>res
+                self.buf_next[bid] = -1
+                if D.q_tail >= 0:
+                    self.buf_next[D.q_tail] = <int32_t>bid
+                else:
+                    D.q_head = <int32_t>bid
+                D.q_tail = <int32_t>bid
+                D.queued_bytes += <uint64_t>res
+                return
+        if f.state != F_OPEN or res > 0:
+            return
+        if res == 0:
+            D.flags |= D_EOF
+        elif res == -ENOBUFS:
+            # The pool is empty: backpressure, not an error. The bytes stay in
+            # the socket; bufs_flush() re-arms us when buffers come back.
+            self.st.enobufs += 1
+            self.wait_push(<uint32_t>(f - self.flows), d)
+        elif res != -ECANCELED:
+            self.side_failed(f, d, res)
+
+    cdef void on_send(self, Flow *f, int d, int res) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        cdef int32_t bid
+        D.flags &= ~D_SEND_BUSY
+        if f.state != F_OPEN:
+            return
+        if res <= 0:
+            # 0 cannot happen for a non-empty TCP send; treat it as the sink
+            # failing rather than resubmitting the same send forever.
+            if res != -ECANCELED:
+                self.side_failed(f, 1 - d, res if res < 0 else -EPIPE)
+            return
+        bid = D.q_head
+        D.head_off += <uint32_t>res
+        D.queued_bytes -= <uint64_t>res
+        D.moved_bytes += <uint64_t>res
+        if D.head_off < self.buf_len[bid]:
+            self.st.short_sends += 1      # resumes from head_off in dir_step
+            return
+        D.head_off = 0
+        D.q_head = self.buf_next[bid]
+        if D.q_head < 0:
+            D.q_tail = -1
+        self.buf_return(<uint32_t>bid)
+
+    cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil:
+        f.dir[d].flags |= D_SHUT_DONE
+        if f.state == F_OPEN and res < 0 and res != -ECANCELED:
+            self.side_failed(f, 1 - d, res)
+
+    # A socket of the flow failed (reset, broken pipe...). The other side is
+    # reset too: a reset on one side becomes a reset on the other.
+    cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil:
+        self.flow_fail(f, C_CLIENT_RESET if side == 0 else C_UPSTREAM_RESET,
+                       -res, <uint8_t>(1 << (1 - side)))
+
+    # The one way into F_CLOSING. The first cause wins. In-flight operations
+    # are cancelled; fds close only when the last of their CQEs is in.
+    cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil:
+        cdef uint32_t slot = <uint32_t>(f - self.flows)
+        cdef io_uring_sqe *s
+        cdef int side
+        if f.state >= F_CLOSING:
+            return
+        f.state = F_CLOSING
+        f.cause = cause
+        f.err = err
+        f.reset_mask = reset_mask
+        if f.inflight > 0:
+            for side in range(2):
+                if f.fd[side] >= 0:
+                    s = self.flow_sqe(slot, f, OP_CANCEL, side)
+                    io_uring_prep_cancel_fd(s, f.fd[side], IORING_ASYNC_CANCEL_ALL)
+
+    # --- the decision: what each flow submits next ---------------------------------
+
+    cdef void flow_step(self, uint32_t slot) noexcept nogil:
+        cdef Flow *f = &self.flows[slot]
+        if f.state == F_OPEN:
+            self.dir_step(slot, f, 0)
+            self.dir_step(slot, f, 1)
+            if (f.dir[0].flags & D_SHUT_DONE) and (f.dir[1].flags & D_SHUT_DONE):
+                # Both FINs forwarded after their last byte: a clean end.
+                self.flow_fail(f, C_NORMAL, 0, 0)
+        if f.state == F_CLOSING and f.inflight == 0:
+            self.flow_close_fds(slot, f)
+        if f.state == F_CLOSED_WAIT and f.inflight == 0:
+            self.flow_release(slot, f)
+
+    cdef void dir_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        cdef io_uring_sqe *s
+        cdef int32_t bid
+        if not (D.flags & D_SEND_BUSY):
+            if D.q_head >= 0:
+                bid = D.q_head
+                s = self.flow_sqe(slot, f, OP_SEND, d)
+                io_uring_prep_send(s, f.fd[1 - d],
+                                   self.buf_mem + <size_t>bid * self.buf_size + D.head_off,
+                                   self.buf_len[bid] - D.head_off, MSG_NOSIGNAL)
+                D.flags |= D_SEND_BUSY
+            elif (D.flags & D_EOF) and not (D.flags & D_SHUT_SENT):
+                s = self.flow_sqe(slot, f, OP_SHUTDOWN, d)
+                io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
+                D.flags |= D_SHUT_SENT
+        # Reading: stop at --max-inflight, resume below half of it, so a slow
+        # sink makes us stop reading (the kernel's window closes) instead of
+        # growing, without a cancel/re-arm pair per buffer at the boundary.
+        if not (D.flags & (D_RECV_ARMED | D_EOF | D_WAIT_BUF)):
+            if D.queued_bytes <= self.max_inflight // 2:
+                s = self.flow_sqe(slot, f, OP_RECV, d)
+                uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv)
+                D.flags |= D_RECV_ARMED
+        elif ((D.flags & (D_RECV_ARMED | D_RECV_CANCEL)) == D_RECV_ARMED
+              and D.queued_bytes >= self.max_inflight and self.ms_recv):
+            s = self.flow_sqe(slot, f, OP_CANCEL, d)
+            io_uring_prep_cancel64(s, ud_make(slot, f.gen, OP_RECV, d), 0)
+            D.flags |= D_RECV_CANCEL
+            self.st.recv_cancels += 1
+
+    # --- the close path ------------------------------------------------------------
+
+    cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil:
+        cdef linger lg
+        cdef io_uring_sqe *s
+        cdef int32_t bid, nxt
+        cdef int d, side
+        # Nothing is in flight: every queued buffer is ours to give back.
+        for d in range(2):
+            bid = f.dir[d].q_head
+            while bid >= 0:
+                nxt = self.buf_next[bid]
+                self.buf_return(<uint32_t>bid)
+                bid = nxt
+            f.dir[d].q_head = -1
+            f.dir[d].q_tail = -1
+            if f.dir[d].flags & D_WAIT_BUF:
+                self.wait_remove(slot, d)
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        for side in range(2):
+            if f.fd[side] < 0:
+                continue
+            if f.reset_mask & (1 << side):
+                # SO_LINGER {1, 0}: close sends RST instead of FIN.
+                setsockopt(f.fd[side], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+            s = self.flow_sqe(slot, f, OP_CLOSE, side)
+            io_uring_prep_close(s, f.fd[side])
+            f.fd[side] = -1
+        f.state = F_CLOSED_WAIT
+
+    cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil:
+        cdef CloseRec *r
+        if self.log_n < self.log_cap:
+            r = &self.log[self.log_n]
+            self.log_n += 1
+            memcpy(&r.client, &f.peer, sizeof(sockaddr_storage))
+            r.c2u_bytes = f.dir[0].moved_bytes
+            r.u2c_bytes = f.dir[1].moved_bytes
+            r.duration_ns = now_ns() - f.t_start_ns
+            r.cause = f.cause
+            r.err = f.err
+        else:
+            self.st.log_dropped += 1
+        self.st.closed += 1
+        self.st.c2u_bytes += f.dir[0].moved_bytes
+        self.st.u2c_bytes += f.dir[1].moved_bytes
+        f.gen += 1
+        f.state = F_FREE
+        f.next_free = self.free_head
+        self.free_head = <int32_t>slot
+        self.nactive -= 1
+        self.accept_step()
+
+    # --- the buffer pool ---------------------------------------------------------------
+
+    # Ownership: flow -> ring. Made visible to the kernel in bufs_flush().
+    cdef void buf_return(self, uint32_t bid) noexcept nogil:
+        io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>bid * self.buf_size,
+                              self.buf_size, <unsigned short>bid,
+                              io_uring_buf_ring_mask(self.nbufs), self.br_pending)
+        self.br_pending += 1
+        self.bufs_held -= 1
+
+    # Once per batch: publish returned buffers, then re-arm as many waiting
+    # directions as there are free buffers (each will take at least one).
+    cdef void bufs_flush(self) noexcept nogil:
+        cdef uint32_t free_bufs
+        cdef int32_t w
+        if self.br_pending:
+            io_uring_buf_ring_advance(self.br, self.br_pending)
+            self.br_pending = 0
+        free_bufs = self.nbufs - self.bufs_held
+        while self.wait_head >= 0 and free_bufs > 0:
+            w = self.wait_head
+            self.wait_remove(<uint32_t>(w >> 1), w & 1)
+            self.flow_step(<uint32_t>(w >> 1))
+            free_bufs -= 1
+
+    cdef void wait_push(self, uint32_t slot, int d) noexcept nogil:
+        cdef Dir *D = &self.flows[slot].dir[d]
+        cdef int32_t me = <int32_t>(slot * 2 + d)
+        D.flags |= D_WAIT_BUF
+        D.wait_next = -1
+        D.wait_prev = self.wait_tail
+        if self.wait_tail >= 0:
+            self.flows[self.wait_tail >> 1].dir[self.wait_tail & 1].wait_next = me
+        else:
+            self.wait_head = me
+        self.wait_tail = me
+
+    cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil:
+        cdef Dir *D = &self.flows[slot].dir[d]
+        if D.wait_prev >= 0:
+            self.flows[D.wait_prev >> 1].dir[D.wait_prev & 1].wait_next = D.wait_next
+        else:
+            self.wait_head = D.wait_next
+        if D.wait_next >= 0:
+            self.flows[D.wait_next >> 1].dir[D.wait_next & 1].wait_prev = D.wait_prev
+        else:
+            self.wait_tail = D.wait_prev
+        D.wait_prev = -1
+        D.wait_next = -1
+        D.flags &= ~D_WAIT_BUF
+
+    # --- the loop -------------------------------------------------------------------
+
+    # Submit everything prepared, wait for at least one CQE, handle whole
+    # batches. Returns to Python when a flow closed (its log line is due),
+    # when timeout_ns passed, or on a signal (-EINTR), whichever is first.
+    cdef int run_c(self, int64_t timeout_ns) noexcept nogil:
+        cdef io_uring_cqe *cqes[CQE_BATCH]
+        cdef io_uring_cqe *cqe
+        cdef __kernel_timespec ts
+        cdef int64_t deadline = now_ns() + timeout_ns
+        cdef int64_t left
+        cdef unsigned n, i
+        cdef int ret
+        while True:
+            self.bufs_flush()
+            left = deadline - now_ns()
+            if left < 0:
+                left = 0
+            ts.tv_sec = left // 1000000000
+            ts.tv_nsec = left % 1000000000
+            ret = io_uring_submit_and_wait_timeout(&self.ring.ring, &cqe, 1, &ts, NULL)
+            if ret == -EINTR:
+                return -EINTR
+            while True:
+                n = io_uring_peek_batch_cqe(&self.ring.ring, cqes, CQE_BATCH)
+                if n == 0:
+                    break
+                self.st.batches += 1
+                self.st.cqes += n
+                for i in range(n):
+                    self.handle(cqes[i])
+                io_uring_cq_advance(&self.ring.ring, n)
+                if n < CQE_BATCH:
+                    break
+            if self.log_n > 0 or now_ns() >= deadline:
+                return 0
+            if ret < 0 and ret != -ETIME:
+                return ret
+
+    # --- Python surface (between batches) ---------------------------------------
+
+    def run(self, double timeout):
+        """Run the data path for up to `timeout` seconds (less if flows closed)."""
+        cdef int ret
+        cdef int64_t t = <int64_t>(timeout * 1e9)
+        with nogil:
+            ret = self.run_c(t)
+        if ret < 0 and ret != -EINTR:
+            raise OSError(-ret, os.strerror(-ret))
+        return ret
+
+    def drain_closed(self):
+        """The flows closed since the last call: a list of dicts."""
+        out = []
+        cdef uint32_t i
+        cdef CloseRec *r
+        for i in range(self.log_n):
+            r = &self.log[i]
+            cause, term = CAUSES.get(r.cause, ("unknown", "??"))
+            out.append({
+                "client": _format_addr(&r.client),
+                "bytes_c2u": r.c2u_bytes,
+                "bytes_u2c": r.u2c_bytes,
+                "duration_ms": round(r.duration_ns / 1e6, 3),
+                "cause": cause,
+                "term": term,
+                "errno": r.err,
+            })
+        self.log_n = 0
+        return out
+
+    def stop(self):
+        """Stop accepting and end every flow (cause proxy_shutdown)."""
+        cdef uint32_t i
+        with nogil:
+            self.stopping = True
+            self.accept_step()
+            for i in range(self.max_conns):
+                if self.flows[i].state in (F_CONNECTING, F_OPEN):
+                    self.flow_fail(&self.flows[i], C_PROXY_SHUTDOWN, 0, 0)
+                    self.flow_step(i)
+
+    @property
+    def active(self):
+        return self.nactive
+
+    @property
+    def accepting(self):
+        return self.acc_armed
+
+    def stats(self):
+        s = dict(self.st)
+        s["active"] = self.nactive
+        s["bufs_held"] = self.bufs_held
+        s["buffer_waiters"] = int(self.wait_head >= 0)
+        return s

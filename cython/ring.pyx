@@ -1,0 +1,230 @@
+# Ring: set-up with fallbacks, probe, batched submit.
+#
+# One Ring per thread. With SINGLE_ISSUER|DEFER_TASKRUN (6.1) only the
+# thread that created the ring may submit and wait on it, and completions
+# are produced only while that thread waits (io_uring_setup(2)); that is the
+# cheapest mode and the one the engine's single-threaded loop wants.
+
+import errno as _errno
+import os as _os
+import socket as _socket
+
+# Set-up attempts, best first. The kernel answers EINVAL to flags it does not
+# know, so each step drops what the previous kernel refused.
+_SETUP_CHAIN = (
+    ("single_issuer+defer_taskrun",
+     IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN),
+    ("coop_taskrun", IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG),
+    ("plain", 0),
+)
+
+FEATURE_NAMES = (
+    (IORING_FEAT_SINGLE_MMAP, "single_mmap"),
+    (IORING_FEAT_NODROP, "nodrop"),
+    (IORING_FEAT_SUBMIT_STABLE, "submit_stable"),
+    (IORING_FEAT_RW_CUR_POS, "rw_cur_pos"),
+    (IORING_FEAT_CUR_PERSONALITY, "cur_personality"),
+    (IORING_FEAT_FAST_POLL, "fast_poll"),
+    (IORING_FEAT_POLL_32BITS, "poll_32bits"),
+    (IORING_FEAT_SQPOLL_NONFIXED, "sqpoll_nonfixed"),
+    (IORING_FEAT_EXT_ARG, "ext_arg"),
+    (IORING_FEAT_NATIVE_WORKERS, "native_workers"),
+    (IORING_FEAT_RSRC_TAGS, "rsrc_tags"),
+    (IORING_FEAT_CQE_SKIP, "cqe_skip"),
+    (IORING_FEAT_LINKED_FILE, "linked_file"),
+    (IORING_FEAT_REG_REG_RING, "reg_reg_ring"),
+    (IORING_FEAT_RECVSEND_BUNDLE, "recvsend_bundle"),
+    (IORING_FEAT_MIN_TIMEOUT, "min_timeout"),
+    (IORING_FEAT_RW_ATTR, "rw_attr"),
+    (IORING_FEAT_NO_IOWAIT, "no_iowait"),
+)
+
+OPCODES = {
+    "ACCEPT": IORING_OP_ACCEPT, "CONNECT": IORING_OP_CONNECT,
+    "LINK_TIMEOUT": IORING_OP_LINK_TIMEOUT, "TIMEOUT": IORING_OP_TIMEOUT,
+    "RECV": IORING_OP_RECV, "SEND": IORING_OP_SEND, "SHUTDOWN": IORING_OP_SHUTDOWN,
+    "CLOSE": IORING_OP_CLOSE, "ASYNC_CANCEL": IORING_OP_ASYNC_CANCEL,
+    "POLL_ADD": IORING_OP_POLL_ADD, "SPLICE": IORING_OP_SPLICE,
+    "SEND_ZC": IORING_OP_SEND_ZC, "SENDMSG": IORING_OP_SENDMSG,
+}
+
+
+class RingUnavailable(OSError):
+    """io_uring cannot be set up here (seccomp, io_uring_disabled, ENOSYS...)."""
+
+
+def io_uring_disabled_sysctl():
+    """The value of kernel.io_uring_disabled, or None where the knob is absent."""
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+cdef class Ring:
+    def __cinit__(self, unsigned entries=1024, unsigned cq_factor=8, str force_setup=None):
+        cdef io_uring_params p
+        cdef int ret = -EINVAL
+        self.closed = True
+        self.op_supported = bytearray(256)
+        if force_setup is None:
+            force_setup = _os.environ.get("URING_NET_FORCE_SETUP") or None
+        chain = [c for c in _SETUP_CHAIN if force_setup is None or c[0] == force_setup]
+        if not chain:
+            raise ValueError(f"unknown set-up mode {force_setup!r}")
+        for name, flags in chain:
+            memset(&p, 0, sizeof(p))
+            # A CQ larger than the SQ: multishot recv and accept post many CQEs
+            # per SQE. NODROP would keep overflowed CQEs, but slowly.
+            p.flags = flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL
+            p.cq_entries = entries * cq_factor
+            ret = io_uring_queue_init_params(entries, &self.ring, &p)
+            if ret == 0:
+                self.setup_mode = name
+                self.setup_flags = p.flags
+                break
+            if ret != -EINVAL:
+                break
+        if ret < 0:
+            reason = _os.strerror(-ret)
+            if ret == -EPERM:
+                dis = io_uring_disabled_sysctl()
+                if dis:
+                    reason = f"EPERM (kernel.io_uring_disabled={dis})"
+                else:
+                    reason = "EPERM (blocked by a seccomp profile or policy)"
+            elif ret == -ENOSYS:
+                reason = "ENOSYS (kernel built without io_uring)"
+            raise RingUnavailable(-ret, f"io_uring_setup failed: {reason}")
+        self.closed = False
+        self.features = p.features
+        self.sq_entries = p.sq_entries
+        self.cq_entries = p.cq_entries
+
+        cdef io_uring_probe *probe = io_uring_get_probe_ring(&self.ring)
+        if probe != NULL:
+            for op in range(min(<int>probe.last_op + 1, 256)):
+                self.op_supported[op] = 1 if io_uring_opcode_supported(probe, op) else 0
+            io_uring_free_probe(probe)
+        # A registered ring fd saves an fdget/fdput on every io_uring_enter.
+        self.ring_fd_registered = io_uring_register_ring_fd(&self.ring) == 1
+
+    def __dealloc__(self):
+        if not self.closed:
+            io_uring_queue_exit(&self.ring)
+            self.closed = True
+
+    def close(self):
+        if not self.closed:
+            io_uring_queue_exit(&self.ring)
+            self.closed = True
+
+    @property
+    def fd(self):
+        return self.ring.ring_fd
+
+    def supports(self, str opname):
+        return bool(self.op_supported[OPCODES[opname]])
+
+    def feature_names(self):
+        return [(name, bool(self.features & bit)) for bit, name in FEATURE_NAMES]
+
+    # Getting an SQE never fails: a full SQ is submitted first. Callers that
+    # link SQEs reserve() their chain so it is never split across submits.
+    cdef io_uring_sqe *sqe(self) noexcept nogil:
+        cdef io_uring_sqe *s = io_uring_get_sqe(&self.ring)
+        while s == NULL:
+            io_uring_submit(&self.ring)
+            s = io_uring_get_sqe(&self.ring)
+        return s
+
+    cdef void reserve(self, unsigned n) noexcept nogil:
+        if io_uring_sq_space_left(&self.ring) < n:
+            io_uring_submit(&self.ring)
+
+    # --- active probes ---------------------------------------------------
+    # The opcode probe cannot tell whether multishot flags are honoured, so
+    # these try the real thing once on loopback at start-up.
+
+    def probe_multishot_accept(self):
+        """True if IORING_ACCEPT_MULTISHOT works (5.19+)."""
+        cdef io_uring_sqe *s
+        cdef int res
+        cdef unsigned flags
+        lsock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(4)
+            s = self.sqe()
+            io_uring_prep_multishot_accept(s, lsock.fileno(), NULL, NULL, SOCK_CLOEXEC)
+            io_uring_sqe_set_data64(s, 1)
+            io_uring_submit(&self.ring)
+            c = _socket.create_connection(lsock.getsockname(), timeout=2)
+            res, flags = self._wait_one(1)
+            c.close()
+            if res >= 0:
+                _os.close(res)
+            ok = res >= 0 and (flags & IORING_CQE_F_MORE) != 0
+            if flags & IORING_CQE_F_MORE:
+                self._cancel_and_drain(1)
+            return ok
+        finally:
+            lsock.close()
+
+    def probe_multishot_recv(self):
+        """True if multishot recv into a provided-buffer ring works (6.0+)."""
+        cdef io_uring_buf_ring *br
+        cdef int err = 0, res
+        cdef unsigned flags
+        cdef char[64] mem
+        br = uc_setup_buf_ring(&self.ring, 2, 0x7ff0, &err)
+        if br == NULL:
+            return False
+        a, b = _socket.socketpair()
+        try:
+            io_uring_buf_ring_add(br, mem, 32, 0, io_uring_buf_ring_mask(2), 0)
+            io_uring_buf_ring_add(br, &mem[32], 32, 1, io_uring_buf_ring_mask(2), 1)
+            io_uring_buf_ring_advance(br, 2)
+            s = self.sqe()
+            uc_prep_recv_select(s, a.fileno(), 0x7ff0, 1)
+            io_uring_sqe_set_data64(s, 2)
+            io_uring_submit(&self.ring)
+            b.send(b"x")
+            res, flags = self._wait_one(2)
+            ok = res == 1 and (flags & IORING_CQE_F_MORE) != 0
+            if flags & IORING_CQE_F_MORE:
+                self._cancel_and_drain(2)
+            return ok
+        finally:
+            a.close()
+            b.close()
+            uc_free_buf_ring(&self.ring, br, 2, 0x7ff0)
+
+    def _wait_one(self, uint64_t ud):
+        cdef io_uring_cqe *cqe
+        cdef __kernel_timespec ts
+        ts.tv_sec = 2
+        ts.tv_nsec = 0
+        while True:
+            ret = io_uring_submit_and_wait_timeout(&self.ring, &cqe, 1, &ts, NULL)
+            if ret < 0 and ret != -EINTR:
+                return (ret, 0)
+            if io_uring_peek_batch_cqe(&self.ring, &cqe, 1) == 1:
+                res, flags, got = cqe.res, cqe.flags, cqe.user_data
+                io_uring_cqe_seen(&self.ring, cqe)
+                if got == ud:
+                    return (res, flags)
+
+    def _cancel_and_drain(self, uint64_t ud):
+        cdef io_uring_sqe *s = self.sqe()
+        io_uring_prep_cancel64(s, ud, 0)
+        io_uring_sqe_set_data64(s, 0xdead)
+        io_uring_submit(&self.ring)
+        # Wait for the multishot's final CQE (no F_MORE) so nothing of the
+        # probe is left in flight when the engine starts.
+        while True:
+            res, flags = self._wait_one(ud)
+            if res == -ETIME or not (flags & IORING_CQE_F_MORE):
+                break
+        self._wait_one(0xdead)

@@ -1,0 +1,68 @@
+# POSIX socket and time declarations the nogil paths need.
+from libc.stdint cimport uint16_t, uint32_t
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct sockaddr_storage:
+        sa_family_t ss_family
+    struct linger:
+        int l_onoff
+        int l_linger
+    int AF_INET, AF_INET6, SOCK_STREAM, SOCK_CLOEXEC, SOCK_NONBLOCK
+    int SOL_SOCKET, SO_LINGER, SO_ERROR
+    int SHUT_WR, SHUT_RDWR
+    int MSG_NOSIGNAL, MSG_WAITALL
+    int socket(int domain, int type, int protocol)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+    int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
+
+cdef extern from "<netinet/in.h>" nogil:
+    int IPPROTO_TCP
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        sa_family_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    int TCP_NODELAY
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+    int INET6_ADDRSTRLEN
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int CLOCK_MONOTONIC
+    int clock_gettime(int clk, timespec *tp)
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR, EAGAIN, ETIME, ENOBUFS, ECANCELED, ECONNREFUSED, ECONNRESET, EPIPE
+    int EMFILE, ENFILE, ENOMEM, ETIMEDOUT, EINVAL, ENOTCONN, ENOENT, EALREADY
+    int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+    void free(void *p)
+    void *calloc(size_t n, size_t size)

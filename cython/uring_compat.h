@@ -1,0 +1,102 @@
+/*
+ * uring_compat.h: what liburing 2.3 (Debian 12, the oldest we build against)
+ * lacks, prepared by hand. Every item here is gated at run time by the probe
+ * in ring.pyx; defining a flag does not mean the kernel honours it.
+ */
+#ifndef URING_COMPAT_H
+#define URING_COMPAT_H
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <liburing.h>
+
+/* Feature flags newer than liburing 2.3's io_uring.h (include/uapi/linux/io_uring.h). */
+#ifndef IORING_FEAT_REG_REG_RING
+#define IORING_FEAT_REG_REG_RING      (1U << 13)
+#endif
+#ifndef IORING_FEAT_RECVSEND_BUNDLE
+#define IORING_FEAT_RECVSEND_BUNDLE   (1U << 14)
+#endif
+#ifndef IORING_FEAT_MIN_TIMEOUT
+#define IORING_FEAT_MIN_TIMEOUT       (1U << 15)
+#endif
+#ifndef IORING_FEAT_RW_ATTR
+#define IORING_FEAT_RW_ATTR           (1U << 16)
+#endif
+#ifndef IORING_FEAT_NO_IOWAIT
+#define IORING_FEAT_NO_IOWAIT         (1U << 17)
+#endif
+
+/* Send/recv ioprio flags and CQE flags from 6.2+ kernels. */
+#ifndef IORING_SEND_ZC_REPORT_USAGE
+#define IORING_SEND_ZC_REPORT_USAGE   (1U << 3)
+#endif
+#ifndef IORING_RECVSEND_BUNDLE
+#define IORING_RECVSEND_BUNDLE        (1U << 4)
+#endif
+#ifndef IORING_NOTIF_USAGE_ZC_COPIED
+#define IORING_NOTIF_USAGE_ZC_COPIED  (1U << 31)
+#endif
+#ifndef IORING_CQE_F_BUF_MORE
+#define IORING_CQE_F_BUF_MORE         (1U << 4)
+#endif
+#ifndef IOU_PBUF_RING_INC
+#define IOU_PBUF_RING_INC             2
+#endif
+
+/*
+ * A provided-buffer ring for group `bgid` with `entries` slots (a power of
+ * two). liburing 2.4 added io_uring_setup_buf_ring(); 2.3 only has the
+ * register call, so the ring memory is mapped here. The ring must be
+ * page-aligned memory the kernel can pin (io_uring_register_buf_ring(3)).
+ * Returns NULL and sets *err (a negative errno) on failure.
+ */
+static inline struct io_uring_buf_ring *
+uc_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err)
+{
+    struct io_uring_buf_reg reg;
+    size_t size = (size_t)entries * sizeof(struct io_uring_buf);
+    void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                     MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (mem == MAP_FAILED) {
+        *err = -errno;
+        return NULL;
+    }
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (unsigned long)mem;
+    reg.ring_entries = entries;
+    reg.bgid = (unsigned short)bgid;
+    int ret = io_uring_register_buf_ring(ring, &reg, 0);
+    if (ret < 0) {
+        munmap(mem, size);
+        *err = ret;
+        return NULL;
+    }
+    io_uring_buf_ring_init((struct io_uring_buf_ring *)mem);
+    *err = 0;
+    return (struct io_uring_buf_ring *)mem;
+}
+
+static inline void
+uc_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br,
+                 unsigned entries, int bgid)
+{
+    io_uring_unregister_buf_ring(ring, bgid);
+    munmap(br, (size_t)entries * sizeof(struct io_uring_buf));
+}
+
+/* Recv with buffer selection from group `bgid`, multishot when asked. */
+static inline void
+uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot)
+{
+    if (multishot)
+        io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+    else
+        io_uring_prep_recv(sqe, fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = (unsigned short)bgid;
+}
+
+
+#endif

@@ -1,0 +1,3 @@
+from uring_net.cli import main
+
+raise SystemExit(main())
