@@ -202,6 +202,7 @@ cdef class Ring:
             uc_free_buf_ring(&self.ring, br, 2, 0x7ff0)
 
     def _wait_one(self, uint64_t ud):
+        """(res, flags) of the next CQE for `ud`; others are dropped. (-ETIME, 0) after 2 s."""
         cdef io_uring_cqe *cqe
         cdef __kernel_timespec ts
         ts.tv_sec = 2
@@ -217,14 +218,23 @@ cdef class Ring:
                     return (res, flags)
 
     def _cancel_and_drain(self, uint64_t ud):
+        """Cancel the multishot `ud` and wait for its final CQE and the cancel's,
+        in whichever order they come, so nothing of a probe outlives it."""
+        cdef io_uring_cqe *cqe
+        cdef __kernel_timespec ts
         cdef io_uring_sqe *s = self.sqe()
         io_uring_prep_cancel64(s, ud, 0)
         io_uring_sqe_set_data64(s, 0xdead)
-        io_uring_submit(&self.ring)
-        # Wait for the multishot's final CQE (no F_MORE) so nothing of the
-        # probe is left in flight when the engine starts.
-        while True:
-            res, flags = self._wait_one(ud)
-            if res == -ETIME or not (flags & IORING_CQE_F_MORE):
-                break
-        self._wait_one(0xdead)
+        ts.tv_sec = 2
+        ts.tv_nsec = 0
+        final_seen = cancel_seen = False
+        while not (final_seen and cancel_seen):
+            ret = io_uring_submit_and_wait_timeout(&self.ring, &cqe, 1, &ts, NULL)
+            if ret < 0 and ret != -EINTR:
+                return
+            while io_uring_peek_batch_cqe(&self.ring, &cqe, 1) == 1:
+                if cqe.user_data == ud and not (cqe.flags & IORING_CQE_F_MORE):
+                    final_seen = True
+                elif cqe.user_data == 0xdead:
+                    cancel_seen = True
+                io_uring_cqe_seen(&self.ring, cqe)

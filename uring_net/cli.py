@@ -1,0 +1,35 @@
+"""uring-proxy's command line: parse, then hand over to proxy, probe or demo.
+
+Any configuration mistake is one line on stderr and exit status 2; nothing
+the user types can produce a traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError, build_parser, config_from_args
+from .log import Log
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["demo"]:
+            from . import demo
+            return demo.main(argv[1:])
+        ns = build_parser().parse_args(argv)
+        if ns.probe:
+            from . import probe
+            return probe.main()
+        cfg = config_from_args(ns)
+        from .proxy import serve
+        return serve(cfg, Log(cfg.log_format, cfg.verbose))
+    except ConfigError as e:
+        print(f"uring-proxy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`uring-proxy --probe`: the kernel features we use, and the fallbacks taken."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+
+from .config import disabled_features
+from .proxy import probe_ring_features
+
+# opcode -> what needs it. All are required by the copy data path.
+REQUIRED_OPS = (
+    ("ACCEPT", "accepting connections"),
+    ("CONNECT", "connecting upstream"),
+    ("LINK_TIMEOUT", "--connect-timeout"),
+    ("TIMEOUT", "pausing accept on EMFILE/ENFILE"),
+    ("RECV", "copy mode: receiving"),
+    ("SEND", "copy mode: sending"),
+    ("SHUTDOWN", "forwarding FIN"),
+    ("CLOSE", "closing flows"),
+    ("ASYNC_CANCEL", "backpressure and teardown"),
+)
+# Reported for the data paths still to come, so the table says what this kernel offers.
+LATER_OPS = (
+    ("SEND_ZC", "zerocopy mode (not built yet)"),
+    ("SPLICE", "splice mode (not built yet)"),
+)
+
+
+def _so_peek_off_tcp() -> bool:
+    """SO_PEEK_OFF on TCP (6.9+): the peek mode's recv-with-offset."""
+    opt = getattr(socket, "SO_PEEK_OFF", 42)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, opt, 0)
+            return True
+        except OSError:
+            return False
+
+
+def rows():
+    """(feature, status, note) rows, in the order they matter."""
+    from . import _core
+
+    out = [("kernel", platform.release(), "")]
+    dis = _core.io_uring_disabled_sysctl()
+    out.append(("kernel.io_uring_disabled", "absent" if dis is None else str(dis), ""))
+    try:
+        ring = _core.Ring(entries=64)
+    except _core.RingUnavailable as e:
+        out.append(("io_uring_setup", "NO", f"{e.strerror}; the uring backend cannot run here"))
+        return out
+    try:
+        out.append(("io_uring_setup", "yes", f"set-up: {ring.setup_mode}"))
+        out.append(("registered ring fd", "yes" if ring.ring_fd_registered else "no",
+                    "" if ring.ring_fd_registered else "fallback: plain ring fd on every enter"))
+        feats = dict(ring.feature_names())
+        for name, note in (("nodrop", "CQ overflow is kept, not lost"),
+                           ("ext_arg", "waits with a timeout without a timeout SQE"),
+                           ("fast_poll", "no io-wq thread for a socket that is not ready"),
+                           ("recvsend_bundle", "recv/send bundles (not used yet)")):
+            out.append((f"feature {name}", "yes" if feats.get(name) else "no", note))
+        for op, use in REQUIRED_OPS:
+            ok = ring.supports(op)
+            out.append((f"op {op}", "yes" if ok else "NO", use if ok else f"required for {use}"))
+        for op, use in LATER_OPS:
+            out.append((f"op {op}", "yes" if ring.supports(op) else "no", use))
+        disabled = disabled_features()
+        for name, (present, used, fallback) in probe_ring_features(ring, disabled).items():
+            status = "yes" if present else "no"
+            if present and not used:
+                status = "yes (disabled)"
+            out.append((name.replace("_", " "), status, "used" if used else f"fallback: {fallback}"))
+    finally:
+        ring.close()
+    out.append(("SO_PEEK_OFF on TCP", "yes" if _so_peek_off_tcp() else "no", "peek mode (not built yet)"))
+    return out
+
+
+def main() -> int:
+    table = rows()
+    w1 = max(len(r[0]) for r in table)
+    w2 = max(len(r[1]) for r in table)
+    print(f"{'feature':<{w1}}  {'present':<{w2}}  note")
+    print(f"{'-' * w1}  {'-' * w2}  {'-' * 4}")
+    for name, status, note in table:
+        print(f"{name:<{w1}}  {status:<{w2}}  {note}".rstrip())
+    missing = [name for name, status, _ in table if status == "NO"]
+    print()
+    print("backend uring:", f"UNAVAILABLE: {', '.join(missing)}" if missing else "available")
+    return 0
