@@ -30,15 +30,24 @@ cdef enum Cause:
     C_PROXY_SHUTDOWN
     C_RESOURCE
 
+# Buffers one send may carry: everything queued, up to this many, goes out
+# in one sendmsg, so a sink that keeps up sees few large writes.
+cdef enum:
+    SEND_IOV = 16
+
 cdef struct Dir:
     int32_t q_head          # buffer ids queued for sending, FIFO through buf_next
     int32_t q_tail
     uint32_t head_off       # bytes of the head buffer already sent
     uint32_t flags          # DirFlag
     uint64_t queued_bytes   # read from the source, not yet accepted by the sink
+    uint32_t queued_bufs    # buffers those bytes pin (the memory bound counts these)
     uint64_t moved_bytes    # accepted by the sink's socket
     int32_t wait_prev       # buffer-wait list links (slot * 2 + d), -1 = none
     int32_t wait_next
+    uint32_t send_len       # bytes the send in flight asked for
+    msghdr msg              # the in-flight sendmsg's header and iovec: they
+    iovec iov[SEND_IOV]     # live here, in the table, until its CQE
 
 cdef struct Flow:
     uint32_t gen            # bumped on release: stale CQEs carry the old value
@@ -108,7 +117,7 @@ cdef class Engine:
     cdef int up_family
     cdef __kernel_timespec connect_ts
     cdef __kernel_timespec pause_ts
-    cdef uint64_t max_inflight
+    cdef uint32_t max_queued_bufs  # --max-inflight in whole buffers
     cdef bint ms_accept
     cdef bint ms_recv
 

@@ -32,10 +32,11 @@ cdef enum Op:
     OP_CLOSE
     OP_ENGINE_CANCEL    # a cancel not tied to a flow (the accept); CQE ignored
 
-DEF GEN_MASK = 0xFFFFFF
-DEF CQE_BATCH = 256
-DEF ACCEPT_PAUSE_MS = 100
-DEF LOG_CAP = 4096
+cdef enum:
+    GEN_MASK = 0xFFFFFF
+    CQE_BATCH = 256          # CQEs harvested per peek
+    ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
+    LOG_CAP = 4096           # closed-flow records between two drains
 
 cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
     return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << 32) \
@@ -85,7 +86,8 @@ cdef class Engine:
         self.max_conns = max_conns
         self.nbufs = buffers
         self.buf_size = buffer_size
-        self.max_inflight = max_inflight
+        # A short read still pins a whole buffer, so the bound is in buffers.
+        self.max_queued_bufs = max(1, <uint32_t>(max_inflight // buffer_size))
         self.ms_accept = multishot_accept
         self.ms_recv = multishot_recv
         self.connect_ts.tv_sec = <int64_t>connect_timeout
@@ -351,6 +353,7 @@ cdef class Engine:
                     D.q_head = <int32_t>bid
                 D.q_tail = <int32_t>bid
                 D.queued_bytes += <uint64_t>res
+                D.queued_bufs += 1
                 return
         if f.state != F_OPEN or res > 0:
             return
@@ -367,6 +370,7 @@ cdef class Engine:
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         cdef int32_t bid
+        cdef int avail
         D.flags &= ~D_SEND_BUSY
         if f.state != F_OPEN:
             return
@@ -376,18 +380,25 @@ cdef class Engine:
             if res != -ECANCELED:
                 self.side_failed(f, 1 - d, res if res < 0 else -EPIPE)
             return
-        bid = D.q_head
-        D.head_off += <uint32_t>res
+        if <uint32_t>res < D.send_len:
+            self.st.short_sends += 1      # the rest goes out in the next send
         D.queued_bytes -= <uint64_t>res
         D.moved_bytes += <uint64_t>res
-        if D.head_off < self.buf_len[bid]:
-            self.st.short_sends += 1      # resumes from head_off in dir_step
-            return
-        D.head_off = 0
-        D.q_head = self.buf_next[bid]
-        if D.q_head < 0:
-            D.q_tail = -1
-        self.buf_return(<uint32_t>bid)
+        # Consume res bytes from the head of the queue; each buffer fully
+        # sent goes back to the ring (ownership: send queue -> ring).
+        while res > 0:
+            bid = D.q_head
+            avail = <int>(self.buf_len[bid] - D.head_off)
+            if res < avail:
+                D.head_off += <uint32_t>res
+                break
+            res -= avail
+            D.head_off = 0
+            D.queued_bufs -= 1
+            D.q_head = self.buf_next[bid]
+            if D.q_head < 0:
+                D.q_tail = -1
+            self.buf_return(<uint32_t>bid)
 
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil:
         f.dir[d].flags |= D_SHUT_DONE
@@ -437,28 +448,50 @@ cdef class Engine:
         cdef Dir *D = &f.dir[d]
         cdef io_uring_sqe *s
         cdef int32_t bid
+        cdef int n
+        cdef uint32_t off
         if not (D.flags & D_SEND_BUSY):
             if D.q_head >= 0:
+                # Everything queued (up to SEND_IOV buffers) in one send; the
+                # head may be partly sent already (head_off).
+                n = 0
+                off = D.head_off
                 bid = D.q_head
+                D.send_len = 0
+                while bid >= 0 and n < SEND_IOV:
+                    D.iov[n].iov_base = self.buf_mem + <size_t>bid * self.buf_size + off
+                    D.iov[n].iov_len = self.buf_len[bid] - off
+                    D.send_len += <uint32_t>D.iov[n].iov_len
+                    off = 0
+                    n += 1
+                    bid = self.buf_next[bid]
                 s = self.flow_sqe(slot, f, OP_SEND, d)
-                io_uring_prep_send(s, f.fd[1 - d],
-                                   self.buf_mem + <size_t>bid * self.buf_size + D.head_off,
-                                   self.buf_len[bid] - D.head_off, MSG_NOSIGNAL)
+                if n == 1:
+                    io_uring_prep_send(s, f.fd[1 - d], D.iov[0].iov_base,
+                                       D.iov[0].iov_len, MSG_NOSIGNAL)
+                else:
+                    memset(&D.msg, 0, sizeof(msghdr))
+                    D.msg.msg_iov = D.iov
+                    D.msg.msg_iovlen = n
+                    io_uring_prep_sendmsg(s, f.fd[1 - d], &D.msg, MSG_NOSIGNAL)
                 D.flags |= D_SEND_BUSY
             elif (D.flags & D_EOF) and not (D.flags & D_SHUT_SENT):
                 s = self.flow_sqe(slot, f, OP_SHUTDOWN, d)
                 io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
                 D.flags |= D_SHUT_SENT
-        # Reading: stop at --max-inflight, resume below half of it, so a slow
-        # sink makes us stop reading (the kernel's window closes) instead of
-        # growing, without a cancel/re-arm pair per buffer at the boundary.
+        # Reading: stop when the queue pins --max-inflight of buffers, resume
+        # at half of it, so a slow sink makes us stop reading (the kernel's
+        # window closes) instead of growing, without a cancel/re-arm pair per
+        # buffer at the boundary. A multishot recv already armed may post a
+        # few more buffers before the cancel lands; those are bounded by the
+        # socket's receive queue and the shared pool.
         if not (D.flags & (D_RECV_ARMED | D_EOF | D_WAIT_BUF)):
-            if D.queued_bytes <= self.max_inflight // 2:
+            if D.queued_bufs <= self.max_queued_bufs // 2:
                 s = self.flow_sqe(slot, f, OP_RECV, d)
                 uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv)
                 D.flags |= D_RECV_ARMED
         elif ((D.flags & (D_RECV_ARMED | D_RECV_CANCEL)) == D_RECV_ARMED
-              and D.queued_bytes >= self.max_inflight and self.ms_recv):
+              and D.queued_bufs >= self.max_queued_bufs and self.ms_recv):
             s = self.flow_sqe(slot, f, OP_CANCEL, d)
             io_uring_prep_cancel64(s, ud_make(slot, f.gen, OP_RECV, d), 0)
             D.flags |= D_RECV_CANCEL

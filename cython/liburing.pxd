@@ -1,6 +1,7 @@
 # Declarations of the liburing 2.3 API we use, plus our compat header.
 # The C boundary lives here and in system.pxd; logic lives in the .pyx files.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
+from system cimport msghdr
 
 cdef extern from "uring_compat.h" nogil:
     struct __kernel_timespec:
@@ -103,6 +104,7 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_prep_link_timeout(io_uring_sqe *sqe, __kernel_timespec *ts, unsigned flags)
     void io_uring_prep_timeout(io_uring_sqe *sqe, __kernel_timespec *ts, unsigned count, unsigned flags)
     void io_uring_prep_send(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len, int flags)
+    void io_uring_prep_sendmsg(io_uring_sqe *sqe, int fd, const msghdr *msg, unsigned flags)
     void io_uring_prep_shutdown(io_uring_sqe *sqe, int fd, int how)
     void io_uring_prep_close(io_uring_sqe *sqe, int fd)
     void io_uring_prep_cancel64(io_uring_sqe *sqe, uint64_t user_data, int flags)

@@ -1,6 +1,9 @@
 # POSIX socket and time declarations the nogil paths need.
 from libc.stdint cimport uint16_t, uint32_t
 
+cdef extern from "<sys/uio.h>" nogil:
+    pass
+
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     ctypedef unsigned short sa_family_t
@@ -15,6 +18,17 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOL_SOCKET, SO_LINGER, SO_ERROR
     int SHUT_WR, SHUT_RDWR
     int MSG_NOSIGNAL, MSG_WAITALL
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
     int socket(int domain, int type, int protocol)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
