@@ -29,7 +29,10 @@ class Log:
         if self.fmt == "json":
             line = json.dumps({"event": event, "ts": round(time.time(), 6), **fields})
         elif event in _TEXT:
-            line = _TEXT[event].format(**fields)
+            # The contract's fields first, in its order; any others (error=...) after.
+            template = _TEXT[event]
+            extra = " ".join(f"{k}={v}" for k, v in fields.items() if "{" + k + "}" not in template)
+            line = template.format(**fields) + (" " + extra if extra else "")
         else:
             parts = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{event} {parts}" if parts else event
