@@ -123,9 +123,11 @@ cdef class Engine:
         io_uring_buf_ring_advance(self.br, <int>buffers)
 
     def __dealloc__(self):
-        # The ring must go first: queue_exit waits for in-flight requests,
-        # which may still point into the buffer pool.
+        # The ring must go before the pool: in-flight requests may point into
+        # it. stop() has already waited for every flow, so none should be.
         if self.ring is not None:
+            if self.br != NULL and not self.ring.closed:
+                uc_free_buf_ring(&self.ring.ring, self.br, self.nbufs, 0)
             self.ring.close()
         free(self.flows)
         free(self.buf_len)
@@ -194,6 +196,7 @@ cdef class Engine:
             # carries must still go home or the pool shrinks for good.
             self.st.stale_cqes += 1
             if cflags & IORING_CQE_F_BUFFER:
+                self.bufs_held += 1       # it left the ring with this CQE
                 self.buf_return(cflags >> IORING_CQE_BUFFER_SHIFT)
             return
         if not (cflags & IORING_CQE_F_MORE):
