@@ -108,6 +108,7 @@ cdef class Engine:
 
     # listener and upstream
     cdef int listen_fd
+    cdef int listen_family
     cdef bint acc_armed
     cdef bint acc_cancel
     cdef bint acc_paused       # resource error: a timer re-arms accept

@@ -158,10 +158,11 @@ cdef class Engine:
             raise ValueError(f"not a numeric address: {host!r}")
         self.up_family = family
 
-    def add_listener(self, int fd):
+    def add_listener(self, int fd, int family):
         if self.listen_fd >= 0:
             raise ValueError("one listener per engine")
         self.listen_fd = fd
+        self.listen_family = family
         with nogil:
             self.accept_step()
 
@@ -288,8 +289,13 @@ cdef class Engine:
             f.dir[d].q_tail = -1
             f.dir[d].wait_prev = -1
             f.dir[d].wait_next = -1
-        f.peer_len = sizeof(sockaddr_storage)
-        if getpeername(cfd, <sockaddr *>&f.peer, &f.peer_len) != 0:
+        # SO_PEERNAME, not getpeername(): a client that reset before we got
+        # here is in TCP_CLOSE, where getpeername() says ENOTCONN, but the
+        # kernel still knows the address (inet_getname with peer=2 skips the
+        # state check). It wants the exact address size, not a larger buffer.
+        f.peer_len = sizeof(sockaddr_in6) if self.listen_family == AF_INET6 else sizeof(sockaddr_in)
+        memset(&f.peer, 0, sizeof(f.peer))
+        if getsockopt(cfd, SOL_SOCKET, SO_PEERNAME, &f.peer, &f.peer_len) != 0:
             memset(&f.peer, 0, sizeof(f.peer))
         # The proxy forwards whatever it has as soon as it has it; Nagle
         # would hold a small tail back for an ACK round trip.

@@ -15,7 +15,7 @@ cdef extern from "<sys/socket.h>" nogil:
         int l_onoff
         int l_linger
     int AF_INET, AF_INET6, SOCK_STREAM, SOCK_CLOEXEC, SOCK_NONBLOCK
-    int SOL_SOCKET, SO_LINGER, SO_ERROR
+    int SOL_SOCKET, SO_LINGER, SO_ERROR, SO_PEERNAME
     int SHUT_WR, SHUT_RDWR
     int MSG_NOSIGNAL, MSG_WAITALL
     struct iovec:
@@ -31,7 +31,7 @@ cdef extern from "<sys/socket.h>" nogil:
         int msg_flags
     int socket(int domain, int type, int protocol)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
-    int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
+    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
 
 cdef extern from "<netinet/in.h>" nogil:
     int IPPROTO_TCP

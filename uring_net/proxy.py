@@ -10,6 +10,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -97,7 +98,7 @@ class Proxy:
             multishot_accept=feats["multishot_accept"][1],
             multishot_recv=feats["multishot_recv"][1])
         self.engine.set_upstream(cfg.upstream.family, cfg.upstream.host, cfg.upstream.port)
-        self.engine.add_listener(self.listener.fileno())
+        self.engine.add_listener(self.listener.fileno(), self.listener.family)
         self.address = bound_address(self.listener)
         self.log.event("listening", listen=self.address, upstream=str(cfg.upstream),
                        backend=cfg.backend, mode=cfg.mode)
@@ -158,14 +159,15 @@ class Proxy:
 
 def serve(cfg: Config, log: Log) -> int:
     proxy = Proxy(cfg, log)
-    try:
-        proxy.start()
-    except StartupError as e:
-        print(f"uring-proxy: error: {e}", file=os.sys.stderr)
-        return 1
+    # Handlers go in before the listening line: a script that reads the
+    # port and signals at once must still get a clean exit 0.
     old = {sig: signal.signal(sig, proxy.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        proxy.start()
         proxy.run()
+    except StartupError as e:
+        print(f"uring-proxy: error: {e}", file=sys.stderr)
+        return 1
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
