@@ -112,6 +112,12 @@ cdef class Engine:
     cdef bint acc_armed
     cdef bint acc_cancel
     cdef bint acc_paused       # resource error: a timer re-arms accept
+    cdef bint acc_timer        # ... and that timer is in flight
+    cdef uint64_t *fdw         # FIFO of flows (slot | gen << 32) waiting for an fd
+    cdef uint32_t fdw_head     # to create their upstream socket
+    cdef uint32_t fdw_n
+    cdef uint32_t fdw_cap
+    cdef int64_t connect_timeout_ns
     cdef bint stopping
     cdef sockaddr_storage up_addr
     cdef socklen_t up_len
@@ -131,6 +137,9 @@ cdef class Engine:
     cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil
     cdef void accept_step(self) noexcept nogil
     cdef void flow_open(self, int cfd) noexcept nogil
+    cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil
+    cdef void fdw_retry(self) noexcept nogil
+    cdef void accept_pause(self, int err) noexcept nogil
     cdef void on_connect(self, Flow *f, int res) noexcept nogil
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil

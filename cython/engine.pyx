@@ -90,6 +90,7 @@ cdef class Engine:
         self.max_queued_bufs = max(1, <uint32_t>(max_inflight // buffer_size))
         self.ms_accept = multishot_accept
         self.ms_recv = multishot_recv
+        self.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         self.connect_ts.tv_sec = <int64_t>connect_timeout
         self.connect_ts.tv_nsec = <long long>((connect_timeout - <int64_t>connect_timeout) * 1e9)
         self.pause_ts.tv_sec = 0
@@ -101,9 +102,11 @@ cdef class Engine:
         self.buf_len = <uint32_t *>calloc(buffers, sizeof(uint32_t))
         self.buf_next = <int32_t *>calloc(buffers, sizeof(int32_t))
         self.log = <CloseRec *>calloc(LOG_CAP, sizeof(CloseRec))
+        self.fdw_cap = max_conns
+        self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
         if (self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
-                or self.log == NULL
+                or self.log == NULL or self.fdw == NULL
                 or posix_memalign(<void **>&self.buf_mem, 4096,
                                   <size_t>buffers * buffer_size) != 0):
             raise MemoryError("cannot allocate the flow table or the buffer pool")
@@ -133,6 +136,7 @@ cdef class Engine:
         free(self.buf_len)
         free(self.buf_next)
         free(self.log)
+        free(self.fdw)
         free(self.buf_mem)
 
     # --- configuration (Python, start-up only) ------------------------------
@@ -184,7 +188,9 @@ cdef class Engine:
         if op == OP_ENGINE_CANCEL:
             return
         if op == OP_ACCEPT_TIMER:
+            self.acc_timer = False
             self.acc_paused = False
+            self.fdw_retry()
             self.accept_step()
             return
         if slot >= self.max_conns:
@@ -217,7 +223,6 @@ cdef class Engine:
     # --- accept ----------------------------------------------------------------
 
     cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil:
-        cdef io_uring_sqe *s
         if not (cflags & IORING_CQE_F_MORE):
             self.acc_armed = False
             self.acc_cancel = False
@@ -231,26 +236,32 @@ cdef class Engine:
                 self.flow_open(res)
         elif res == -EMFILE or res == -ENFILE or res == -ENOMEM or res == -ENOBUFS:
             # Out of fds or memory: the connection stays in the backlog.
-            # Re-arming now would fail again at once, so wait a little; the
-            # timer's CQE re-arms (never a spin).
-            self.st.accept_pauses += 1
-            self.st.accept_last_err = -res
-            if not self.acc_paused:
-                self.acc_paused = True
-                s = self.ring.sqe()
-                io_uring_prep_timeout(s, &self.pause_ts, 0, 0)
-                io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT_TIMER, 0))
+            self.accept_pause(-res)
         elif res != -ECANCELED:
             self.st.accept_last_err = -res
         self.accept_step()
 
+    # Re-arming at once would fail again, so wait ACCEPT_PAUSE_MS; the
+    # timer's CQE retries (never a spin).
+    cdef void accept_pause(self, int err) noexcept nogil:
+        cdef io_uring_sqe *s
+        self.st.accept_pauses += 1
+        self.st.accept_last_err = err
+        self.acc_paused = True
+        if not self.acc_timer and not self.stopping:
+            self.acc_timer = True
+            s = self.ring.sqe()
+            io_uring_prep_timeout(s, &self.pause_ts, 0, 0)
+            io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT_TIMER, 0))
+
     # Decides whether an accept should be in flight: not while stopping, not
-    # while paused on a resource error, not while the flow table is full
-    # (HAProxy's maxconn: connections wait in the kernel's backlog).
+    # while paused on a resource error or while accepted clients still wait
+    # for an fd, not while the flow table is full (HAProxy's maxconn:
+    # connections wait in the kernel's backlog).
     cdef void accept_step(self) noexcept nogil:
         cdef io_uring_sqe *s
-        cdef bint want = (self.listen_fd >= 0 and not self.stopping
-                          and not self.acc_paused and self.free_head >= 0)
+        cdef bint want = (self.listen_fd >= 0 and not self.stopping and not self.acc_paused
+                          and self.fdw_n == 0 and self.free_head >= 0)
         if want and not self.acc_armed:
             s = self.ring.sqe()
             if self.ms_accept:
@@ -271,8 +282,7 @@ cdef class Engine:
         cdef uint32_t slot = <uint32_t>self.free_head
         cdef Flow *f = &self.flows[slot]
         cdef int one = 1
-        cdef int ufd, d
-        cdef io_uring_sqe *s
+        cdef int d
         self.free_head = f.next_free
         self.nactive += 1
         f.state = F_CONNECTING
@@ -301,11 +311,29 @@ cdef class Engine:
         # would hold a small tail back for an ACK round trip.
         setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
 
-        ufd = socket(self.up_family, SOCK_STREAM | SOCK_CLOEXEC, 0)
+        if not self.flow_connect(slot, f):
+            # The client took the last fd. It is ours now: it waits (accept
+            # paused) until an fd comes back, rather than being dropped.
+            if self.fdw_n == self.fdw_cap:
+                self.flow_fail(f, C_RESOURCE, EMFILE, 0)
+                self.flow_step(slot)
+                return
+            self.fdw[(self.fdw_head + self.fdw_n) % self.fdw_cap] = slot | (<uint64_t>f.gen << 32)
+            self.fdw_n += 1
+            self.accept_pause(EMFILE)
+
+    # Create the upstream socket and submit connect + linked timeout.
+    # False when the socket cannot be created for lack of fds (try later).
+    cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil:
+        cdef int one = 1
+        cdef int ufd = socket(self.up_family, SOCK_STREAM | SOCK_CLOEXEC, 0)
+        cdef io_uring_sqe *s
         if ufd < 0:
+            if errno == EMFILE or errno == ENFILE:
+                return False
             self.flow_fail(f, C_RESOURCE, errno, 0)
             self.flow_step(slot)
-            return
+            return True
         f.fd[1] = ufd
         setsockopt(ufd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         # connect + linked timeout: the pair must reach the kernel in one
@@ -316,6 +344,28 @@ cdef class Engine:
         s.flags |= IOSQE_IO_LINK
         s = self.flow_sqe(slot, f, OP_CONNECT_TIMEOUT, 0)
         io_uring_prep_link_timeout(s, &self.connect_ts, 0)
+        return True
+
+    # Flows waiting for an fd, oldest first; stop at the first that still
+    # cannot get one. A wait longer than --connect-timeout ends the flow.
+    cdef void fdw_retry(self) noexcept nogil:
+        cdef uint64_t e
+        cdef uint32_t slot
+        cdef Flow *f
+        while self.fdw_n > 0:
+            e = self.fdw[self.fdw_head]
+            slot = <uint32_t>e
+            f = &self.flows[slot]
+            if f.gen != <uint32_t>(e >> 32) or f.state != F_CONNECTING or f.fd[1] >= 0:
+                pass      # ended meanwhile (stop, or the slot was reused)
+            elif now_ns() - f.t_start_ns > self.connect_timeout_ns:
+                self.flow_fail(f, C_RESOURCE, EMFILE, 0)
+                self.flow_step(slot)
+            elif not self.flow_connect(slot, f):
+                self.accept_pause(EMFILE)
+                return
+            self.fdw_head = (self.fdw_head + 1) % self.fdw_cap
+            self.fdw_n -= 1
 
     # Every SQE of a flow goes through here, so inflight counts them all.
     cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil:
@@ -558,6 +608,7 @@ cdef class Engine:
         f.next_free = self.free_head
         self.free_head = <int32_t>slot
         self.nactive -= 1
+        self.fdw_retry()      # its two fds are closed now
         self.accept_step()
 
     # --- the buffer pool ---------------------------------------------------------------
