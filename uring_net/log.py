@@ -13,6 +13,7 @@ _TEXT = {
     "listening": "listening on {listen} upstream {upstream} backend={backend} mode={mode}",
     "close": ("close client={client} upstream={upstream} c2u={bytes_c2u} u2c={bytes_u2c} "
               "duration_ms={duration_ms} cause={cause} term={term}"),
+    "stopped": "stopped connections={connections} c2u={bytes_c2u} u2c={bytes_u2c}",
 }
 
 

@@ -124,8 +124,8 @@ class Proxy:
             self._drain()
         self._drain()
         stats = eng.stats()
-        self.log.event("stopped", connections=stats["closed"], c2u=stats["c2u_bytes"],
-                       u2c=stats["u2c_bytes"], active=stats["active"])
+        self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
+                       bytes_u2c=stats["u2c_bytes"], active=stats["active"])
         return stats
 
     def _drain(self):

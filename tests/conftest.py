@@ -1,0 +1,559 @@
+"""Fixtures for the uring-proxy test suite: the proxy process, its log lines, upstreams.
+
+The proxy is always the real CLI in a subprocess (``python -m uring_net``), listening on
+loopback port 0; the port comes from its ``listening on HOST:PORT`` line. Its stderr is
+read on a background thread, so the pipe never fills and tests can wait for ``close``
+lines. The log contract is docs/cli-contract.md.
+
+Every behaviour test goes through the ``proxy`` factory, which is parametrized over
+BACKENDS x MODES x FEATURE_SETS below: a new backend or data path is one word in one list.
+
+Socket peers, byte patterns and upstream servers live in ``netutil.py`` so that test
+modules can import them; this file holds the fixtures and the proxy process.
+"""
+from __future__ import annotations
+
+import errno
+import faulthandler
+import ipaddress
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from netutil import (BlackholeUpstream, EchoServer, RefusingUpstream, TcpServer,
+                     fmt_addr, ipv6_loopback_available)
+
+# Add a backend or a data path here and every behaviour test runs against it.
+BACKENDS = ["uring"]
+MODES = ["copy"]
+# io_uring features the proxy is told to treat as missing (URING_NET_DISABLE, see
+# `uring-proxy --help`), so the fallback code paths run on a kernel that has them all.
+# id -> comma-separated feature names ("" = use everything the kernel offers).
+FEATURE_SETS = {
+    "allfeatures": "",
+    "nomultishot": "multishot_accept,multishot_recv",
+}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 10.0      # until the "listening on" line
+STOP_TIMEOUT = 10.0       # from SIGTERM/SIGINT to exit
+TEST_TIME_LIMIT = 240.0   # the watchdog's default per test; see time_limit marker
+
+# Cause -> term, from the contract.
+CAUSE_TERM = {
+    "normal": "--",
+    "client_reset": "CD",
+    "upstream_reset": "SD",
+    "upstream_refused": "SC",
+    "connect_timeout": "sC",
+    "connect_error": "SC",
+    "proxy_shutdown": "PD",
+    "resource": "RC",
+}
+
+HAS_IPV6 = ipv6_loopback_available()
+
+
+def _raise_nofile_limit(want: int = 65536) -> int:
+    """The load tests hold a few thousand sockets here and in the proxy (which inherits
+    the limit). Raise the soft limit as far as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+NOFILE_LIMIT = _raise_nofile_limit()
+
+
+# --------------------------------------------------------------------------- watchdog
+# Every operation in the suite has its own timeout; this is the net under them. If a test
+# overruns its limit, dump all thread stacks, kill the proxies we started and exit, so a
+# hang costs minutes, not the CI run.
+
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+
+
+class _Watchdog:
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._test = ""
+        threading.Thread(target=self._run, daemon=True, name="watchdog").start()
+
+    def arm(self, seconds: float, test: str):
+        with self._cond:
+            self._deadline, self._test = time.monotonic() + seconds, test
+            self._cond.notify()
+
+    def disarm(self):
+        with self._cond:
+            self._deadline = None
+            self._cond.notify()
+
+    def _run(self):
+        with self._cond:
+            while True:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                # pytest captures fds 1 and 2 during a test; give them back first, or
+                # the report would go to a capture file that os._exit never prints.
+                capman = _pytest_config and _pytest_config.pluginmanager.getplugin(
+                    "capturemanager")
+                if capman is not None:
+                    try:
+                        capman.suspend_global_capture(in_=True)
+                    except Exception:
+                        pass
+                sys.stderr.write(f"\n*** watchdog: {self._test} exceeded its time limit; "
+                                 "thread stacks follow, then the run is aborted ***\n")
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                with _children_lock:
+                    for p in _children:
+                        try:
+                            p.kill()
+                        except OSError:
+                            pass
+                sys.stderr.flush()
+                os._exit(70)
+
+
+_watchdog = _Watchdog()
+_pytest_config = None
+
+
+def pytest_configure(config):
+    global _pytest_config
+    _pytest_config = config
+    config.addinivalue_line(
+        "markers", "time_limit(seconds): per-test limit of the suite's watchdog")
+
+
+@pytest.fixture(autouse=True)
+def _test_watchdog(request):
+    m = request.node.get_closest_marker("time_limit")
+    _watchdog.arm(m.args[0] if m else TEST_TIME_LIMIT, request.node.nodeid)
+    yield
+    _watchdog.disarm()
+
+
+# --------------------------------------------------------------------------- log lines
+
+_KV = re.compile(r"(\w+)=(\S+)")
+_LISTENING = re.compile(
+    r"^listening on (?P<listen>\S+) upstream (?P<upstream>\S+) "
+    r"backend=(?P<backend>\S+) mode=(?P<mode>\S+)(?P<extra>( \w+=\S+)*)$")
+_CLOSE = re.compile(
+    r"^close client=(?P<client>\S+) upstream=(?P<upstream>\S+) c2u=(?P<c2u>\d+) "
+    r"u2c=(?P<u2c>\d+) duration_ms=(?P<duration_ms>\d+(?:\.\d+)?) "
+    r"cause=(?P<cause>[a-z_]+) term=(?P<term>\S\S)(?P<extra>( \w+=\S+)*)$")
+_STOPPED = re.compile(r"^stopped(?P<kv>( \w+=\S+)+)$")
+
+
+def is_address(text) -> bool:
+    """``127.0.0.1:80`` or ``[::1]:80``: what the contract prints for an address."""
+    if not isinstance(text, str):
+        return False
+    m = re.fullmatch(r"(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})", text)
+    if not m or not 0 <= int(m[3]) <= 65535:
+        return False
+    try:
+        ipaddress.ip_address(m[1] or m[2])
+    except ValueError:
+        return False
+    return bool(m[1]) == (":" in (m[1] or m[2]))
+
+
+class Malformed(Exception):
+    pass
+
+
+def parse_text_line(line: str) -> dict | None:
+    """One text log line as the JSON format's dict; None for lines that are not events
+    (verbose output). A line that starts like an event but breaks the contract raises."""
+    if line.startswith("listening"):
+        m = _LISTENING.match(line)
+        if not m:
+            raise Malformed(line)
+        d = {"event": "listening", **{k: m[k] for k in ("listen", "upstream", "backend", "mode")}}
+        d.update(_KV.findall(m["extra"]))
+        return d
+    if line.startswith("close "):
+        m = _CLOSE.match(line)
+        if not m:
+            raise Malformed(line)
+        d = {"event": "close", "client": m["client"], "upstream": m["upstream"],
+             "bytes_c2u": int(m["c2u"]), "bytes_u2c": int(m["u2c"]),
+             "duration_ms": float(m["duration_ms"]), "cause": m["cause"],
+             "term": m["term"]}
+        d.update(_KV.findall(m["extra"]))  # error=ECONNREFUSED and the like
+        return d
+    if line.startswith("stopped"):
+        m = _STOPPED.match(line)
+        if not m:
+            raise Malformed(line)
+        kv = dict(_KV.findall(m["kv"]))
+        try:
+            return {"event": "stopped", "connections": int(kv["connections"]),
+                    "bytes_c2u": int(kv["c2u"]), "bytes_u2c": int(kv["u2c"])}
+        except (KeyError, ValueError):
+            raise Malformed(line) from None
+    return None
+
+
+def parse_json_line(line: str) -> dict:
+    try:
+        d = json.loads(line)
+    except ValueError:
+        raise Malformed(line) from None
+    if not isinstance(d, dict) or "event" not in d:
+        raise Malformed(line)
+    return d
+
+
+# --------------------------------------------------------------------------- the proxy
+
+
+class ProxyProcess:
+    """The CLI in a subprocess, with its parsed log lines and /proc views."""
+
+    def __init__(self, argv: list[str], log_format: str = "text", disabled: str = "",
+                 signal_on_listening: int | None = None):
+        self.argv = argv
+        # Sent by the stderr reader the instant the listening line arrives (a script that
+        # starts the proxy and stops it at once), with no thread hand-off in between.
+        self._signal_on_listening = signal_on_listening
+        self.disabled = disabled
+        self.log_format = log_format
+        self.raw_lines: list[str] = []
+        self.lines: list[dict] = []        # parsed events, in order
+        self.malformed: list[str] = []
+        self.stdout_chunks: list[bytes] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._claimed: set[int] = set()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("URING_NET_DISABLE", None)
+        if disabled:
+            env["URING_NET_DISABLE"] = disabled
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with _children_lock:
+            _children.add(self.proc)
+        self.pid = self.proc.pid
+        self.returncode: int | None = None
+        self._readers = [
+            threading.Thread(target=self._read_stderr, daemon=True, name=f"stderr-{self.pid}"),
+            threading.Thread(target=self._read_stdout, daemon=True, name=f"stdout-{self.pid}"),
+        ]
+        for t in self._readers:
+            t.start()
+        self.listening = self._wait_listening()
+        self.listen_addr = self.listening["listen"]
+        self.port = int(self.listen_addr.rpartition(":")[2])
+        for feature in filter(None, disabled.split(",")):
+            # Without this the variant would silently test the default path again.
+            if feature not in self.stderr_text():
+                self.kill()
+                pytest.fail(f"URING_NET_DISABLE={disabled}: the proxy did not report a "
+                            f"fallback for {feature}; stderr:\n{self._tail()}", pytrace=False)
+
+    # -- output readers
+    def _read_stderr(self):
+        for raw in iter(self.proc.stderr.readline, b""):
+            if self._signal_on_listening and raw.startswith((b"listening", b'{"event": "listening"')):
+                self.proc.send_signal(self._signal_on_listening)
+                self._signal_on_listening = None
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            with self._cond:
+                self.raw_lines.append(line)
+                try:
+                    ev = (parse_json_line(line) if self.log_format == "json"
+                          else parse_text_line(line))
+                    if ev is not None:
+                        self.lines.append(ev)
+                except Malformed:
+                    self.malformed.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _read_stdout(self):
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            self.stdout_chunks.append(chunk)
+
+    def stderr_text(self) -> str:
+        with self._cond:
+            return "\n".join(self.raw_lines)
+
+    def _tail(self, n: int = 40) -> str:
+        with self._cond:
+            return "\n".join(self.raw_lines[-n:]) or "(no stderr)"
+
+    # -- waiting for log lines
+    def wait_for(self, pred, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.lines:
+                    if pred(ev):
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(
+                        f"no {what} within {timeout} s"
+                        f"{' (proxy stderr closed)' if self._eof else ''}; stderr:\n{self._tail()}")
+                self._cond.wait(left)
+
+    def _wait_listening(self) -> dict:
+        try:
+            return self.wait_for(lambda e: e["event"] == "listening", START_TIMEOUT,
+                                 "'listening on' line")
+        except AssertionError as e:
+            self.kill()
+            pytest.fail(f"proxy did not start: {' '.join(self.argv[1:])}\n{e}", pytrace=False)
+
+    def closes(self) -> list[dict]:
+        with self._cond:
+            return [e for e in self.lines if e["event"] == "close"]
+
+    def wait_for_close(self, n: int, timeout: float) -> list[dict]:
+        """Wait until at least ``n`` close lines were printed; return them all."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                closes = [e for e in self.lines if e["event"] == "close"]
+                if len(closes) >= n:
+                    return closes
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(
+                        f"{len(closes)} close lines after {timeout} s, expected {n}; "
+                        f"stderr:\n{self._tail()}")
+                self._cond.wait(left)
+
+    def close_for(self, client: str, timeout: float = 10.0) -> dict:
+        """The close line of the connection whose client address is ``client``.
+
+        Each line is handed out once: if the kernel reuses a client port for a later
+        connection, that connection gets its own line, not its predecessor's."""
+        def match(e):
+            return (e["event"] == "close" and e.get("client") == client
+                    and id(e) not in self._claimed)
+        e = self.wait_for(match, timeout, f"close line for client={client}")
+        self._claimed.add(id(e))
+        return e
+
+    # -- /proc views
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def _status(self, key: str) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise AssertionError(f"{key} not in /proc/{self.pid}/status")
+
+    def rss_kib(self) -> int:
+        return self._status("VmRSS")
+
+    def threads(self) -> int:
+        return self._status("Threads")
+
+    def wait_fd_count(self, target: int, timeout: float) -> int:
+        """Poll until the fd count is ``target`` (fds may close just after the log line)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.fd_count()
+            if n == target or time.monotonic() > deadline:
+                return n
+            time.sleep(0.05)
+
+    # -- stopping
+    def send_signal(self, sig: int):
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` and wait for the exit; returns the exit status. Idempotent."""
+        if self.returncode is None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for an exit already asked for; returns the exit status."""
+        if self.returncode is None:
+            try:
+                self.returncode = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(
+                    f"proxy did not exit within {timeout} s of being signalled; "
+                    f"stderr:\n{self._tail()}") from None
+            self._join_readers()
+        return self.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.returncode = self.proc.wait(10)
+        self._join_readers()
+
+    def _join_readers(self):
+        for t in self._readers:
+            t.join(5)
+        with _children_lock:
+            _children.discard(self.proc)
+
+    def problems(self) -> list[str]:
+        """Contract violations visible in the output, checked for every proxy we ran."""
+        out = []
+        text = self.stderr_text()
+        if "Traceback" in text:
+            out.append("stderr contains a Traceback")
+        if self.malformed:
+            out.append(f"log lines that break the contract: {self.malformed[:5]}")
+        for e in self.closes():
+            for k in ("client", "upstream"):
+                if not is_address(e.get(k)):
+                    out.append(f"close line with {k}={e.get(k)!r}, not HOST:PORT: {e}")
+            err = e.get("error")
+            if err is not None and err not in errno.errorcode.values():
+                out.append(f"close line with error={err!r}, not an errno name: {e}")
+            if err is not None and e.get("cause") == "normal":
+                out.append(f"cause=normal with an error: {e}")
+            cause, term = e.get("cause"), e.get("term")
+            if cause not in CAUSE_TERM:
+                out.append(f"unknown cause in {e}")
+            elif term != CAUSE_TERM[cause]:
+                out.append(f"cause {cause} has term {term!r}, "
+                           f"the contract says {CAUSE_TERM[cause]!r}")
+        return out
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=MODES)
+def mode(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=list(FEATURE_SETS.values()), ids=list(FEATURE_SETS))
+def disabled_features(request) -> str:
+    return request.param
+
+
+def proxy_argv(listen: str, upstream: str, backend: str, mode: str, *extra: str,
+               log_format: str = "text") -> list[str]:
+    argv = [sys.executable, "-m", "uring_net", "--listen", listen, "--upstream", upstream,
+            "--backend", backend, "--mode", mode]
+    if log_format != "text":
+        argv += ["--log-format", log_format]
+    return argv + list(extra)
+
+
+@pytest.fixture
+def proxy(backend, mode, disabled_features):
+    """Factory: ``proxy(upstream_addr, *extra_args, listen=..., log_format=...)`` starts
+    the CLI for this test's backend, mode and feature set. At teardown every proxy still
+    running gets SIGTERM and must exit 0 with a ``stopped`` line and a clean log."""
+    started: list[ProxyProcess] = []
+
+    def start(upstream: str, *extra: str, listen: str = "127.0.0.1:0",
+              log_format: str = "text", signal_on_listening: int | None = None
+              ) -> ProxyProcess:
+        p = ProxyProcess(proxy_argv(listen, upstream, backend, mode, *extra,
+                                    log_format=log_format), log_format, disabled_features,
+                         signal_on_listening)
+        started.append(p)
+        return p
+
+    start.backend, start.mode = backend, mode
+    yield start
+
+    failures = []
+    for p in started:
+        try:
+            rc = p.stop()
+        except AssertionError as e:
+            failures.append(str(e))
+            continue
+        if rc != 0:
+            failures.append(f"proxy exited with status {rc}; stderr:\n{p._tail()}")
+        elif not any(e["event"] == "stopped" for e in p.lines):
+            failures.append(f"proxy printed no 'stopped' line; stderr:\n{p._tail()}")
+        failures += p.problems()
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+@pytest.fixture
+def upstream():
+    """Factory for threaded upstreams: ``srv = upstream(); fut = srv.serve_next(fn)``."""
+    servers: list[TcpServer] = []
+
+    def make(host: str = "127.0.0.1") -> TcpServer:
+        s = TcpServer(host)
+        servers.append(s)
+        return s
+
+    yield make
+    errors = []
+    for s in servers:
+        errors += s.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def echo_server():
+    s = EchoServer()
+    yield s
+    errors = s.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def refusing_upstream():
+    r = RefusingUpstream()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def blackhole_upstream():
+    b = BlackholeUpstream()
+    try:
+        if not b.probe():
+            pytest.skip("this kernel answers SYNs to a listener with a full accept queue, "
+                        "so no loopback address leaves a connect() unanswered")
+        yield b
+    finally:
+        b.close()
+
+
+__all__ = ["BACKENDS", "MODES", "CAUSE_TERM", "HAS_IPV6", "NOFILE_LIMIT", "ProxyProcess",
+           "fmt_addr"]
