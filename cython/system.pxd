@@ -1,5 +1,5 @@
 # POSIX socket and time declarations the nogil paths need.
-from libc.stdint cimport uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 cdef extern from "<sys/uio.h>" nogil:
     pass
@@ -53,7 +53,9 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t ntohs(uint16_t)
 
 cdef extern from "<netinet/tcp.h>" nogil:
-    int TCP_NODELAY
+    int TCP_NODELAY, TCP_INFO, TCP_CLOSE
+    struct tcp_info:
+        uint8_t tcpi_state
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)

@@ -72,6 +72,7 @@ class Proxy:
         self.address = None
         self._stop = threading.Event()
         self._accept_pauses_logged = 0
+        self._log_dropped_logged = 0
 
     def start(self) -> str:
         from . import _core
@@ -86,7 +87,7 @@ class Proxy:
         feats = probe_ring_features(self.ring, cfg.disabled)
         for name, (present, used, fallback) in feats.items():
             if not used:
-                why = "forced off by " + "URING_NET_DISABLE" if present else "not supported by this kernel"
+                why = "forced off by URING_NET_DISABLE" if present else "not supported by this kernel"
                 self.log.event("fallback", feature=name, reason=why, using=fallback)
         self.log.event("ring", level=1, setup=self.ring.setup_mode,
                        features=hex(self.ring.features),
@@ -142,8 +143,11 @@ class Proxy:
             code = errno.errorcode.get(st["accept_last_err"], str(st["accept_last_err"]))
             self.log.event("accept_paused", reason=code, times=n,
                            action="accepting again in 100 ms")
-        if st["log_dropped"]:
-            pass  # counted in stats; the engine drains every batch, so this stays 0
+        if st["log_dropped"] != self._log_dropped_logged:
+            # More flows closed in one batch than the engine's record buffer
+            # holds: their totals are in the statistics, their lines are not.
+            self.log.event("log_dropped", close_lines=st["log_dropped"] - self._log_dropped_logged)
+            self._log_dropped_logged = st["log_dropped"]
 
     def close(self):
         # The engine owns the ring; dropping it exits the ring after every
