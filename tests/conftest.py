@@ -309,19 +309,25 @@ class ProxyProcess:
             return "\n".join(self.raw_lines[-n:]) or "(no stderr)"
 
     # -- waiting for log lines
-    def wait_for(self, pred, timeout: float, what: str) -> dict:
+    def _wait_until(self, check, timeout: float, failure) -> object:
+        """Wait on the log until ``check()`` (called under the lock) returns something
+        truthy, and return it; on timeout or EOF fail with ``failure()`` and the stderr."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for ev in self.lines:
-                    if pred(ev):
-                        return ev
+                got = check()
+                if got:
+                    return got
                 left = deadline - time.monotonic()
                 if left <= 0 or self._eof:
                     raise AssertionError(
-                        f"no {what} within {timeout} s"
-                        f"{' (proxy stderr closed)' if self._eof else ''}; stderr:\n{self._tail()}")
+                        f"{failure()}{' (proxy stderr closed)' if self._eof else ''}; "
+                        f"stderr:\n{self._tail()}")
                 self._cond.wait(left)
+
+    def wait_for(self, pred, timeout: float, what: str) -> dict:
+        return self._wait_until(lambda: next((ev for ev in self.lines if pred(ev)), None),
+                                timeout, lambda: f"no {what} within {timeout} s")
 
     def _wait_listening(self) -> dict:
         try:
@@ -337,18 +343,12 @@ class ProxyProcess:
 
     def wait_for_close(self, n: int, timeout: float) -> list[dict]:
         """Wait until at least ``n`` close lines were printed; return them all."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                closes = [e for e in self.lines if e["event"] == "close"]
-                if len(closes) >= n:
-                    return closes
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    raise AssertionError(
-                        f"{len(closes)} close lines after {timeout} s, expected {n}; "
-                        f"stderr:\n{self._tail()}")
-                self._cond.wait(left)
+        def enough():
+            closes = [e for e in self.lines if e["event"] == "close"]
+            return closes if len(closes) >= n else None
+        return self._wait_until(
+            enough, timeout,
+            lambda: f"{len(self.closes())} close lines after {timeout} s, expected {n}")
 
     def close_for(self, client: str, timeout: float = 10.0) -> dict:
         """The close line of the connection whose client address is ``client``.
