@@ -146,7 +146,6 @@ cdef class Engine:
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
     cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil
     cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil
-    cdef bint eof_was_reset(self, Flow *f, int side) noexcept nogil
     cdef void flow_step(self, uint32_t slot) noexcept nogil
     cdef void dir_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
     cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil

@@ -417,10 +417,7 @@ cdef class Engine:
         if f.state != F_OPEN or res > 0:
             return
         if res == 0:
-            if self.eof_was_reset(f, d):
-                self.side_failed(f, d, -ECONNRESET)
-            else:
-                D.flags |= D_EOF
+            D.flags |= D_EOF
         elif res == -ENOBUFS:
             # The pool is empty: backpressure, not an error. The bytes stay in
             # the socket; bufs_flush() re-arms us when buffers come back.
@@ -466,23 +463,6 @@ cdef class Engine:
         f.dir[d].flags |= D_SHUT_DONE
         if f.state == F_OPEN and res < 0 and res != -ECANCELED:
             self.side_failed(f, 1 - d, res)
-
-    # A recv that returns 0 is not always a FIN. tcp_reset() leaves the error
-    # in sk_err and sock_error() hands it to the first reader only: when a
-    # send to that side takes the ECONNRESET, the recv after it sees
-    # RCV_SHUTDOWN and returns 0. Forwarding that as a FIN would turn the
-    # reset into a clean, truncated end. A peer that sent a FIN sits in
-    # CLOSE_WAIT until we shut down our side; a reset one is in TCP_CLOSE.
-    # Once our FIN went to that side the state says nothing (FIN-FIN also
-    # ends in TCP_CLOSE), but then no send to it can have taken the error.
-    cdef bint eof_was_reset(self, Flow *f, int side) noexcept nogil:
-        cdef tcp_info ti
-        cdef socklen_t len = sizeof(ti)
-        if f.dir[1 - side].flags & D_SHUT_SENT:
-            return False
-        if getsockopt(f.fd[side], IPPROTO_TCP, TCP_INFO, &ti, &len) != 0:
-            return False
-        return ti.tcpi_state == TCP_CLOSE
 
     # A socket of the flow failed (reset, broken pipe...). The other side is
     # reset too: a reset on one side becomes a reset on the other.

@@ -53,9 +53,7 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t ntohs(uint16_t)
 
 cdef extern from "<netinet/tcp.h>" nogil:
-    int TCP_NODELAY, TCP_INFO, TCP_CLOSE
-    struct tcp_info:
-        uint8_t tcpi_state
+    int TCP_NODELAY
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)

@@ -3,8 +3,13 @@ ends with a FIN or a reset, in either order and at any point of the other's tran
 
 The invariant under test: a reset never turns into a clean EOF, and a FIN never loses a
 byte. With no reset, both sides get every byte and then EOF, and the flow is `normal`
-with exact counts. When a side resets, every side that did not must read a correct
-prefix and then ECONNRESET -- an EOF there would be a silently truncated stream.
+with exact counts. When a side resets, every side that did not must see the reset -- a
+clean EOF with no error anywhere would be a silently truncated stream.
+
+Where a side sees it is the kernel's choice: tcp_reset() leaves ECONNRESET in sk_err and
+sock_error() hands it to the first call that looks, then clears it. If the side's own
+send or shutdown takes it, its reader's next recv returns 0. So a side has seen the
+reset when its reader, its sends or its shutdown did.
 """
 import socket
 import time
@@ -30,7 +35,8 @@ def read_until_end(sock: socket.socket, verifier: Verifier) -> str:
 
 def play(sock: socket.socket, *, send_seed: int, n_send: int, recv_seed: int,
          n_recv: int, ending: str, delay: float, peer_resets: bool) -> tuple[str, int]:
-    """One side's part. Returns (how the incoming stream ended, bytes received)."""
+    """One side's part. Returns (how the connection ended for this side: 'eof' or
+    'reset', bytes received)."""
     if ending == "reset":
         # No reader here: a thread blocked in recv() holds the socket, and close()
         # would then not send the RST until that recv returned.
@@ -44,13 +50,17 @@ def play(sock: socket.socket, *, send_seed: int, n_send: int, recv_seed: int,
     verifier = Verifier(recv_seed, n_recv)
     reader = BgThread(read_until_end, sock, verifier, name="reader")
     reader.start()
+    writer_saw_reset = False
     try:
         send_stream(sock, send_seed, n_send, shutdown=False)
         time.sleep(delay)
         sock.shutdown(socket.SHUT_WR)
     except (ConnectionResetError, BrokenPipeError, OSError) as e:
+        # EPIPE/ECONNRESET from send, ENOTCONN from shutdown: the socket was reset.
         assert peer_resets, f"sending failed although the peer did not reset: {e!r}"
-    return reader.result(30), verifier.received
+        writer_saw_reset = True
+    end = reader.result(30)
+    return ("reset" if writer_saw_reset else end), verifier.received
 
 
 _side = st.fixed_dictionaries({
