@@ -89,6 +89,7 @@ SOCAT = "/usr/bin/socat"
 #   ("epoll-copy", ["--backend", "epoll", "--mode", "copy"]),
 URING_VARIANTS: list[tuple[str, list[str]]] = [
     ("copy", ["--mode", "copy"]),
+    ("zerocopy", ["--mode", "zerocopy"]),
 ]
 
 # HAProxy configuration, exactly as in the peer baselines.

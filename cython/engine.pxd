@@ -83,6 +83,10 @@ cdef struct Stats:
     uint64_t recv_cancels       # backpressure: recv stopped at --max-inflight
     uint64_t short_sends
     uint64_t stale_cqes         # CQEs for a recycled slot, dropped
+    uint64_t zc_sends           # SEND_ZC whose first CQE promised a notification
+    uint64_t zc_notifs          # ... notifications received
+    uint64_t zc_copied          # ... of which the kernel reported it copied anyway
+    uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
     uint64_t cqes
     uint64_t batches
     uint64_t log_dropped
@@ -101,6 +105,7 @@ cdef class Engine:
     cdef uint32_t buf_size
     cdef uint32_t *buf_len
     cdef int32_t *buf_next
+    cdef uint16_t *buf_notif   # zero-copy notifications still owed, per buffer
     cdef int br_pending        # buffers returned since the last ring advance
     cdef uint32_t bufs_held    # buffers delivered to flows, not yet returned
     cdef int32_t wait_head     # flows (slot * 2 + d) waiting for buffers
@@ -126,6 +131,10 @@ cdef class Engine:
     cdef __kernel_timespec pause_ts
     cdef uint32_t max_queued_bufs  # --max-inflight in whole buffers
     cdef bint ms_accept
+    cdef bint zc               # --mode zerocopy, while the kernel takes it
+    cdef bint zc_fixed         # ... from the registered pool (SEND_ZC_FIXED)
+    cdef readonly int zc_register_err
+    cdef uint32_t zc_threshold
     cdef bint ms_recv
 
     cdef CloseRec *log
@@ -143,6 +152,8 @@ cdef class Engine:
     cdef void on_connect(self, Flow *f, int res) noexcept nogil
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
+    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t bid) noexcept nogil
+    cdef void buf_sent(self, uint32_t bid) noexcept nogil
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
     cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil
     cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil

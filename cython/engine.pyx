@@ -19,7 +19,9 @@
 #   so a CQE that outlives its flow is recognised and dropped.
 
 # --- user_data ---------------------------------------------------------------
-# bits 0-31 slot | 32-55 generation | 56-59 op | 60 direction
+# bits 0-19 slot | 20-39 generation | 40-55 buffer id | 56-59 op | 60 direction
+# The buffer id is there for SEND_ZC: its notification CQE, which may come
+# after later sends, must say which buffer the kernel has let go of.
 cdef enum Op:
     OP_ACCEPT = 1
     OP_ACCEPT_TIMER
@@ -27,20 +29,26 @@ cdef enum Op:
     OP_CONNECT_TIMEOUT
     OP_RECV
     OP_SEND
+    OP_SEND_ZC
     OP_SHUTDOWN
     OP_CANCEL
     OP_CLOSE
     OP_ENGINE_CANCEL    # a cancel not tied to a flow (the accept); CQE ignored
 
 cdef enum:
-    GEN_MASK = 0xFFFFFF
+    SLOT_BITS = 20           # --max-conns is capped at 2**20
+    GEN_MASK = 0xFFFFF
+    BUF_SENT = -2            # buf_next value: fully sent, waiting for its notification
     CQE_BATCH = 256          # CQEs harvested per peek
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     LOG_CAP = 4096           # closed-flow records between two drains
 
 cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
-    return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << 32) \
+    return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << SLOT_BITS) \
         | ((<uint64_t>op) << 56) | ((<uint64_t>d) << 60)
+
+cdef inline uint64_t ud_with_bid(uint64_t ud, uint32_t bid) noexcept nogil:
+    return ud | ((<uint64_t>bid & 0xFFFF) << 40)
 
 cdef inline int64_t now_ns() noexcept nogil:
     cdef timespec ts
@@ -78,9 +86,12 @@ cdef str _format_addr(sockaddr_storage *ss):
 cdef class Engine:
     def __cinit__(self, Ring ring not None, *, uint32_t max_conns, uint32_t buffers,
                   uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
-                  bint multishot_accept=True, bint multishot_recv=True):
+                  bint multishot_accept=True, bint multishot_recv=True,
+                  bint zerocopy=False, uint32_t zc_threshold=16384,
+                  bint zc_registered=True):
         cdef int err = 0
         cdef uint32_t i
+        cdef iovec pool
         self.ring = ring
         self.listen_fd = -1
         self.max_conns = max_conns
@@ -101,11 +112,13 @@ cdef class Engine:
         self.flows = <Flow *>calloc(max_conns, sizeof(Flow))
         self.buf_len = <uint32_t *>calloc(buffers, sizeof(uint32_t))
         self.buf_next = <int32_t *>calloc(buffers, sizeof(int32_t))
+        self.buf_notif = <uint16_t *>calloc(buffers, sizeof(uint16_t))
         self.log = <CloseRec *>calloc(LOG_CAP, sizeof(CloseRec))
         self.fdw_cap = max_conns
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
         if (self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
+                or self.buf_notif == NULL
                 or self.log == NULL or self.fdw == NULL
                 or posix_memalign(<void **>&self.buf_mem, 4096,
                                   <size_t>buffers * buffer_size) != 0):
@@ -125,6 +138,17 @@ cdef class Engine:
                                   io_uring_buf_ring_mask(buffers), <int>i)
         io_uring_buf_ring_advance(self.br, <int>buffers)
 
+        # Zero-copy sends from the registered pool save pinning pages per send.
+        # Registering pins the whole pool (RLIMIT_MEMLOCK for non-root); when
+        # that is refused, SEND_ZC still works on plain addresses.
+        self.zc = zerocopy
+        self.zc_threshold = zc_threshold
+        if zerocopy and zc_registered:
+            pool.iov_base = self.buf_mem
+            pool.iov_len = <size_t>buffers * buffer_size
+            self.zc_register_err = -io_uring_register_buffers(&ring.ring, &pool, 1)
+            self.zc_fixed = self.zc_register_err == 0
+
     def __dealloc__(self):
         # The ring must go before the pool: in-flight requests may point into
         # it. stop() has already waited for every flow, so none should be.
@@ -135,6 +159,7 @@ cdef class Engine:
         free(self.flows)
         free(self.buf_len)
         free(self.buf_next)
+        free(self.buf_notif)
         free(self.log)
         free(self.fdw)
         free(self.buf_mem)
@@ -176,8 +201,9 @@ cdef class Engine:
         cdef uint64_t ud = cqe.user_data
         cdef int op = <int>((ud >> 56) & 0xF)
         cdef int d = <int>((ud >> 60) & 1)
-        cdef uint32_t slot = <uint32_t>ud     # the low 32 bits
-        cdef uint32_t gen = <uint32_t>((ud >> 32) & GEN_MASK)
+        cdef uint32_t slot = <uint32_t>(ud & ((1 << SLOT_BITS) - 1))
+        cdef uint32_t gen = <uint32_t>((ud >> SLOT_BITS) & GEN_MASK)
+        cdef uint32_t bid = <uint32_t>((ud >> 40) & 0xFFFF)
         cdef Flow *f
         cdef int res = cqe.res
         cdef uint32_t cflags = cqe.flags
@@ -213,6 +239,8 @@ cdef class Engine:
             self.on_recv(f, d, res, cflags)
         elif op == OP_SEND:
             self.on_send(f, d, res)
+        elif op == OP_SEND_ZC:
+            self.on_send_zc(f, d, res, cflags, bid)
         elif op == OP_CONNECT:
             self.on_connect(f, res)
         elif op == OP_SHUTDOWN:
@@ -457,7 +485,43 @@ cdef class Engine:
             D.q_head = self.buf_next[bid]
             if D.q_head < 0:
                 D.q_tail = -1
-            self.buf_return(<uint32_t>bid)
+            self.buf_sent(<uint32_t>bid)
+
+    # SEND_ZC posts up to two CQEs with the same user_data: the result (with
+    # IORING_CQE_F_MORE when a notification follows) and the notification
+    # (IORING_CQE_F_NOTIF). Only the notification gives the buffer back
+    # (io_uring_prep_send_zc(3)); whether one comes is F_MORE's say, not
+    # res's: an errored send can still post one.
+    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t bid) noexcept nogil:
+        if cflags & IORING_CQE_F_NOTIF:
+            self.st.zc_notifs += 1
+            if <uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED:
+                self.st.zc_copied += 1
+            self.buf_notif[bid] -= 1
+            if self.buf_notif[bid] == 0 and self.buf_next[bid] == BUF_SENT:
+                self.buf_return(bid)
+            return
+        if cflags & IORING_CQE_F_MORE:
+            self.st.zc_sends += 1
+        else:
+            self.buf_notif[bid] -= 1      # counted at submit; none will come
+        if res == -EOPNOTSUPP:
+            # The kernel or this socket cannot send zero-copy: nothing was
+            # sent. Turn zero-copy off for good (Python logs it once) and let
+            # dir_step send the same bytes the copying way.
+            self.zc = False
+            self.st.zc_eopnotsupp += 1
+            f.dir[d].flags &= ~D_SEND_BUSY
+            return
+        self.on_send(f, d, res)
+
+    # Ownership: send queue -> ring, or -> parked until the notifications
+    # owed for this buffer have all arrived (then on_send_zc returns it).
+    cdef void buf_sent(self, uint32_t bid) noexcept nogil:
+        if self.buf_notif[bid]:
+            self.buf_next[bid] = BUF_SENT
+        else:
+            self.buf_return(bid)
 
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil:
         f.dir[d].flags |= D_SHUT_DONE
@@ -524,11 +588,25 @@ cdef class Engine:
                     off = 0
                     n += 1
                     bid = self.buf_next[bid]
-                s = self.flow_sqe(slot, f, OP_SEND, d)
-                if n == 1:
+                if self.zc and D.iov[0].iov_len >= self.zc_threshold:
+                    # One buffer per zero-copy send, from where the head stands.
+                    bid = D.q_head
+                    D.send_len = <uint32_t>D.iov[0].iov_len
+                    s = self.flow_sqe(slot, f, OP_SEND_ZC, d)
+                    io_uring_sqe_set_data64(s, ud_with_bid(ud_make(slot, f.gen, OP_SEND_ZC, d), bid))
+                    if self.zc_fixed:
+                        io_uring_prep_send_zc_fixed(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
+                                                    MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE, 0)
+                    else:
+                        io_uring_prep_send_zc(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
+                                              MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE)
+                    self.buf_notif[bid] += 1
+                elif n == 1:
+                    s = self.flow_sqe(slot, f, OP_SEND, d)
                     io_uring_prep_send(s, f.fd[1 - d], D.iov[0].iov_base,
                                        D.iov[0].iov_len, MSG_NOSIGNAL)
                 else:
+                    s = self.flow_sqe(slot, f, OP_SEND, d)
                     memset(&D.msg, 0, sizeof(msghdr))
                     D.msg.msg_iov = D.iov
                     D.msg.msg_iovlen = n

@@ -1,7 +1,7 @@
 # Declarations of the liburing 2.3 API we use, plus our compat header.
 # The C boundary lives here and in system.pxd; logic lives in the .pyx files.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
-from system cimport msghdr
+from system cimport msghdr, iovec
 
 cdef extern from "uring_compat.h" nogil:
     struct __kernel_timespec:
@@ -70,7 +70,7 @@ cdef extern from "uring_compat.h" nogil:
     unsigned IORING_CQE_F_NOTIF, IORING_CQE_BUFFER_SHIFT
     # misc op flags
     unsigned IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_FD, IORING_ASYNC_CANCEL_ANY
-    unsigned IORING_RECVSEND_BUNDLE, IORING_SEND_ZC_REPORT_USAGE
+    unsigned IORING_RECVSEND_BUNDLE, IORING_SEND_ZC_REPORT_USAGE, IORING_NOTIF_USAGE_ZC_COPIED
 
     # opcodes
     enum:
@@ -105,6 +105,11 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_prep_timeout(io_uring_sqe *sqe, __kernel_timespec *ts, unsigned count, unsigned flags)
     void io_uring_prep_send(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len, int flags)
     void io_uring_prep_sendmsg(io_uring_sqe *sqe, int fd, const msghdr *msg, unsigned flags)
+    void io_uring_prep_send_zc(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
+                               int flags, unsigned zc_flags)
+    void io_uring_prep_send_zc_fixed(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
+                                     int flags, unsigned zc_flags, unsigned buf_index)
+    int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
     void io_uring_prep_shutdown(io_uring_sqe *sqe, int fd, int how)
     void io_uring_prep_close(io_uring_sqe *sqe, int fd)
     void io_uring_prep_cancel64(io_uring_sqe *sqe, uint64_t user_data, int flags)

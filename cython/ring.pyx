@@ -201,6 +201,43 @@ cdef class Ring:
             b.close()
             uc_free_buf_ring(&self.ring, br, 2, 0x7ff0)
 
+    def probe_send_zc(self):
+        """SEND_ZC on loopback TCP: (works, usage_reported, copied).
+
+        `works`: a send returned its bytes and promised a notification.
+        `usage_reported`: the notification carries IORING_SEND_ZC_REPORT_USAGE's
+        answer (6.2+; an older kernel refuses the flag with EINVAL).
+        `copied`: that answer said the kernel copied -- always so on loopback."""
+        cdef io_uring_sqe *s
+        cdef char byte = 120
+        if not self.op_supported[IORING_OP_SEND_ZC]:
+            return (False, False, False)
+        lsock = _socket.create_server(("127.0.0.1", 0))
+        a = _socket.create_connection(lsock.getsockname(), timeout=2)
+        b, _ = lsock.accept()
+        try:
+            s = self.sqe()
+            io_uring_prep_send_zc(s, a.fileno(), &byte, 1, MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE)
+            io_uring_sqe_set_data64(s, 3)
+            res, flags = self._wait_one(3)
+            if res == -EINVAL:
+                # Maybe only the usage report is unknown: try without it.
+                s = self.sqe()
+                io_uring_prep_send_zc(s, a.fileno(), &byte, 1, MSG_NOSIGNAL, 0)
+                io_uring_sqe_set_data64(s, 3)
+                res, flags = self._wait_one(3)
+                if flags & IORING_CQE_F_MORE:
+                    self._wait_one(3)
+                return (res == 1, False, False)
+            if res != 1 or not (flags & IORING_CQE_F_MORE):
+                return (False, False, False)
+            nres, nflags = self._wait_one(3)
+            copied = bool(<uint32_t><int32_t>nres & IORING_NOTIF_USAGE_ZC_COPIED)
+            return (True, True, copied)
+        finally:
+            for sock in (a, b, lsock):
+                sock.close()
+
     def _wait_one(self, uint64_t ud):
         """(res, flags) of the next CQE for `ud`; others are dropped. (-ETIME, 0) after 2 s."""
         cdef io_uring_cqe *cqe

@@ -34,7 +34,7 @@ from netutil import (BlackholeUpstream, EchoServer, RefusingUpstream, TcpServer,
 
 # Add a backend or a data path here and every behaviour test runs against it.
 BACKENDS = ["uring"]
-MODES = ["copy"]
+MODES = ["copy", "zerocopy"]
 # io_uring features the proxy is told to treat as missing (URING_NET_DISABLE, see
 # `uring-proxy --help`), so the fallback code paths run on a kernel that has them all.
 # id -> comma-separated feature names ("" = use everything the kernel offers).
@@ -210,8 +210,10 @@ def parse_text_line(line: str) -> dict | None:
             raise Malformed(line)
         kv = dict(_KV.findall(m["kv"]))
         try:
-            return {"event": "stopped", "connections": int(kv["connections"]),
-                    "bytes_c2u": int(kv["c2u"]), "bytes_u2c": int(kv["u2c"])}
+            d = {k: int(v) for k, v in kv.items()}
+            d.update(event="stopped", bytes_c2u=d.pop("c2u"), bytes_u2c=d.pop("u2c"))
+            d["connections"]  # required, like the byte totals
+            return d
         except (KeyError, ValueError):
             raise Malformed(line) from None
     return None
@@ -503,6 +505,14 @@ def proxy(backend, mode, disabled_features):
             failures.append(f"proxy exited with status {rc}; stderr:\n{p._tail()}")
         elif not any(e["event"] == "stopped" for e in p.lines):
             failures.append(f"proxy printed no 'stopped' line; stderr:\n{p._tail()}")
+        else:
+            # Every receive buffer must be back in the pool once no flow holds one:
+            # a buffer kept past its last use (or a notification never waited for)
+            # would show here, in every mode.
+            st = [e for e in p.lines if e["event"] == "stopped"][-1]
+            if st.get("active") == 0 and st.get("buffers_out") != 0:
+                failures.append(f"{st.get('buffers_out')} receive buffers not back in the "
+                                f"pool after every flow closed: {st}")
         failures += p.problems()
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)

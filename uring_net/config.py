@@ -11,13 +11,13 @@ import os
 import socket
 from dataclasses import dataclass
 
-MODES = ("copy",)
+MODES = ("copy", "zerocopy")
 BACKENDS = ("uring",)
 LOG_FORMATS = ("text", "json")
 
 # Features a user (or a test) may declare missing, to force the named fallback.
 DISABLE_ENV = "URING_NET_DISABLE"
-DISABLEABLE = ("multishot_accept", "multishot_recv")
+DISABLEABLE = ("multishot_accept", "multishot_recv", "send_zc", "registered_buffers")
 
 
 class ConfigError(Exception):
@@ -45,6 +45,7 @@ class Config:
     max_inflight: int = 1 << 20
     max_conns: int = 4096
     connect_timeout: float = 5.0
+    zc_threshold: int = 16384
     backlog: int = 1024
     verbose: int = 0
     log_format: str = "text"
@@ -141,9 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="address to accept on; IPv6 as [::1]:PORT; port 0 picks a free port")
     p.add_argument("--upstream", metavar="HOST:PORT", help="address to forward to")
-    p.add_argument("--mode", type=_choice("mode", MODES, ("zerocopy", "splice", "peek", "auto")),
+    p.add_argument("--mode", type=_choice("mode", MODES, ("splice", "peek", "auto")),
                    default="copy",
-                   help="data path: copy = multishot recv into provided buffers, send from the same buffer")
+                   help="data path. copy: multishot recv into provided buffers, send from the same "
+                        "buffers. zerocopy: the same, but sends of at least --zc-threshold bytes are "
+                        "IORING_OP_SEND_ZC from the registered pool, and a buffer is reused only after "
+                        "the kernel's notification (on loopback the kernel copies anyway)")
     p.add_argument("--backend", type=_choice("backend", BACKENDS, ("epoll", "auto")), default="uring",
                    help="event backend")
     p.add_argument("--buffer-size", type=_positive_int("--buffer-size", 512, 1 << 24), default=65536,
@@ -159,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections served at once; more wait in the listen backlog")
     p.add_argument("--connect-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                    help="close the client if the upstream does not answer the connect in time")
+    p.add_argument("--zc-threshold", type=_positive_int("--zc-threshold", 1), default=16384,
+                   metavar="BYTES",
+                   help="zerocopy mode: smaller sends are copied (zero-copy costs more than it saves "
+                        "below roughly 10 KiB, per the kernel's msg_zerocopy documentation)")
     p.add_argument("--backlog", type=_positive_int("--backlog", 1, 65535), default=1024, metavar="N",
                    help="listen backlog")
     p.add_argument("--probe", action="store_true",
@@ -190,6 +198,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         upstream=parse_endpoint(ns.upstream, "--upstream", allow_port_zero=False),
         mode=ns.mode, backend=ns.backend, buffer_size=ns.buffer_size, buffers=ns.buffers,
         max_inflight=ns.max_inflight, max_conns=ns.max_conns,
-        connect_timeout=ns.connect_timeout, backlog=ns.backlog, verbose=ns.verbose,
+        connect_timeout=ns.connect_timeout, zc_threshold=ns.zc_threshold,
+        backlog=ns.backlog, verbose=ns.verbose,
         log_format=ns.log_format, disabled=disabled_features(),
     )

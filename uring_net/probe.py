@@ -22,7 +22,7 @@ REQUIRED_OPS = (
 )
 # Reported for the data paths still to come, so the table says what this kernel offers.
 LATER_OPS = (
-    ("SEND_ZC", "zerocopy mode (not built yet)"),
+    ("SEND_ZC", "zerocopy mode"),
     ("SPLICE", "splice mode (not built yet)"),
 )
 
@@ -65,6 +65,16 @@ def rows():
             out.append((f"op {op}", "yes" if ok else "NO", use if ok else f"required for {use}"))
         for op, use in LATER_OPS:
             out.append((f"op {op}", "yes" if ring.supports(op) else "no", use))
+        works, usage, copied = ring.probe_send_zc()
+        out.append(("send_zc on TCP", "yes" if works else "no",
+                    "zerocopy mode" if works else "fallback: zerocopy mode uses copy-mode sends"))
+        out.append(("send_zc usage report", "yes" if usage else "no",
+                    "zero-copied vs copied sends are counted" if usage
+                    else "copied sends cannot be counted (kernel < 6.2)"))
+        if usage:
+            out.append(("send_zc on loopback", "copied" if copied else "zero-copy",
+                        "the kernel copies on loopback and veth: zero-copy cannot win there"
+                        if copied else ""))
         disabled = disabled_features()
         for name, (present, used, fallback) in probe_ring_features(ring, disabled).items():
             status = "yes" if present else "no"

@@ -73,6 +73,7 @@ class Proxy:
         self._stop = threading.Event()
         self._accept_pauses_logged = 0
         self._log_dropped_logged = 0
+        self._zc_off_logged = False
 
     def start(self) -> str:
         from . import _core
@@ -92,18 +93,46 @@ class Proxy:
         self.log.event("ring", level=1, setup=self.ring.setup_mode,
                        features=hex(self.ring.features),
                        ring_fd_registered=self.ring.ring_fd_registered)
+        zerocopy = cfg.mode == "zerocopy" and self._zerocopy_usable()
         self.engine = _core.Engine(
             self.ring, max_conns=cfg.max_conns, buffers=cfg.buffers,
             buffer_size=cfg.buffer_size, max_inflight=cfg.max_inflight,
             connect_timeout=cfg.connect_timeout,
             multishot_accept=feats["multishot_accept"][1],
-            multishot_recv=feats["multishot_recv"][1])
+            multishot_recv=feats["multishot_recv"][1],
+            zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
+            zc_registered="registered_buffers" not in cfg.disabled)
+        if zerocopy and "registered_buffers" in cfg.disabled:
+            self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
+                           using="SEND_ZC on plain addresses (pages pinned per send)")
+        elif zerocopy and self.engine.zc_register_err:
+            self.log.event("fallback", feature="registered_buffers",
+                           reason=errno.errorcode.get(self.engine.zc_register_err, "?"),
+                           using="SEND_ZC on plain addresses (pages pinned per send)")
         self.engine.set_upstream(cfg.upstream.family, cfg.upstream.host, cfg.upstream.port)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
         self.address = bound_address(self.listener)
         self.log.event("listening", listen=self.address, upstream=str(cfg.upstream),
                        backend=cfg.backend, mode=cfg.mode)
         return self.address
+
+    def _zerocopy_usable(self) -> bool:
+        """Probe SEND_ZC; False (with one log line) means copy-mode sends."""
+        fallback = "copy-mode sends"
+        if "send_zc" in self.cfg.disabled:
+            self.log.event("fallback", feature="send_zc", reason="forced off by URING_NET_DISABLE",
+                           using=fallback)
+            return False
+        works, usage, copied = self.ring.probe_send_zc()
+        if not works:
+            self.log.event("fallback", feature="send_zc", reason="not supported by this kernel",
+                           using=fallback)
+            return False
+        # Said once, plainly: on loopback (and veth) the kernel copies every
+        # "zero-copy" send, so this mode cannot win a loopback benchmark.
+        self.log.event("zerocopy", usage_report="yes" if usage else "no (kernel < 6.2)",
+                       loopback_copies="yes" if copied else ("no" if usage else "unknown"))
+        return True
 
     def request_stop(self, *_):
         self._stop.set()
@@ -125,8 +154,13 @@ class Proxy:
             self._drain()
         self._drain()
         stats = eng.stats()
+        zc = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied")} \
+            if self.cfg.mode == "zerocopy" else {}
+        # buffers_out: receive buffers not back in the ring. With every flow
+        # gone it must be 0; anything else is a buffer lost to its owner.
         self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
-                       bytes_u2c=stats["u2c_bytes"], active=stats["active"])
+                       bytes_u2c=stats["u2c_bytes"], active=stats["active"],
+                       buffers_out=stats["bufs_held"], **zc)
         return stats
 
     def _drain(self):
@@ -143,6 +177,10 @@ class Proxy:
             code = errno.errorcode.get(st["accept_last_err"], str(st["accept_last_err"]))
             self.log.event("accept_paused", reason=code, times=n,
                            action="accepting again in 100 ms")
+        if st["zc_eopnotsupp"] and not self._zc_off_logged:
+            self._zc_off_logged = True
+            self.log.event("fallback", feature="send_zc", reason="EOPNOTSUPP at run time",
+                           using="copy-mode sends")
         if st["log_dropped"] != self._log_dropped_logged:
             # More flows closed in one batch than the engine's record buffer
             # holds: their totals are in the statistics, their lines are not.
