@@ -90,6 +90,7 @@ SOCAT = "/usr/bin/socat"
 URING_VARIANTS: list[tuple[str, list[str]]] = [
     ("copy", ["--mode", "copy"]),
     ("zerocopy", ["--mode", "zerocopy"]),
+    ("auto", ["--mode", "auto"]),
 ]
 
 # HAProxy configuration, exactly as in the peer baselines.

@@ -18,6 +18,7 @@ cdef enum DirFlag:
     D_SHUT_SENT   = 1 << 4   # shutdown(SHUT_WR) submitted on the sink side
     D_SHUT_DONE   = 1 << 5   # ... and completed
     D_WAIT_BUF    = 1 << 6   # recv ended with ENOBUFS; queued on the buffer-wait list
+    D_ZC_OFF      = 1 << 7   # auto mode: the kernel copies this socket's zero-copy sends
 
 cdef enum Cause:
     C_NONE = 0
@@ -46,6 +47,8 @@ cdef struct Dir:
     int32_t wait_prev       # buffer-wait list links (slot * 2 + d), -1 = none
     int32_t wait_next
     uint32_t send_len       # bytes the send in flight asked for
+    uint16_t zc_notifs      # auto mode: notifications seen on this direction...
+    uint16_t zc_copied      # ... and how many said the kernel copied
     msghdr msg              # the in-flight sendmsg's header and iovec: they
     iovec iov[SEND_IOV]     # live here, in the table, until its CQE
 
@@ -87,6 +90,7 @@ cdef struct Stats:
     uint64_t zc_notifs          # ... notifications received
     uint64_t zc_copied          # ... of which the kernel reported it copied anyway
     uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
+    uint64_t zc_backoffs        # auto mode: directions that went back to copying sends
     uint64_t cqes
     uint64_t batches
     uint64_t log_dropped
@@ -135,6 +139,7 @@ cdef class Engine:
     cdef bint zc_fixed         # ... from the registered pool (SEND_ZC_FIXED)
     cdef readonly int zc_register_err
     cdef uint32_t zc_threshold
+    cdef bint zc_backoff       # auto mode: stop zero-copy on a socket the kernel copies for
     cdef bint ms_recv
 
     cdef CloseRec *log
@@ -154,6 +159,7 @@ cdef class Engine:
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t bid) noexcept nogil
     cdef void buf_sent(self, uint32_t bid) noexcept nogil
+    cdef void zc_judge(self, Dir *D, bint copied) noexcept nogil
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
     cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil
     cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil

@@ -42,6 +42,7 @@ cdef enum:
     CQE_BATCH = 256          # CQEs harvested per peek
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     LOG_CAP = 4096           # closed-flow records between two drains
+    ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
 
 cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
     return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << SLOT_BITS) \
@@ -88,7 +89,7 @@ cdef class Engine:
                   uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
                   bint multishot_accept=True, bint multishot_recv=True,
                   bint zerocopy=False, uint32_t zc_threshold=16384,
-                  bint zc_registered=True):
+                  bint zc_registered=True, bint zc_backoff=False):
         cdef int err = 0
         cdef uint32_t i
         cdef iovec pool
@@ -143,6 +144,7 @@ cdef class Engine:
         # that is refused, SEND_ZC still works on plain addresses.
         self.zc = zerocopy
         self.zc_threshold = zc_threshold
+        self.zc_backoff = zc_backoff
         if zerocopy and zc_registered:
             pool.iov_base = self.buf_mem
             pool.iov_len = <size_t>buffers * buffer_size
@@ -497,6 +499,8 @@ cdef class Engine:
             self.st.zc_notifs += 1
             if <uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED:
                 self.st.zc_copied += 1
+            if self.zc_backoff:
+                self.zc_judge(&f.dir[d], (<uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED) != 0)
             self.buf_notif[bid] -= 1
             if self.buf_notif[bid] == 0 and self.buf_next[bid] == BUF_SENT:
                 self.buf_return(bid)
@@ -514,6 +518,20 @@ cdef class Engine:
             f.dir[d].flags &= ~D_SEND_BUSY
             return
         self.on_send(f, d, res)
+
+    # Auto mode: zero-copy pays only where the kernel really skips the copy
+    # (a NIC that can send from user pages). Where its usage reports say it
+    # copied (loopback, veth, ...) the zero-copy send cost more than a plain
+    # one, so after ZC_JUDGE_AFTER notifications, a direction whose sends
+    # were mostly copied goes back to plain sends for good.
+    cdef void zc_judge(self, Dir *D, bint copied) noexcept nogil:
+        if D.flags & D_ZC_OFF or D.zc_notifs >= ZC_JUDGE_AFTER:
+            return
+        D.zc_notifs += 1
+        D.zc_copied += copied
+        if D.zc_notifs == ZC_JUDGE_AFTER and 2 * D.zc_copied > D.zc_notifs:
+            D.flags |= D_ZC_OFF
+            self.st.zc_backoffs += 1
 
     # Ownership: send queue -> ring, or -> parked until the notifications
     # owed for this buffer have all arrived (then on_send_zc returns it).
@@ -588,7 +606,7 @@ cdef class Engine:
                     off = 0
                     n += 1
                     bid = self.buf_next[bid]
-                if self.zc and D.iov[0].iov_len >= self.zc_threshold:
+                if self.zc and D.iov[0].iov_len >= self.zc_threshold and not (D.flags & D_ZC_OFF):
                     # One buffer per zero-copy send, from where the head stands.
                     bid = D.q_head
                     D.send_len = <uint32_t>D.iov[0].iov_len

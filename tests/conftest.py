@@ -34,7 +34,7 @@ from netutil import (BlackholeUpstream, EchoServer, RefusingUpstream, TcpServer,
 
 # Add a backend or a data path here and every behaviour test runs against it.
 BACKENDS = ["uring"]
-MODES = ["copy", "zerocopy"]
+MODES = ["copy", "zerocopy", "auto"]
 # io_uring features the proxy is told to treat as missing (URING_NET_DISABLE, see
 # `uring-proxy --help`), so the fallback code paths run on a kernel that has them all.
 # id -> comma-separated feature names ("" = use everything the kernel offers).

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-MODES = ("copy", "zerocopy")
+MODES = ("auto", "copy", "zerocopy")
 BACKENDS = ("uring",)
 LOG_FORMATS = ("text", "json")
 
@@ -38,7 +38,7 @@ class Endpoint:
 class Config:
     listen: Endpoint
     upstream: Endpoint
-    mode: str = "copy"
+    mode: str = "auto"
     backend: str = "uring"
     buffer_size: int = 65536
     buffers: int = 512
@@ -142,12 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="address to accept on; IPv6 as [::1]:PORT; port 0 picks a free port")
     p.add_argument("--upstream", metavar="HOST:PORT", help="address to forward to")
-    p.add_argument("--mode", type=_choice("mode", MODES, ("splice", "peek", "auto")),
-                   default="copy",
+    p.add_argument("--mode", type=_choice("mode", MODES, ("splice", "peek")),
+                   default="auto",
                    help="data path. copy: multishot recv into provided buffers, send from the same "
                         "buffers. zerocopy: the same, but sends of at least --zc-threshold bytes are "
                         "IORING_OP_SEND_ZC from the registered pool, and a buffer is reused only after "
-                        "the kernel's notification (on loopback the kernel copies anyway)")
+                        "the kernel's notification (on loopback the kernel copies anyway). auto: the "
+                        "best this kernel offers, said once at start-up: today copy, with zero-copy "
+                        "sends where SEND_ZC exists, dropped per socket once the kernel's usage "
+                        "reports show it copying")
     p.add_argument("--backend", type=_choice("backend", BACKENDS, ("epoll", "auto")), default="uring",
                    help="event backend")
     p.add_argument("--buffer-size", type=_positive_int("--buffer-size", 512, 1 << 24), default=65536,

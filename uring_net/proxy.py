@@ -93,7 +93,11 @@ class Proxy:
         self.log.event("ring", level=1, setup=self.ring.setup_mode,
                        features=hex(self.ring.features),
                        ring_fd_registered=self.ring.ring_fd_registered)
-        zerocopy = cfg.mode == "zerocopy" and self._zerocopy_usable()
+        zerocopy = cfg.mode in ("zerocopy", "auto") and self._zerocopy_usable()
+        if cfg.mode == "auto":
+            self.log.event("auto", choice=(
+                f"copy, with zero-copy sends >= {cfg.zc_threshold} bytes until a socket's usage "
+                "reports show the kernel copying" if zerocopy else "copy (no SEND_ZC)"))
         self.engine = _core.Engine(
             self.ring, max_conns=cfg.max_conns, buffers=cfg.buffers,
             buffer_size=cfg.buffer_size, max_inflight=cfg.max_inflight,
@@ -101,7 +105,8 @@ class Proxy:
             multishot_accept=feats["multishot_accept"][1],
             multishot_recv=feats["multishot_recv"][1],
             zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
-            zc_registered="registered_buffers" not in cfg.disabled)
+            zc_registered="registered_buffers" not in cfg.disabled,
+            zc_backoff=cfg.mode == "auto")
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
@@ -154,8 +159,8 @@ class Proxy:
             self._drain()
         self._drain()
         stats = eng.stats()
-        zc = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied")} \
-            if self.cfg.mode == "zerocopy" else {}
+        zc = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
+            if self.cfg.mode in ("zerocopy", "auto") else {}
         # buffers_out: receive buffers not back in the ring. With every flow
         # gone it must be 0; anything else is a buffer lost to its owner.
         self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
