@@ -794,7 +794,10 @@ cdef class Engine:
                     break
             if self.log_n > 0 or now_ns() >= deadline:
                 return 0
-            if ret < 0 and ret != -ETIME:
+            # -ETIME: nothing came in time. -EBUSY/-EAGAIN: the CQ was
+            # overflowing or the kernel was short of memory for the
+            # submission; the harvest above made room, so go round again.
+            if ret < 0 and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
                 return ret
 
     # --- Python surface (between batches) ---------------------------------------

@@ -215,6 +215,10 @@ def serve(cfg: Config, log: Log) -> int:
     except StartupError as e:
         print(f"uring-proxy: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # io_uring_enter failed in a way the engine cannot ride out.
+        print(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
