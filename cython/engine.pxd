@@ -91,6 +91,8 @@ cdef struct Stats:
     uint64_t zc_copied          # ... of which the kernel reported it copied anyway
     uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
     uint64_t zc_backoffs        # auto mode: directions that went back to copying sends
+    uint64_t bundles            # recv completions that filled more than one buffer
+    uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry (must stay 0)
     uint64_t cqes
     uint64_t batches
     uint64_t log_dropped
@@ -110,6 +112,10 @@ cdef class Engine:
     cdef uint32_t *buf_len
     cdef int32_t *buf_next
     cdef uint16_t *buf_notif   # zero-copy notifications still owed, per buffer
+    cdef uint16_t *ring_bid    # shadow of the buffer ring: the bid at each entry
+    cdef uint32_t ring_tail    # entries published (mirrors the shared tail)
+    cdef uint32_t ring_head    # entries the kernel has handed us, in CQE order
+    cdef bint bundle           # recv bundles (6.10+)
     cdef int br_pending        # buffers returned since the last ring advance
     cdef uint32_t bufs_held    # buffers delivered to flows, not yet returned
     cdef int32_t wait_head     # flows (slot * 2 + d) waiting for buffers
@@ -168,6 +174,7 @@ cdef class Engine:
     cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void buf_return(self, uint32_t bid) noexcept nogil
+    cdef uint32_t ring_take(self, uint32_t bid, int res) noexcept nogil
     cdef void bufs_flush(self) noexcept nogil
     cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
     cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil

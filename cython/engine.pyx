@@ -89,7 +89,7 @@ cdef class Engine:
                   uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
                   bint multishot_accept=True, bint multishot_recv=True,
                   bint zerocopy=False, uint32_t zc_threshold=16384,
-                  bint zc_registered=True, bint zc_backoff=False):
+                  bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False):
         cdef int err = 0
         cdef uint32_t i
         cdef iovec pool
@@ -114,12 +114,14 @@ cdef class Engine:
         self.buf_len = <uint32_t *>calloc(buffers, sizeof(uint32_t))
         self.buf_next = <int32_t *>calloc(buffers, sizeof(int32_t))
         self.buf_notif = <uint16_t *>calloc(buffers, sizeof(uint16_t))
+        self.ring_bid = <uint16_t *>calloc(buffers, sizeof(uint16_t))
+        self.bundle = recv_bundle
         self.log = <CloseRec *>calloc(LOG_CAP, sizeof(CloseRec))
         self.fdw_cap = max_conns
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
         if (self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
-                or self.buf_notif == NULL
+                or self.buf_notif == NULL or self.ring_bid == NULL
                 or self.log == NULL or self.fdw == NULL
                 or posix_memalign(<void **>&self.buf_mem, 4096,
                                   <size_t>buffers * buffer_size) != 0):
@@ -137,7 +139,9 @@ cdef class Engine:
             io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>i * buffer_size,
                                   buffer_size, <unsigned short>i,
                                   io_uring_buf_ring_mask(buffers), <int>i)
+            self.ring_bid[i] = <uint16_t>i
         io_uring_buf_ring_advance(self.br, <int>buffers)
+        self.ring_tail = buffers
 
         # Zero-copy sends from the registered pool save pinning pages per send.
         # Registering pins the whole pool (RLIMIT_MEMLOCK for non-root); when
@@ -162,6 +166,7 @@ cdef class Engine:
         free(self.buf_len)
         free(self.buf_next)
         free(self.buf_notif)
+        free(self.ring_bid)
         free(self.log)
         free(self.fdw)
         free(self.buf_mem)
@@ -209,6 +214,7 @@ cdef class Engine:
         cdef Flow *f
         cdef int res = cqe.res
         cdef uint32_t cflags = cqe.flags
+        cdef uint32_t first, i
 
         if op == OP_ACCEPT:
             self.on_accept(res, cflags)
@@ -231,8 +237,9 @@ cdef class Engine:
             # carries must still go home or the pool shrinks for good.
             self.st.stale_cqes += 1
             if cflags & IORING_CQE_F_BUFFER:
-                self.bufs_held += 1       # it left the ring with this CQE
-                self.buf_return(cflags >> IORING_CQE_BUFFER_SHIFT)
+                first = self.ring_head
+                for i in range(self.ring_take(cflags >> IORING_CQE_BUFFER_SHIFT, res)):
+                    self.buf_return(self.ring_bid[(first + i) & (self.nbufs - 1)])
             return
         if not (cflags & IORING_CQE_F_MORE):
             f.inflight -= 1
@@ -424,25 +431,29 @@ cdef class Engine:
 
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
         cdef Dir *D = &f.dir[d]
-        cdef uint32_t bid
+        cdef uint32_t bid, first, i, n
         if not (cflags & IORING_CQE_F_MORE):
             D.flags &= ~(D_RECV_ARMED | D_RECV_CANCEL)
         if cflags & IORING_CQE_F_BUFFER:
-            bid = cflags >> IORING_CQE_BUFFER_SHIFT
-            self.bufs_held += 1
-            if res <= 0 or f.state != F_OPEN:
-                self.buf_return(bid)
-            else:
-                # Ownership: ring -> this direction's send queue.
-                self.buf_len[bid] = <uint32_t>res
+            first = self.ring_head
+            n = self.ring_take(cflags >> IORING_CQE_BUFFER_SHIFT, res)
+            for i in range(n):
+                bid = self.ring_bid[(first + i) & (self.nbufs - 1)]
+                if res <= 0 or f.state != F_OPEN:
+                    self.buf_return(bid)
+                    continue
+                # Ownership: ring -> this direction's send queue. A bundle
+                # fills its buffers in ring order, each but the last in full.
+                self.buf_len[bid] = min(self.buf_size, <uint32_t>res - i * self.buf_size)
                 self.buf_next[bid] = -1
                 if D.q_tail >= 0:
                     self.buf_next[D.q_tail] = <int32_t>bid
                 else:
                     D.q_head = <int32_t>bid
                 D.q_tail = <int32_t>bid
-                D.queued_bytes += <uint64_t>res
                 D.queued_bufs += 1
+            if res > 0 and f.state == F_OPEN:
+                D.queued_bytes += <uint64_t>res
                 return
         if f.state != F_OPEN or res > 0:
             return
@@ -643,7 +654,7 @@ cdef class Engine:
         if not (D.flags & (D_RECV_ARMED | D_EOF | D_WAIT_BUF)):
             if D.queued_bufs <= self.max_queued_bufs // 2:
                 s = self.flow_sqe(slot, f, OP_RECV, d)
-                uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv)
+                uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv, self.bundle)
                 D.flags |= D_RECV_ARMED
         elif ((D.flags & (D_RECV_ARMED | D_RECV_CANCEL)) == D_RECV_ARMED
               and D.queued_bufs >= self.max_queued_bufs and self.ms_recv):
@@ -709,8 +720,27 @@ cdef class Engine:
 
     # --- the buffer pool ---------------------------------------------------------------
 
+    # The buffers a recv CQE carries: ring entries from the head, in order.
+    # With DEFER_TASKRUN every completion runs in this thread, one after the
+    # other, and takes its buffers from the head as it posts its CQE, so
+    # CQE order is ring order and the shadow head names them all. The CQE's
+    # own bid must be the head entry; ring_order_errors counts any CQE that
+    # is not (the tests require 0). Returns how many buffers it took.
+    cdef uint32_t ring_take(self, uint32_t bid, int res) noexcept nogil:
+        cdef uint32_t n = 1
+        if res > <int>self.buf_size:
+            n = (<uint32_t>res + self.buf_size - 1) // self.buf_size
+            self.st.bundles += 1
+        if self.ring_bid[self.ring_head & (self.nbufs - 1)] != bid:
+            self.st.ring_order_errors += 1
+            self.ring_bid[self.ring_head & (self.nbufs - 1)] = <uint16_t>bid
+        self.ring_head += n
+        self.bufs_held += n
+        return n
+
     # Ownership: flow -> ring. Made visible to the kernel in bufs_flush().
     cdef void buf_return(self, uint32_t bid) noexcept nogil:
+        self.ring_bid[(self.ring_tail + <uint32_t>self.br_pending) & (self.nbufs - 1)] = <uint16_t>bid
         io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>bid * self.buf_size,
                               self.buf_size, <unsigned short>bid,
                               io_uring_buf_ring_mask(self.nbufs), self.br_pending)
@@ -724,6 +754,7 @@ cdef class Engine:
         cdef int32_t w
         if self.br_pending:
             io_uring_buf_ring_advance(self.br, self.br_pending)
+            self.ring_tail += <uint32_t>self.br_pending
             self.br_pending = 0
         free_bufs = self.nbufs - self.bufs_held
         while self.wait_head >= 0 and free_bufs > 0:

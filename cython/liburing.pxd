@@ -124,4 +124,4 @@ cdef extern from "uring_compat.h" nogil:
     # ours (uring_compat.h)
     io_uring_buf_ring *uc_setup_buf_ring(io_uring *ring, unsigned entries, int bgid, int *err)
     void uc_free_buf_ring(io_uring *ring, io_uring_buf_ring *br, unsigned entries, int bgid)
-    void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int multishot)
+    void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle)

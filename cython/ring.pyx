@@ -187,7 +187,7 @@ cdef class Ring:
             io_uring_buf_ring_add(br, &mem[32], 32, 1, io_uring_buf_ring_mask(2), 1)
             io_uring_buf_ring_advance(br, 2)
             s = self.sqe()
-            uc_prep_recv_select(s, a.fileno(), 0x7ff0, 1)
+            uc_prep_recv_select(s, a.fileno(), 0x7ff0, 1, 0)
             io_uring_sqe_set_data64(s, 2)
             io_uring_submit(&self.ring)
             b.send(b"x")

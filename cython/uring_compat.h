@@ -86,9 +86,12 @@ uc_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br,
     munmap(br, (size_t)entries * sizeof(struct io_uring_buf));
 }
 
-/* Recv with buffer selection from group `bgid`, multishot when asked. */
+/* Recv with buffer selection from group `bgid`, multishot when asked. With
+ * `bundle` (6.10+, IORING_FEAT_RECVSEND_BUNDLE) one completion may fill
+ * several buffers: consecutive entries from the ring's head, the CQE naming
+ * only the first (io_uring_prep_recv(3), "bundle"). */
 static inline void
-uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot)
+uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle)
 {
     if (multishot)
         io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
@@ -96,6 +99,8 @@ uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot)
         io_uring_prep_recv(sqe, fd, NULL, 0, 0);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = (unsigned short)bgid;
+    if (bundle)
+        sqe->ioprio |= IORING_RECVSEND_BUNDLE;
 }
 
 

@@ -17,7 +17,7 @@ LOG_FORMATS = ("text", "json")
 
 # Features a user (or a test) may declare missing, to force the named fallback.
 DISABLE_ENV = "URING_NET_DISABLE"
-DISABLEABLE = ("multishot_accept", "multishot_recv", "send_zc", "registered_buffers")
+DISABLEABLE = ("multishot_accept", "multishot_recv", "recv_bundle", "send_zc", "registered_buffers")
 
 
 class ConfigError(Exception):

@@ -58,7 +58,7 @@ def rows():
         for name, note in (("nodrop", "CQ overflow is kept, not lost"),
                            ("ext_arg", "waits with a timeout without a timeout SQE"),
                            ("fast_poll", "no io-wq thread for a socket that is not ready"),
-                           ("recvsend_bundle", "recv/send bundles (not used yet)")):
+                           ("recvsend_bundle", "recv bundles: one completion fills several buffers")):
             out.append((f"feature {name}", "yes" if feats.get(name) else "no", note))
         for op, use in REQUIRED_OPS:
             ok = ring.supports(op)

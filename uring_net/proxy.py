@@ -33,11 +33,14 @@ def probe_ring_features(ring, disabled=frozenset()):
     `disabled` is reported present but not used (forced fallback)."""
     ms_accept = ring.probe_multishot_accept()
     ms_recv = ring.probe_multishot_recv()
+    bundle = dict(ring.feature_names())["recvsend_bundle"]
     return {
         "multishot_accept": (ms_accept, ms_accept and "multishot_accept" not in disabled,
                              "single-shot accept, re-armed per connection"),
         "multishot_recv": (ms_recv, ms_recv and "multishot_recv" not in disabled,
                            "single-shot recv with buffer select, re-armed per completion"),
+        "recv_bundle": (bundle, bundle and "recv_bundle" not in disabled,
+                        "one buffer per recv completion"),
     }
 
 
@@ -106,7 +109,8 @@ class Proxy:
             multishot_recv=feats["multishot_recv"][1],
             zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
             zc_registered="registered_buffers" not in cfg.disabled,
-            zc_backoff=cfg.mode == "auto")
+            zc_backoff=cfg.mode == "auto",
+            recv_bundle=feats["recv_bundle"][1])
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
@@ -165,7 +169,8 @@ class Proxy:
         # gone it must be 0; anything else is a buffer lost to its owner.
         self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
                        bytes_u2c=stats["u2c_bytes"], active=stats["active"],
-                       buffers_out=stats["bufs_held"], **zc)
+                       buffers_out=stats["bufs_held"], ring_order_errors=stats["ring_order_errors"],
+                       **zc)
         return stats
 
     def _drain(self):
