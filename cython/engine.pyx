@@ -8,8 +8,10 @@
 # the buffer pool.
 #
 # Invariants (each is relied on below; break one and bytes are lost):
-# - A buffer has one owner: the kernel's provided-buffer ring, or exactly one
-#   direction's send queue. buf_return() is the only way back to the ring.
+# - A buffer has one owner: the kernel's provided-buffer ring, exactly one
+#   direction's send queue, or -- sent zero-copy -- the kernel until its last
+#   notification (parked, buf_next == BUF_SENT). buf_sent() decides between
+#   the last two; buf_return() is the only way back to the ring.
 # - A direction has at most one send in flight, so bytes leave in the order
 #   they arrived, and a short send resumes from head_off.
 # - shutdown(SHUT_WR) is submitted only when the direction has read EOF, its
@@ -886,5 +888,5 @@ cdef class Engine:
         s = dict(self.st)
         s["active"] = self.nactive
         s["bufs_held"] = self.bufs_held
-        s["buffer_waiters"] = int(self.wait_head >= 0)
+        s["waiting_for_buffers"] = int(self.wait_head >= 0)   # 0/1: any direction on the list
         return s
