@@ -383,6 +383,12 @@ class ProxyProcess:
     def threads(self) -> int:
         return self._status("Threads")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the proxy so far (all threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def wait_fd_count(self, target: int, timeout: float) -> int:
         """Poll until the fd count is ``target`` (fds may close just after the log line)."""
         deadline = time.monotonic() + timeout

@@ -14,12 +14,6 @@ from netutil import Pattern, connect, recv_exact, Verifier
 FLOWS_THAT_FIT = 3
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0   # utime + stime, in clock ticks
-
-
 N = 4096
 
 
@@ -53,9 +47,9 @@ def test_emfile_pauses_accept_then_recovers(proxy, echo_server):
     assert ev["reason"] in ("EMFILE", "ENFILE"), ev
 
     # Paused, the proxy must sleep: a spin on accept would burn a whole core here.
-    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    cpu0, t0 = p.cpu_seconds(), time.monotonic()
     time.sleep(2.0)
-    cpu_used = cpu_seconds(pid) - cpu0
+    cpu_used = p.cpu_seconds() - cpu0
     assert cpu_used < 0.3, f"{cpu_used:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
     for s in waiting:
         s.settimeout(0.2)

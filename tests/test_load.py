@@ -209,3 +209,48 @@ def test_tiny_buffer_pool_many_bulk_flows(proxy, echo_server):
         close = p.close_for(a)
         assert (close["bytes_c2u"], close["bytes_u2c"], close["cause"]) == \
             (size + i, size + i, "normal"), close
+
+
+def test_stalled_flows_cost_no_cpu_and_no_threads(proxy, upstream):
+    """200 flows whose upstream never reads: each client pushes until its socket is full,
+    so the proxy holds data it cannot send and has stopped reading (backpressure), and
+    many flows wait for buffers from the shared pool. Stalled like that, the proxy must
+    sleep: no busy loop (CPU over 3 s near zero) and no thread per flow (kernel-facts.md:
+    io-wq workers parked on blocking operations). Then the upstream closes with the data
+    unread, which resets every flow, and everything is released."""
+    n = 200
+    srv = upstream()
+    hold = threading.Event()
+    futs = srv.serve(lambda conn: hold.wait(60), n)
+    p = proxy(srv.addr)
+    base_threads = p.threads()
+    chunk = b"s" * 65536
+    socks = []
+    try:
+        for _ in range(n):
+            s = connect(p.listen_addr)
+            socks.append(s)
+            s.setblocking(False)
+            pushed = 0
+            while pushed < 16 * MiB:
+                try:
+                    pushed += s.send(chunk)
+                except BlockingIOError:
+                    break
+        time.sleep(1.0)     # let the last flows reach their stall
+        cpu0 = p.cpu_seconds()
+        time.sleep(3.0)
+        cpu = p.cpu_seconds() - cpu0
+        threads = p.threads()
+        assert cpu < 0.15, f"{cpu:.2f} s of CPU in 3 s with {n} stalled flows: a busy loop"
+        assert threads <= base_threads + 16, \
+            f"{threads} threads with {n} stalled flows, {base_threads} before"
+    finally:
+        hold.set()
+        for f in futs:
+            f.result(60)
+        for s in socks:
+            s.close()
+    closes = p.wait_for_close(n, 30)
+    assert {c["cause"] for c in closes} <= {"upstream_reset", "client_reset"}, \
+        {c["cause"] for c in closes}
