@@ -41,8 +41,8 @@ cdef struct Dir:
     int32_t q_tail
     uint32_t head_off       # bytes of the head buffer already sent
     uint32_t flags          # DirFlag
-    uint64_t queued_bytes   # read from the source, not yet accepted by the sink
-    uint32_t queued_bufs    # buffers those bytes pin (the memory bound counts these)
+    uint32_t queued_bufs    # buffers read from the source, not yet accepted by the
+                            # sink (the memory bound counts these)
     uint64_t moved_bytes    # accepted by the sink's socket
     int32_t wait_prev       # buffer-wait list links (slot * 2 + d), -1 = none
     int32_t wait_next

@@ -454,9 +454,6 @@ cdef class Engine:
                     D.q_head = <int32_t>bid
                 D.q_tail = <int32_t>bid
                 D.queued_bufs += 1
-            if res > 0 and f.state == F_OPEN:
-                D.queued_bytes += <uint64_t>res
-                return
         if f.state != F_OPEN or res > 0:
             return
         if res == 0:
@@ -484,7 +481,6 @@ cdef class Engine:
             return
         if <uint32_t>res < D.send_len:
             self.st.short_sends += 1      # the rest goes out in the next send
-        D.queued_bytes -= <uint64_t>res
         D.moved_bytes += <uint64_t>res
         # Consume res bytes from the head of the queue; each buffer fully
         # sent goes back to the ring (ownership: send queue -> ring).

@@ -7,7 +7,6 @@ connections of each kind at once through the proxy and checks every byte.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import random
@@ -17,7 +16,7 @@ import sys
 import threading
 import time
 
-from .config import Config, ConfigError, Endpoint, _positive_int
+from .config import Config, Endpoint, _Parser, _positive_int
 from .log import Log
 from .proxy import Proxy, StartupError
 
@@ -154,10 +153,9 @@ def _progress(conns, total, done: threading.Event, out):
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="uring-proxy demo", description=(
+    p = _Parser(prog="uring-proxy demo", description=(
         "Start a built-in upstream (echo and sink) on loopback, put uring-proxy in front "
         "of it, drive several connections through it and verify every byte."))
-    p.error = lambda msg: (_ for _ in ()).throw(ConfigError(msg))
     p.add_argument("--connections", type=_positive_int("--connections", 1, 512), default=8,
                    help="connections at once, half echo and half sink")
     p.add_argument("--bytes", type=_positive_int("--bytes", 1), default=32 << 20,
