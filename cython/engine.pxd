@@ -7,6 +7,8 @@ cdef enum FlowState:
     F_FREE = 0
     F_CONNECTING     # upstream connect (with linked timeout) in flight
     F_OPEN           # both directions may move data
+    F_REDIAL         # the upstream failed early: waiting for every in-flight op
+                     # to complete before connecting to the next --upstream
     F_CLOSING        # decided to end; waiting for every in-flight op to complete
     F_CLOSED_WAIT    # close SQEs in flight; the slot frees when they complete
 
@@ -19,6 +21,13 @@ cdef enum DirFlag:
     D_SHUT_DONE   = 1 << 5   # ... and completed
     D_WAIT_BUF    = 1 << 6   # recv ended with ENOBUFS; queued on the buffer-wait list
     D_ZC_OFF      = 1 << 7   # auto mode: the kernel copies this socket's zero-copy sends
+    D_READY       = 1 << 8   # peek/splice: the source may have bytes a read would get
+                             # (cleared by EAGAIN; set again by the source's poll)
+    D_POLL_ARMED  = 1 << 9   # peek: the source's multishot poll is in flight
+    D_CONSUME_BUSY = 1 << 10 # peek: a MSG_TRUNC recv consuming sent bytes is in flight
+    D_OUT_WAIT    = 1 << 11  # splice: the sink said EAGAIN; poll it before the next splice
+    D_IN_STUCK    = 1 << 12  # splice: reading said EAGAIN with bytes in the pipe (the pipe
+                             # may be full); retry after the next write to the sink
 
 cdef enum Cause:
     C_NONE = 0
@@ -36,6 +45,10 @@ cdef enum Cause:
 cdef enum:
     SEND_IOV = 16
 
+# --upstream may be given this many times (tried in order).
+cdef enum:
+    MAX_UPSTREAMS = 8
+
 cdef struct Dir:
     int32_t q_head          # buffer ids queued for sending, FIFO through buf_next
     int32_t q_tail
@@ -51,6 +64,17 @@ cdef struct Dir:
     uint16_t zc_copied      # ... and how many said the kernel copied
     msghdr msg              # the in-flight sendmsg's header and iovec: they
     iovec iov[SEND_IOV]     # live here, in the table, until its CQE
+    # splice mode: this direction's pipe, source -> pipe -> sink
+    int pipe_r
+    int pipe_w
+    uint32_t pipe_cap       # bytes the pipe was sized for (F_SETPIPE_SZ's answer)
+    uint32_t pipe_bytes     # bytes in the pipe: added by splice-in, taken by splice-out
+    # peek mode, client -> upstream: the bytes stay in the client's socket until
+    # they are delivered; peeked = consumed + released + (sent or queued, in flight)
+    uint64_t peeked         # bytes peeked since the (last) connect
+    uint64_t released       # delivered (sent, and notified if zero-copy), not yet consumed
+    uint64_t consumed       # dropped from the socket with MSG_TRUNC
+    uint32_t consume_len    # the consume in flight asked for this many
 
 cdef struct Flow:
     uint32_t gen            # bumped on release: stale CQEs carry the old value
@@ -58,6 +82,11 @@ cdef struct Flow:
     uint8_t cause           # Cause, decided once
     uint8_t reset_mask      # sides (bit per side) to close with SO_LINGER {1,0}
     int32_t err             # errno behind the cause, 0 if none
+    uint8_t up_idx          # which --upstream this flow is on
+    uint8_t failovers       # upstreams given up on before this one
+    uint8_t replayable      # peek: nothing consumed and the upstream has not answered,
+                            # so every byte can still go to the next upstream
+    uint32_t replay_limit   # peek: stop holding delivered bytes past this many
     int fd[2]
     int32_t inflight        # SQEs submitted whose final CQE has not arrived
     int32_t next_free
@@ -73,6 +102,8 @@ cdef struct CloseRec:
     int64_t duration_ns
     uint8_t cause
     int32_t err
+    uint8_t up_idx
+    uint8_t failovers
 
 cdef struct Stats:
     uint64_t accepted
@@ -92,6 +123,12 @@ cdef struct Stats:
     uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
     uint64_t zc_backoffs        # auto mode: directions that went back to copying sends
     uint64_t bundles            # recv completions that filled more than one buffer
+    uint64_t failovers          # upstreams given up on for the next --upstream
+    uint64_t replayed_bytes     # peek: bytes sent again to the next upstream
+    uint64_t peek_eagain        # peek: peeks that found nothing past the offset
+    uint64_t consumed_bytes     # peek: bytes dropped from client sockets after delivery
+    uint64_t splice_eagain      # splice: splices that found nothing to move
+    uint64_t pipes_created      # splice: pipes made (the rest came from the pool)
     uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry (must stay 0)
     uint64_t cqes
     uint64_t batches
@@ -121,7 +158,15 @@ cdef class Engine:
     cdef int32_t wait_head     # flows (slot * 2 + d) waiting for buffers
     cdef int32_t wait_tail
 
-    # listener and upstream
+    # data path variants (--mode)
+    cdef bint splice           # splice: socket -> pipe -> socket, no user-space buffers
+    cdef bint peek             # peek: client bytes stay in its socket until delivered
+    cdef uint32_t pipe_size
+    cdef int *pipe_pool        # idle pipes, (read end, write end) pairs
+    cdef uint32_t pipe_pool_n
+    cdef uint32_t replay_window
+
+    # listener and upstreams
     cdef int listen_fd
     cdef int listen_family
     cdef bint acc_armed
@@ -134,9 +179,10 @@ cdef class Engine:
     cdef uint32_t fdw_cap
     cdef int64_t connect_timeout_ns
     cdef bint stopping
-    cdef sockaddr_storage up_addr
-    cdef socklen_t up_len
-    cdef int up_family
+    cdef sockaddr_storage up_addr[MAX_UPSTREAMS]
+    cdef socklen_t up_len[MAX_UPSTREAMS]
+    cdef int up_family[MAX_UPSTREAMS]
+    cdef uint8_t n_up
     cdef __kernel_timespec connect_ts
     cdef __kernel_timespec pause_ts
     cdef uint32_t max_queued_bufs  # --max-inflight in whole buffers
@@ -164,13 +210,29 @@ cdef class Engine:
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t bid) noexcept nogil
-    cdef void buf_sent(self, uint32_t bid) noexcept nogil
+    cdef void buf_sent(self, Flow *f, int d, uint32_t bid) noexcept nogil
     cdef void zc_judge(self, Dir *D, bint copied) noexcept nogil
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
+    cdef void on_poll(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
+    cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil
+    cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil
+    cdef void on_splice_out(self, Flow *f, int d, int res) noexcept nogil
+    cdef void delivered(self, Flow *f, int d, uint32_t bid) noexcept nogil
+    cdef bint can_redial(self, Flow *f, uint8_t cause) noexcept nogil
+    cdef void redial(self, uint32_t slot, Flow *f) noexcept nogil
+    cdef void flow_dial(self, uint32_t slot, Flow *f) noexcept nogil
+    cdef void flow_drop_queues(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil
     cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil
     cdef void flow_step(self, uint32_t slot) noexcept nogil
     cdef void dir_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
+    cdef void send_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
+    cdef void recv_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
+    cdef void peek_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
+    cdef void splice_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
+    cdef int pipe_get(self, Dir *D) noexcept nogil
+    cdef int pipe_new(self, Dir *D) noexcept nogil
+    cdef void pipe_put(self, Dir *D) noexcept nogil
     cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void buf_return(self, uint32_t bid) noexcept nogil

@@ -21,7 +21,7 @@
 #   so a CQE that outlives its flow is recognised and dropped.
 
 # --- user_data ---------------------------------------------------------------
-# bits 0-19 slot | 20-39 generation | 40-55 buffer id | 56-59 op | 60 direction
+# bits 0-19 slot | 20-39 generation | 40-55 buffer id | 56-60 op | 61 direction
 # The buffer id is there for SEND_ZC: its notification CQE, which may come
 # after later sends, must say which buffer the kernel has let go of.
 cdef enum Op:
@@ -36,6 +36,11 @@ cdef enum Op:
     OP_CANCEL
     OP_CLOSE
     OP_ENGINE_CANCEL    # a cancel not tied to a flow (the accept); CQE ignored
+    OP_WATCH            # peek: multishot poll on the client, one CQE per wakeup
+    OP_CONSUME          # peek: MSG_TRUNC recv dropping delivered bytes
+    OP_POLL             # splice: readiness poll linked before a splice
+    OP_SPLICE_IN        # splice: source socket -> pipe
+    OP_SPLICE_OUT       # splice: pipe -> sink socket
 
 cdef enum:
     SLOT_BITS = 20           # --max-conns is capped at 2**20
@@ -45,10 +50,11 @@ cdef enum:
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     LOG_CAP = 4096           # closed-flow records between two drains
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
+    PIPE_POOL = 32           # idle pipes kept for the next flows (splice), as passt does
 
 cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
     return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << SLOT_BITS) \
-        | ((<uint64_t>op) << 56) | ((<uint64_t>d) << 60)
+        | ((<uint64_t>op) << 56) | ((<uint64_t>d) << 61)
 
 cdef inline uint64_t ud_with_bid(uint64_t ud, uint32_t bid) noexcept nogil:
     return ud | ((<uint64_t>bid & 0xFFFF) << 40)
@@ -91,10 +97,13 @@ cdef class Engine:
                   uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
                   bint multishot_accept=True, bint multishot_recv=True,
                   bint zerocopy=False, uint32_t zc_threshold=16384,
-                  bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False):
+                  bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False,
+                  bint splice=False, uint32_t pipe_size=0, bint peek=False,
+                  uint32_t replay_window=65536):
         cdef int err = 0
         cdef uint32_t i
         cdef iovec pool
+        cdef Dir tmp
         self.ring = ring
         self.listen_fd = -1
         self.max_conns = max_conns
@@ -111,6 +120,10 @@ cdef class Engine:
         self.pause_ts.tv_nsec = ACCEPT_PAUSE_MS * 1000000
         self.wait_head = -1
         self.wait_tail = -1
+        self.splice = splice
+        self.pipe_size = pipe_size
+        self.peek = peek
+        self.replay_window = replay_window
 
         self.flows = <Flow *>calloc(max_conns, sizeof(Flow))
         self.buf_len = <uint32_t *>calloc(buffers, sizeof(uint32_t))
@@ -122,7 +135,8 @@ cdef class Engine:
         self.fdw_cap = max_conns
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
-        if (self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
+        self.pipe_pool = <int *>calloc(PIPE_POOL * 3, sizeof(int))
+        if (self.pipe_pool == NULL or self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
                 or self.buf_notif == NULL or self.ring_bid == NULL
                 or self.log == NULL or self.fdw == NULL
                 or posix_memalign(<void **>&self.buf_mem, 4096,
@@ -157,6 +171,15 @@ cdef class Engine:
             self.zc_register_err = -io_uring_register_buffers(&ring.ring, &pool, 1)
             self.zc_fixed = self.zc_register_err == 0
 
+        # The pipe pool is filled now and kept full, so an idle proxy always
+        # holds the same fds and a new flow rarely pays for pipe2 + fcntl.
+        if splice:
+            while self.pipe_pool_n < PIPE_POOL:
+                err = self.pipe_new(&tmp)
+                if err < 0:
+                    raise OSError(-err, f"creating the splice pipe pool failed: {os.strerror(-err)}")
+                self.pipe_put(&tmp)
+
     def __dealloc__(self):
         # The ring must go before the pool: in-flight requests may point into
         # it. stop() has already waited for every flow, so none should be.
@@ -164,6 +187,12 @@ cdef class Engine:
             if self.br != NULL and not self.ring.closed:
                 uc_free_buf_ring(&self.ring.ring, self.br, self.nbufs, 0)
             self.ring.close()
+        cdef uint32_t i
+        if self.pipe_pool != NULL:
+            for i in range(self.pipe_pool_n):
+                close(self.pipe_pool[3 * i])
+                close(self.pipe_pool[3 * i + 1])
+        free(self.pipe_pool)
         free(self.flows)
         free(self.buf_len)
         free(self.buf_next)
@@ -175,26 +204,31 @@ cdef class Engine:
 
     # --- configuration (Python, start-up only) ------------------------------
 
-    def set_upstream(self, int family, str host, int port):
-        cdef sockaddr_in *a4 = <sockaddr_in *>&self.up_addr
-        cdef sockaddr_in6 *a6 = <sockaddr_in6 *>&self.up_addr
-        memset(&self.up_addr, 0, sizeof(self.up_addr))
+    def add_upstream(self, int family, str host, int port):
+        """Append an upstream; flows try them in the order added."""
+        if self.n_up == MAX_UPSTREAMS:
+            raise ValueError(f"at most {MAX_UPSTREAMS} upstreams")
+        cdef int i = self.n_up
+        cdef sockaddr_in *a4 = <sockaddr_in *>&self.up_addr[i]
+        cdef sockaddr_in6 *a6 = <sockaddr_in6 *>&self.up_addr[i]
+        memset(&self.up_addr[i], 0, sizeof(sockaddr_storage))
         hb = host.encode()
         if family == AF_INET:
             a4.sin_family = AF_INET
             a4.sin_port = htons(port)
             ok = inet_pton(AF_INET, hb, &a4.sin_addr)
-            self.up_len = sizeof(sockaddr_in)
+            self.up_len[i] = sizeof(sockaddr_in)
         elif family == AF_INET6:
             a6.sin6_family = AF_INET6
             a6.sin6_port = htons(port)
             ok = inet_pton(AF_INET6, hb, &a6.sin6_addr)
-            self.up_len = sizeof(sockaddr_in6)
+            self.up_len[i] = sizeof(sockaddr_in6)
         else:
             raise ValueError("family must be AF_INET or AF_INET6")
         if ok != 1:
             raise ValueError(f"not a numeric address: {host!r}")
-        self.up_family = family
+        self.up_family[i] = family
+        self.n_up += 1
 
     def add_listener(self, int fd, int family):
         if self.listen_fd >= 0:
@@ -208,8 +242,8 @@ cdef class Engine:
 
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil:
         cdef uint64_t ud = cqe.user_data
-        cdef int op = <int>((ud >> 56) & 0xF)
-        cdef int d = <int>((ud >> 60) & 1)
+        cdef int op = <int>((ud >> 56) & 0x1F)
+        cdef int d = <int>((ud >> 61) & 1)
         cdef uint32_t slot = <uint32_t>(ud & ((1 << SLOT_BITS) - 1))
         cdef uint32_t gen = <uint32_t>((ud >> SLOT_BITS) & GEN_MASK)
         cdef uint32_t bid = <uint32_t>((ud >> 40) & 0xFFFF)
@@ -256,7 +290,16 @@ cdef class Engine:
             self.on_connect(f, res)
         elif op == OP_SHUTDOWN:
             self.on_shutdown(f, d, res)
-        # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE: only the inflight count.
+        elif op == OP_SPLICE_IN:
+            self.on_splice_in(f, d, res)
+        elif op == OP_SPLICE_OUT:
+            self.on_splice_out(f, d, res)
+        elif op == OP_WATCH:
+            self.on_poll(f, d, res, cflags)
+        elif op == OP_CONSUME:
+            self.on_consume(f, d, res)
+        # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE, OP_POLL (the splice after
+        # it has its own CQE): only the inflight count.
         self.flow_step(slot)
 
     # --- accept ----------------------------------------------------------------
@@ -320,7 +363,8 @@ cdef class Engine:
     cdef void flow_open(self, int cfd) noexcept nogil:
         cdef uint32_t slot = <uint32_t>self.free_head
         cdef Flow *f = &self.flows[slot]
-        cdef int one = 1
+        cdef int one = 1, zero = 0, rcvbuf = 0
+        cdef socklen_t optlen = sizeof(int)
         cdef int d
         self.free_head = f.next_free
         self.nactive += 1
@@ -329,6 +373,8 @@ cdef class Engine:
         f.err = 0
         f.reset_mask = 0
         f.inflight = 0
+        f.up_idx = 0
+        f.failovers = 0
         f.t_start_ns = now_ns()
         f.fd[0] = cfd
         f.fd[1] = -1
@@ -338,6 +384,8 @@ cdef class Engine:
             f.dir[d].q_tail = -1
             f.dir[d].wait_prev = -1
             f.dir[d].wait_next = -1
+            f.dir[d].pipe_r = -1
+            f.dir[d].pipe_w = -1
         # SO_PEERNAME, not getpeername(): a client that reset before we got
         # here is in TCP_CLOSE, where getpeername() says ENOTCONN, but the
         # kernel still knows the address (inet_getname with peer=2 skips the
@@ -349,7 +397,23 @@ cdef class Engine:
         # The proxy forwards whatever it has as soon as it has it; Nagle
         # would hold a small tail back for an ACK round trip.
         setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        if self.splice:
+            # Splices run in io-wq workers; a blocking socket would park one
+            # per idle flow (kernel-facts.md). Non-blocking, a splice that
+            # cannot move anything ends at once with EAGAIN.
+            fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK)
+        f.replayable = self.peek
+        if self.peek:
+            # MSG_PEEK now reads on from the previous peek (6.9+, probed).
+            setsockopt(cfd, SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof(zero))
+            # Held bytes sit in the receive buffer: holding a quarter of it
+            # at most leaves the client room to send while we wait.
+            getsockopt(cfd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, &optlen)
+            f.replay_limit = min(self.replay_window, <uint32_t>max(rcvbuf, 0) // 4)
+        self.flow_dial(slot, f)
 
+    # Connect to the flow's current upstream, or queue it until an fd is free.
+    cdef void flow_dial(self, uint32_t slot, Flow *f) noexcept nogil:
         if not self.flow_connect(slot, f):
             # The client took the last fd. It is ours now: it waits (accept
             # paused) until an fd comes back, rather than being dropped.
@@ -365,8 +429,20 @@ cdef class Engine:
     # False when the socket cannot be created for lack of fds (try later).
     cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil:
         cdef int one = 1
-        cdef int ufd = socket(self.up_family, SOCK_STREAM | SOCK_CLOEXEC, 0)
+        cdef int ufd, d, err
         cdef io_uring_sqe *s
+        cdef uint8_t u = f.up_idx
+        if self.splice:
+            for d in range(2):
+                if f.dir[d].pipe_r < 0:
+                    err = self.pipe_get(&f.dir[d])
+                    if err == -EMFILE or err == -ENFILE:
+                        return False
+                    if err < 0:
+                        self.flow_fail(f, C_RESOURCE, -err, 0)
+                        self.flow_step(slot)
+                        return True
+        ufd = socket(self.up_family[u], SOCK_STREAM | SOCK_CLOEXEC, 0)
         if ufd < 0:
             if errno == EMFILE or errno == ENFILE:
                 return False
@@ -379,7 +455,7 @@ cdef class Engine:
         # submit, or the link is broken (io_uring_prep_link_timeout(3)).
         self.ring.reserve(2)
         s = self.flow_sqe(slot, f, OP_CONNECT, 0)
-        io_uring_prep_connect(s, ufd, <sockaddr *>&self.up_addr, self.up_len)
+        io_uring_prep_connect(s, ufd, <sockaddr *>&self.up_addr[u], self.up_len[u])
         s.flags |= IOSQE_IO_LINK
         s = self.flow_sqe(slot, f, OP_CONNECT_TIMEOUT, 0)
         io_uring_prep_link_timeout(s, &self.connect_ts, 0)
@@ -422,6 +498,9 @@ cdef class Engine:
             return
         if res == 0:
             f.state = F_OPEN
+            if self.splice:
+                # Only now: a non-blocking connect would not be waited for.
+                fcntl(f.fd[1], F_SETFL, fcntl(f.fd[1], F_GETFL) | O_NONBLOCK)
         elif res == -ECONNREFUSED:
             self.flow_fail(f, C_UPSTREAM_REFUSED, -res, 0)
         elif res == -ECANCELED or res == -ETIMEDOUT:
@@ -454,10 +533,22 @@ cdef class Engine:
                     D.q_head = <int32_t>bid
                 D.q_tail = <int32_t>bid
                 D.queued_bufs += 1
+        if res > 0 and self.peek and f.state == F_OPEN:
+            if d == 0:
+                D.peeked += <uint32_t>res
+            else:
+                f.replayable = 0     # the upstream answered: no failover from here
         if f.state != F_OPEN or res > 0:
             return
         if res == 0:
             D.flags |= D_EOF
+            if d == 1:
+                f.replayable = 0
+        elif res == -EAGAIN:
+            # Only a peek (MSG_DONTWAIT) ends so: nothing lies past the peek
+            # offset. The client's poll says when that changes.
+            D.flags &= ~D_READY
+            self.st.peek_eagain += 1
         elif res == -ENOBUFS:
             # The pool is empty: backpressure, not an error. The bytes stay in
             # the socket; bufs_flush() re-arms us when buffers come back.
@@ -496,7 +587,7 @@ cdef class Engine:
             D.q_head = self.buf_next[bid]
             if D.q_head < 0:
                 D.q_tail = -1
-            self.buf_sent(<uint32_t>bid)
+            self.buf_sent(f, d, <uint32_t>bid)
 
     # SEND_ZC posts up to two CQEs with the same user_data: the result (with
     # IORING_CQE_F_MORE when a notification follows) and the notification
@@ -512,6 +603,7 @@ cdef class Engine:
                 self.zc_judge(&f.dir[d], (<uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED) != 0)
             self.buf_notif[bid] -= 1
             if self.buf_notif[bid] == 0 and self.buf_next[bid] == BUF_SENT:
+                self.delivered(f, d, bid)
                 self.buf_return(bid)
             return
         if cflags & IORING_CQE_F_MORE:
@@ -544,16 +636,107 @@ cdef class Engine:
 
     # Ownership: send queue -> ring, or -> parked until the notifications
     # owed for this buffer have all arrived (then on_send_zc returns it).
-    cdef void buf_sent(self, uint32_t bid) noexcept nogil:
+    cdef void buf_sent(self, Flow *f, int d, uint32_t bid) noexcept nogil:
         if self.buf_notif[bid]:
             self.buf_next[bid] = BUF_SENT
         else:
+            self.delivered(f, d, bid)
             self.buf_return(bid)
+
+    # The kernel is done with a buffer's bytes: sent, and notified if sent
+    # zero-copy. In peek mode that is when the client's copy of them may go.
+    cdef void delivered(self, Flow *f, int d, uint32_t bid) noexcept nogil:
+        if self.peek and d == 0:
+            f.dir[0].released += self.buf_len[bid]
+            if f.dir[0].released >= f.replay_limit:
+                # Holding more could close the client's window on an upstream
+                # that reads everything before it answers: give up replay.
+                f.replayable = 0
 
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil:
         f.dir[d].flags |= D_SHUT_DONE
         if f.state == F_OPEN and res < 0 and res != -ECANCELED:
             self.side_failed(f, 1 - d, res)
+
+    # --- peek mode: the client's bytes stay in its socket until delivered -------
+    #
+    # Direction 0 peeks (MSG_PEEK at SO_PEEK_OFF) into pool buffers, sends
+    # them as copy mode does, and drops them from the socket (MSG_TRUNC) only
+    # once delivered. The two traps of kernel-facts.md decide the shape:
+    # - a peek that finds nothing past the offset must not wait in the kernel
+    #   (io_uring hands it to an io-wq thread, one per stalled flow), so every
+    #   peek is MSG_DONTWAIT and ends with EAGAIN instead;
+    # - after EAGAIN, readiness cannot say when to peek again (unconsumed
+    #   bytes keep the socket readable: a level-triggered wait spins), so a
+    #   multishot poll, which posts once per wakeup (an edge: new data, FIN,
+    #   reset), sets D_READY again.
+
+    cdef void on_poll(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
+        if not (cflags & IORING_CQE_F_MORE):
+            f.dir[d].flags &= ~D_POLL_ARMED      # re-armed by peek_step
+        if f.state == F_OPEN and res != -ECANCELED:
+            f.dir[d].flags |= D_READY
+
+    cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        D.flags &= ~D_CONSUME_BUSY
+        if f.state != F_OPEN:
+            return
+        if res > 0:
+            D.consumed += <uint32_t>res
+            D.released += D.consume_len - <uint32_t>res
+            self.st.consumed_bytes += <uint32_t>res
+        elif res != -ECANCELED:
+            # The bytes were peeked, so they are there; 0 or EAGAIN would mean
+            # our count is wrong, which must not pass quietly.
+            self.side_failed(f, d, res if res < 0 else -EIO)
+
+    # --- splice mode: source -> pipe -> sink, the bytes never in user space ------
+    #
+    # Both sockets and the pipe are non-blocking, so a splice (always run by
+    # an io-wq worker) never sleeps in one: it moves what it can or ends with
+    # EAGAIN. After EAGAIN the next splice is linked behind a poll for the
+    # readiness it lacked. A read that says EAGAIN while the pipe holds bytes
+    # is ambiguous (empty socket, or full pipe slots: one slot holds one page
+    # fragment, so a pipe fills before pipe_cap bytes); polling the socket
+    # then could spin, so that read waits for the next write to the sink.
+
+    cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        D.flags &= ~D_RECV_ARMED
+        if f.state != F_OPEN:
+            return
+        if res > 0:
+            D.pipe_bytes += <uint32_t>res
+            D.flags |= D_READY
+        elif res == 0:
+            D.flags |= D_EOF
+        elif res == -EAGAIN:
+            self.st.splice_eagain += 1
+            if D.pipe_bytes == 0:
+                D.flags &= ~D_READY
+            else:
+                D.flags |= D_IN_STUCK
+        elif res != -ECANCELED:
+            self.side_failed(f, d, res)
+
+    cdef void on_splice_out(self, Flow *f, int d, int res) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        D.flags &= ~D_SEND_BUSY
+        if f.state != F_OPEN:
+            return
+        if res > 0:
+            if <uint32_t>res < D.pipe_bytes:
+                self.st.short_sends += 1
+            D.pipe_bytes -= <uint32_t>res
+            D.moved_bytes += <uint32_t>res
+            D.flags &= ~(D_OUT_WAIT | D_IN_STUCK)
+        elif res == -EAGAIN:
+            self.st.splice_eagain += 1
+            D.flags |= D_OUT_WAIT
+        elif res != -ECANCELED:
+            # 0 with bytes in the pipe cannot happen; do not retry it forever.
+            self.side_failed(f, 1 - d, res if res < 0 else -EPIPE)
 
     # A socket of the flow failed (reset, broken pipe...). The other side is
     # reset too: a reset on one side becomes a reset on the other.
@@ -569,15 +752,66 @@ cdef class Engine:
         cdef int side
         if f.state >= F_CLOSING:
             return
-        f.state = F_CLOSING
         f.cause = cause
         f.err = err
-        f.reset_mask = reset_mask
+        if self.can_redial(f, cause):
+            # Not the end: the next upstream gets the flow (redial()).
+            f.state = F_REDIAL
+        else:
+            f.state = F_CLOSING
+            f.reset_mask = reset_mask
         if f.inflight > 0:
             for side in range(2):
                 if f.fd[side] >= 0:
                     s = self.flow_sqe(slot, f, OP_CANCEL, side)
                     io_uring_prep_cancel_fd(s, f.fd[side], IORING_ASYNC_CANCEL_ALL)
+
+    # --- failover: the next --upstream -----------------------------------------
+
+    # Whether the flow can move to the next upstream without the client
+    # noticing: before the connect succeeded (no client byte was read yet,
+    # in any mode), or in peek mode while every client byte is still in its
+    # socket and the upstream has not answered.
+    cdef bint can_redial(self, Flow *f, uint8_t cause) noexcept nogil:
+        if self.stopping or f.up_idx + 1 >= self.n_up or f.fd[1] < 0:
+            return False
+        if cause != C_UPSTREAM_REFUSED and cause != C_CONNECT_TIMEOUT \
+                and cause != C_CONNECT_ERROR and cause != C_UPSTREAM_RESET:
+            return False
+        return f.state == F_CONNECTING or (f.state == F_OPEN and f.replayable)
+
+    # Every operation of the failed attempt has completed (flow_fail
+    # cancelled them): drop the old upstream, rewind the client's peek
+    # offset to the first byte, and connect to the next upstream.
+    cdef void redial(self, uint32_t slot, Flow *f) noexcept nogil:
+        cdef int zero = 0
+        cdef int d
+        cdef Dir *D
+        cdef int pr, pw
+        cdef uint32_t pc, pb
+        self.flow_drop_queues(slot, f)
+        close(f.fd[1])
+        f.fd[1] = -1
+        if self.peek:
+            self.st.replayed_bytes += f.dir[0].peeked
+            setsockopt(f.fd[0], SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof(zero))
+        for d in range(2):
+            D = &f.dir[d]
+            pr, pw, pc, pb = D.pipe_r, D.pipe_w, D.pipe_cap, D.pipe_bytes
+            memset(D, 0, sizeof(Dir))
+            D.q_head = -1
+            D.q_tail = -1
+            D.wait_prev = -1
+            D.wait_next = -1
+            D.pipe_r, D.pipe_w, D.pipe_cap, D.pipe_bytes = pr, pw, pc, pb
+        f.up_idx += 1
+        f.failovers += 1
+        self.st.failovers += 1
+        f.state = F_CONNECTING
+        f.cause = C_NONE
+        f.err = 0
+        f.replayable = self.peek
+        self.flow_dial(slot, f)
 
     # --- the decision: what each flow submits next ---------------------------------
 
@@ -587,14 +821,34 @@ cdef class Engine:
             self.dir_step(slot, f, 0)
             self.dir_step(slot, f, 1)
             if (f.dir[0].flags & D_SHUT_DONE) and (f.dir[1].flags & D_SHUT_DONE):
-                # Both FINs forwarded after their last byte: a clean end.
-                self.flow_fail(f, C_NORMAL, 0, 0)
+                if self.peek and f.dir[0].consumed < f.dir[0].peeked:
+                    # Closing a socket with unread bytes sends RST, not FIN:
+                    # drop what was delivered first (ZC notifications may
+                    # still be on their way; each one comes back here).
+                    f.replayable = 0
+                    self.peek_step(slot, f, 0)
+                else:
+                    # Both FINs forwarded after their last byte: a clean end.
+                    self.flow_fail(f, C_NORMAL, 0, 0)
+        if f.state == F_REDIAL and f.inflight == 0:
+            self.redial(slot, f)
         if f.state == F_CLOSING and f.inflight == 0:
             self.flow_close_fds(slot, f)
         if f.state == F_CLOSED_WAIT and f.inflight == 0:
             self.flow_release(slot, f)
 
     cdef void dir_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
+        if self.splice:
+            self.splice_step(slot, f, d)
+            return
+        self.send_step(slot, f, d)
+        if self.peek and d == 0:
+            self.peek_step(slot, f, d)
+        else:
+            self.recv_step(slot, f, d)
+
+    # Writing from the buffer queue (copy, zerocopy, auto, peek).
+    cdef void send_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         cdef io_uring_sqe *s
         cdef int32_t bid
@@ -643,6 +897,11 @@ cdef class Engine:
                 s = self.flow_sqe(slot, f, OP_SHUTDOWN, d)
                 io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
                 D.flags |= D_SHUT_SENT
+
+    # Reading into the buffer pool (copy, zerocopy, auto; peek's upstream side).
+    cdef void recv_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        cdef io_uring_sqe *s
         # Reading: stop when the queue pins --max-inflight of buffers, resume
         # at half of it, so a slow sink makes us stop reading (the kernel's
         # window closes) instead of growing, without a cancel/re-arm pair per
@@ -652,7 +911,7 @@ cdef class Engine:
         if not (D.flags & (D_RECV_ARMED | D_EOF | D_WAIT_BUF)):
             if D.queued_bufs <= self.max_queued_bufs // 2:
                 s = self.flow_sqe(slot, f, OP_RECV, d)
-                uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv, self.bundle)
+                uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv, self.bundle, 0)
                 D.flags |= D_RECV_ARMED
         elif ((D.flags & (D_RECV_ARMED | D_RECV_CANCEL)) == D_RECV_ARMED
               and D.queued_bufs >= self.max_queued_bufs and self.ms_recv):
@@ -661,14 +920,69 @@ cdef class Engine:
             D.flags |= D_RECV_CANCEL
             self.st.recv_cancels += 1
 
+
+    # Peek mode's reading side (see on_poll for the traps it avoids).
+    cdef void peek_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        cdef io_uring_sqe *s
+        cdef uint64_t n
+        if not (D.flags & (D_POLL_ARMED | D_EOF)):
+            s = self.flow_sqe(slot, f, OP_WATCH, d)
+            io_uring_prep_poll_multishot(s, f.fd[d], POLLIN | POLLRDHUP)
+            D.flags |= D_POLL_ARMED
+        # One peek at a time, each into one pool buffer; at --max-inflight of
+        # queued buffers the bytes wait in the socket (the window closes).
+        if ((D.flags & (D_READY | D_RECV_ARMED | D_EOF | D_WAIT_BUF)) == D_READY
+                and D.queued_bufs < self.max_queued_bufs):
+            s = self.flow_sqe(slot, f, OP_RECV, d)
+            uc_prep_recv_select(s, f.fd[d], 0, 0, 0, MSG_PEEK | MSG_DONTWAIT)
+            D.flags |= D_RECV_ARMED
+        # Delivered bytes leave the socket once replay is off the table.
+        if D.released and not f.replayable and not (D.flags & D_CONSUME_BUSY):
+            n = min(D.released, <uint64_t>1 << 30)
+            s = self.flow_sqe(slot, f, OP_CONSUME, d)
+            io_uring_prep_recv(s, f.fd[d], NULL, <size_t>n, MSG_TRUNC | MSG_DONTWAIT)
+            D.consume_len = <uint32_t>n
+            D.released -= n
+            D.flags |= D_CONSUME_BUSY
+
+    # Splice mode, one direction (see on_splice_in for the rules).
+    cdef void splice_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
+        cdef Dir *D = &f.dir[d]
+        cdef io_uring_sqe *s
+        if not (D.flags & D_SEND_BUSY):
+            if D.pipe_bytes > 0:
+                self.ring.reserve(2)
+                if D.flags & D_OUT_WAIT:
+                    s = self.flow_sqe(slot, f, OP_POLL, d)
+                    io_uring_prep_poll_add(s, f.fd[1 - d], POLLOUT)
+                    s.flags |= IOSQE_IO_LINK
+                s = self.flow_sqe(slot, f, OP_SPLICE_OUT, d)
+                io_uring_prep_splice(s, D.pipe_r, -1, f.fd[1 - d], -1, D.pipe_bytes,
+                                     SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+                D.flags |= D_SEND_BUSY
+            elif (D.flags & D_EOF) and not (D.flags & D_SHUT_SENT):
+                s = self.flow_sqe(slot, f, OP_SHUTDOWN, d)
+                io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
+                D.flags |= D_SHUT_SENT
+        # Always ask for the pipe's free space: the kernel moves what fits.
+        if not (D.flags & (D_RECV_ARMED | D_EOF | D_IN_STUCK)) and D.pipe_bytes < D.pipe_cap:
+            self.ring.reserve(2)
+            if not (D.flags & D_READY):
+                s = self.flow_sqe(slot, f, OP_POLL, d)
+                io_uring_prep_poll_add(s, f.fd[d], POLLIN | POLLRDHUP)
+                s.flags |= IOSQE_IO_LINK
+            s = self.flow_sqe(slot, f, OP_SPLICE_IN, d)
+            io_uring_prep_splice(s, f.fd[d], -1, D.pipe_w, -1, D.pipe_cap - D.pipe_bytes,
+                                 SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+            D.flags |= D_RECV_ARMED
+
     # --- the close path ------------------------------------------------------------
 
-    cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil:
-        cdef linger lg
-        cdef io_uring_sqe *s
+    # Nothing is in flight: every queued buffer is ours to give back.
+    cdef void flow_drop_queues(self, uint32_t slot, Flow *f) noexcept nogil:
         cdef int32_t bid, nxt
-        cdef int d, side
-        # Nothing is in flight: every queued buffer is ours to give back.
+        cdef int d
         for d in range(2):
             bid = f.dir[d].q_head
             while bid >= 0:
@@ -679,6 +993,14 @@ cdef class Engine:
             f.dir[d].q_tail = -1
             if f.dir[d].flags & D_WAIT_BUF:
                 self.wait_remove(slot, d)
+
+    cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil:
+        cdef linger lg
+        cdef io_uring_sqe *s
+        cdef int side
+        self.flow_drop_queues(slot, f)
+        for side in range(2):
+            self.pipe_put(&f.dir[side])
         lg.l_onoff = 1
         lg.l_linger = 0
         for side in range(2):
@@ -703,6 +1025,8 @@ cdef class Engine:
             r.duration_ns = now_ns() - f.t_start_ns
             r.cause = f.cause
             r.err = f.err
+            r.up_idx = f.up_idx
+            r.failovers = f.failovers
         else:
             self.st.log_dropped += 1
         self.st.closed += 1
@@ -715,6 +1039,61 @@ cdef class Engine:
         self.nactive -= 1
         self.fdw_retry()      # its two fds are closed now
         self.accept_step()
+
+    # --- the pipe pool (splice) -------------------------------------------------------
+
+    # A pipe for one direction: an idle one, or a new one.
+    # Returns 0 or -errno (EMFILE/ENFILE: the flow waits for fds).
+    cdef int pipe_get(self, Dir *D) noexcept nogil:
+        if self.pipe_pool_n > 0:
+            self.pipe_pool_n -= 1
+            D.pipe_r = self.pipe_pool[3 * self.pipe_pool_n]
+            D.pipe_w = self.pipe_pool[3 * self.pipe_pool_n + 1]
+            D.pipe_cap = <uint32_t>self.pipe_pool[3 * self.pipe_pool_n + 2]
+            D.pipe_bytes = 0
+            return 0
+        return self.pipe_new(D)
+
+    # A new non-blocking pipe sized to --pipe-size.
+    cdef int pipe_new(self, Dir *D) noexcept nogil:
+        cdef int fds[2]
+        cdef int cap
+        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
+            return -errno
+        # The size was probed at start-up; past the per-user pipe limits
+        # (fs.pipe-user-pages-*) the kernel may refuse it, and the pipe
+        # keeps what it has: pipe_cap is what the kernel says.
+        cap = fcntl(fds[1], F_SETPIPE_SZ, <int>self.pipe_size)
+        if cap < 0:
+            cap = fcntl(fds[1], F_GETPIPE_SZ)
+        D.pipe_r = fds[0]
+        D.pipe_w = fds[1]
+        D.pipe_cap = <uint32_t>cap
+        D.pipe_bytes = 0
+        self.st.pipes_created += 1
+        return 0
+
+    # Called with nothing in flight. An empty pipe goes back to the pool if
+    # it has room; one still holding bytes (the flow was reset) is closed
+    # with them, and a new one takes its place in the pool.
+    cdef void pipe_put(self, Dir *D) noexcept nogil:
+        if D.pipe_r < 0:
+            return
+        if D.pipe_bytes != 0 or self.pipe_pool_n == PIPE_POOL:
+            close(D.pipe_r)
+            close(D.pipe_w)
+            D.pipe_r = -1
+            D.pipe_w = -1
+            D.pipe_bytes = 0
+            if self.pipe_pool_n == PIPE_POOL or self.pipe_new(D) < 0:
+                return
+        self.pipe_pool[3 * self.pipe_pool_n] = D.pipe_r
+        self.pipe_pool[3 * self.pipe_pool_n + 1] = D.pipe_w
+        self.pipe_pool[3 * self.pipe_pool_n + 2] = <int>D.pipe_cap
+        self.pipe_pool_n += 1
+        D.pipe_r = -1
+        D.pipe_w = -1
+        D.pipe_bytes = 0
 
     # --- the buffer pool ---------------------------------------------------------------
 
@@ -857,6 +1236,8 @@ cdef class Engine:
                 "cause": cause,
                 "term": term,
                 "errno": r.err,
+                "upstream_index": r.up_idx,
+                "failovers": r.failovers,
             })
         self.log_n = 0
         return out
@@ -868,7 +1249,7 @@ cdef class Engine:
             self.stopping = True
             self.accept_step()
             for i in range(self.max_conns):
-                if self.flows[i].state in (F_CONNECTING, F_OPEN):
+                if self.flows[i].state in (F_CONNECTING, F_OPEN, F_REDIAL):
                     self.flow_fail(&self.flows[i], C_PROXY_SHUTDOWN, 0, 0)
                     self.flow_step(i)
 
@@ -885,4 +1266,5 @@ cdef class Engine:
         s["active"] = self.nactive
         s["bufs_held"] = self.bufs_held
         s["waiting_for_buffers"] = int(self.wait_head >= 0)   # 0/1: any direction on the list
+        s["pipes_pooled"] = self.pipe_pool_n
         return s

@@ -110,6 +110,11 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_prep_send_zc_fixed(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
                                      int flags, unsigned zc_flags, unsigned buf_index)
     int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
+    void io_uring_prep_recv(io_uring_sqe *sqe, int sockfd, void *buf, size_t len, int flags)
+    void io_uring_prep_poll_add(io_uring_sqe *sqe, int fd, unsigned poll_mask)
+    void io_uring_prep_poll_multishot(io_uring_sqe *sqe, int fd, unsigned poll_mask)
+    void io_uring_prep_splice(io_uring_sqe *sqe, int fd_in, int64_t off_in, int fd_out,
+                              int64_t off_out, unsigned nbytes, unsigned splice_flags)
     void io_uring_prep_shutdown(io_uring_sqe *sqe, int fd, int how)
     void io_uring_prep_close(io_uring_sqe *sqe, int fd)
     void io_uring_prep_cancel64(io_uring_sqe *sqe, uint64_t user_data, int flags)
@@ -124,4 +129,5 @@ cdef extern from "uring_compat.h" nogil:
     # ours (uring_compat.h)
     io_uring_buf_ring *uc_setup_buf_ring(io_uring *ring, unsigned entries, int bgid, int *err)
     void uc_free_buf_ring(io_uring *ring, io_uring_buf_ring *br, unsigned entries, int bgid)
-    void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle)
+    void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle,
+                             int msg_flags)

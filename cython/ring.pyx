@@ -143,6 +143,13 @@ cdef class Ring:
         if io_uring_sq_space_left(&self.ring) < n:
             io_uring_submit(&self.ring)
 
+    def set_iowq_max_workers(self, unsigned n):
+        """Cap io-wq's bounded and unbounded workers at n (5.15+); 0 or -errno."""
+        cdef unsigned values[2]
+        values[0] = n
+        values[1] = n
+        return io_uring_register_iowq_max_workers(&self.ring, values)
+
     # --- active probes ---------------------------------------------------
     # The opcode probe cannot tell whether multishot flags are honoured, so
     # these try the real thing once on loopback at start-up.
@@ -187,7 +194,7 @@ cdef class Ring:
             io_uring_buf_ring_add(br, &mem[32], 32, 1, io_uring_buf_ring_mask(2), 1)
             io_uring_buf_ring_advance(br, 2)
             s = self.sqe()
-            uc_prep_recv_select(s, a.fileno(), 0x7ff0, 1, 0)
+            uc_prep_recv_select(s, a.fileno(), 0x7ff0, 1, 0, 0)
             io_uring_sqe_set_data64(s, 2)
             io_uring_submit(&self.ring)
             b.send(b"x")

@@ -17,7 +17,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int AF_INET, AF_INET6, SOCK_STREAM, SOCK_CLOEXEC, SOCK_NONBLOCK
     int SOL_SOCKET, SO_LINGER, SO_ERROR, SO_PEERNAME
     int SHUT_WR, SHUT_RDWR
-    int MSG_NOSIGNAL, MSG_WAITALL
+    int MSG_NOSIGNAL, MSG_WAITALL, MSG_PEEK, MSG_TRUNC, MSG_DONTWAIT
+    int SO_PEEK_OFF, SO_RCVBUF
     struct iovec:
         void *iov_base
         size_t iov_len
@@ -69,12 +70,22 @@ cdef extern from "<time.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    int pipe2(int *fds, int flags)
+
+# _GNU_SOURCE (Python.h defines it) exposes the pipe and splice constants.
+cdef extern from "<fcntl.h>" nogil:
+    int F_GETFL, F_SETFL, F_SETPIPE_SZ, F_GETPIPE_SZ, O_NONBLOCK, O_CLOEXEC
+    unsigned SPLICE_F_NONBLOCK, SPLICE_F_MOVE
+    int fcntl(int fd, int cmd, ...)
+
+cdef extern from "<poll.h>" nogil:
+    unsigned POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP
 
 cdef extern from "<errno.h>" nogil:
     int errno
     int EINTR, EAGAIN, ETIME, ENOBUFS, ECANCELED, ECONNREFUSED, ECONNRESET, EPIPE
     int EMFILE, ENFILE, ENOMEM, ETIMEDOUT, EINVAL, ENOTCONN, ENOENT, EALREADY
-    int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP, EBUSY
+    int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP, EBUSY, EIO
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)

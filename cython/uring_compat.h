@@ -89,14 +89,16 @@ uc_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br,
 /* Recv with buffer selection from group `bgid`, multishot when asked. With
  * `bundle` (6.10+, IORING_FEAT_RECVSEND_BUNDLE) one completion may fill
  * several buffers: consecutive entries from the ring's head, the CQE naming
- * only the first (io_uring_prep_recv(3), "bundle"). */
+ * only the first (io_uring_prep_recv(3), "bundle"). `msg_flags` go to the
+ * recv as they would to recv(2) (MSG_PEEK for the peek mode). */
 static inline void
-uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle)
+uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle,
+                    int msg_flags)
 {
     if (multishot)
-        io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+        io_uring_prep_recv_multishot(sqe, fd, NULL, 0, msg_flags);
     else
-        io_uring_prep_recv(sqe, fd, NULL, 0, 0);
+        io_uring_prep_recv(sqe, fd, NULL, 0, msg_flags);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = (unsigned short)bgid;
     if (bundle)

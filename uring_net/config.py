@@ -11,13 +11,15 @@ import os
 import socket
 from dataclasses import dataclass
 
-MODES = ("auto", "copy", "zerocopy")
+MODES = ("auto", "copy", "zerocopy", "splice", "peek")
 BACKENDS = ("uring",)
 LOG_FORMATS = ("text", "json")
 
 # Features a user (or a test) may declare missing, to force the named fallback.
 DISABLE_ENV = "URING_NET_DISABLE"
-DISABLEABLE = ("multishot_accept", "multishot_recv", "recv_bundle", "send_zc", "registered_buffers")
+DISABLEABLE = ("multishot_accept", "multishot_recv", "recv_bundle", "send_zc", "registered_buffers",
+               "splice", "iowq_cap", "peek_off")
+MAX_UPSTREAMS = 8
 
 
 class ConfigError(Exception):
@@ -37,7 +39,7 @@ class Endpoint:
 @dataclass(frozen=True)
 class Config:
     listen: Endpoint
-    upstream: Endpoint
+    upstreams: tuple          # of Endpoint, tried in order (failover)
     mode: str = "auto"
     backend: str = "uring"
     buffer_size: int = 65536
@@ -46,10 +48,17 @@ class Config:
     max_conns: int = 4096
     connect_timeout: float = 5.0
     zc_threshold: int = 16384
+    pipe_size: int | None = None      # splice: None = --max-inflight, capped by the system
+    iowq_workers: int | None = None   # splice: None = one per CPU
+    replay_window: int = 65536
     backlog: int = 1024
     verbose: int = 0
     log_format: str = "text"
     disabled: frozenset = frozenset()
+
+    @property
+    def upstream(self) -> Endpoint:
+        return self.upstreams[0]
 
 
 def parse_endpoint(text: str, what: str, *, allow_port_zero: bool) -> Endpoint:
@@ -141,16 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="address to accept on; IPv6 as [::1]:PORT; port 0 picks a free port")
-    p.add_argument("--upstream", metavar="HOST:PORT", help="address to forward to")
-    p.add_argument("--mode", type=_choice("mode", MODES, ("splice", "peek")),
+    p.add_argument("--upstream", metavar="HOST:PORT", action="append",
+                   help="address to forward to; give it up to %d times for failover: a connect "
+                        "that is refused, fails or times out moves the connection to the next one "
+                        "(and in --mode peek, so does an upstream that resets before it answered, "
+                        "with the client's bytes replayed)" % MAX_UPSTREAMS)
+    p.add_argument("--mode", type=_choice("mode", MODES),
                    default="auto",
                    help="data path. copy: multishot recv into provided buffers, send from the same "
                         "buffers. zerocopy: the same, but sends of at least --zc-threshold bytes are "
                         "IORING_OP_SEND_ZC from the registered pool, and a buffer is reused only after "
-                        "the kernel's notification (on loopback the kernel copies anyway). auto: the "
-                        "best this kernel offers, said once at start-up: today copy, with zero-copy "
-                        "sends where SEND_ZC exists, dropped per socket once the kernel's usage "
-                        "reports show it copying")
+                        "the kernel's notification (on loopback the kernel copies anyway). splice: "
+                        "socket -> pipe -> socket with IORING_OP_SPLICE, the bytes never in user "
+                        "space. peek: the client's bytes are read with MSG_PEEK at SO_PEEK_OFF "
+                        "(Linux 6.9+) and dropped from its socket only once delivered, so they can be "
+                        "replayed to the next --upstream. auto: the best this kernel offers, said "
+                        "once at start-up: today copy, with zero-copy sends where SEND_ZC exists, "
+                        "dropped per socket once the kernel's usage reports show it copying")
     p.add_argument("--backend", type=_choice("backend", BACKENDS, ("epoll", "auto")), default="uring",
                    help="event backend")
     p.add_argument("--buffer-size", type=_positive_int("--buffer-size", 512, 1 << 24), default=65536,
@@ -170,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="BYTES",
                    help="zerocopy mode: smaller sends are copied (zero-copy costs more than it saves "
                         "below roughly 10 KiB, per the kernel's msg_zerocopy documentation)")
+    p.add_argument("--pipe-size", type=_positive_int("--pipe-size", 4096, 1 << 30), default=None,
+                   metavar="BYTES",
+                   help="splice mode: the size of each direction's pipe (F_SETPIPE_SZ). Default: "
+                        "--max-inflight, capped at the largest size the system allows "
+                        "(fs.pipe-max-size)")
+    p.add_argument("--iowq-workers", type=_positive_int("--iowq-workers", 1, 4096), default=None,
+                   metavar="N",
+                   help="splice mode: cap on io_uring's worker threads (IORING_REGISTER_IOWQ_MAX_WORKERS), "
+                        "which run every splice. Default: one per CPU")
+    p.add_argument("--replay-window", type=_positive_int("--replay-window", 0, 1 << 30), default=65536,
+                   metavar="BYTES",
+                   help="peek mode: client bytes already delivered are kept in the client's socket, "
+                        "for replay to the next --upstream, until the upstream answers or this many "
+                        "are held (at most a quarter of the socket's receive buffer)")
     p.add_argument("--backlog", type=_positive_int("--backlog", 1, 65535), default=1024, metavar="N",
                    help="listen backlog")
     p.add_argument("--probe", action="store_true",
@@ -196,10 +226,17 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         raise ConfigError("--listen and --upstream are both required (or use --probe, or 'uring-proxy demo')")
     if ns.buffers & (ns.buffers - 1):
         raise ConfigError(f"--buffers must be a power of two (the provided-buffer ring's size), not {ns.buffers}")
+    if len(ns.upstream) > MAX_UPSTREAMS:
+        raise ConfigError(f"--upstream may be given at most {MAX_UPSTREAMS} times, not {len(ns.upstream)}")
+    for opt, modes in (("pipe_size", ("splice",)), ("iowq_workers", ("splice",))):
+        if getattr(ns, opt) is not None and ns.mode not in modes:
+            raise ConfigError(f"--{opt.replace('_', '-')} applies to --mode {' or '.join(modes)} only, "
+                              f"not --mode {ns.mode}")
     return Config(
         listen=parse_endpoint(ns.listen, "--listen", allow_port_zero=True),
-        upstream=parse_endpoint(ns.upstream, "--upstream", allow_port_zero=False),
-        mode=ns.mode, backend=ns.backend, buffer_size=ns.buffer_size, buffers=ns.buffers,
+        upstreams=tuple(parse_endpoint(u, "--upstream", allow_port_zero=False) for u in ns.upstream),
+        mode=ns.mode, pipe_size=ns.pipe_size, iowq_workers=ns.iowq_workers,
+        replay_window=ns.replay_window, backend=ns.backend, buffer_size=ns.buffer_size, buffers=ns.buffers,
         max_inflight=ns.max_inflight, max_conns=ns.max_conns,
         connect_timeout=ns.connect_timeout, zc_threshold=ns.zc_threshold,
         backlog=ns.backlog, verbose=ns.verbose,

@@ -165,7 +165,7 @@ def main(argv) -> int:
 
     upstream = BuiltinUpstream()
     cfg = Config(listen=Endpoint("127.0.0.1", 0, socket.AF_INET),
-                 upstream=Endpoint("127.0.0.1", upstream.port, socket.AF_INET))
+                 upstreams=(Endpoint("127.0.0.1", upstream.port, socket.AF_INET),))
     events = io.StringIO()
     proxy = Proxy(cfg, Log("json", 0, stream=events))
     try:
@@ -175,7 +175,7 @@ def main(argv) -> int:
         return 1
     port = int(address.rsplit(":", 1)[1])
     out.write(f"uring-proxy demo: built-in upstream (echo + sink) on 127.0.0.1:{upstream.port}\n"
-              f"  proxy on {address}, io_uring set-up {proxy.ring.setup_mode}, mode copy\n"
+              f"  proxy on {address}, io_uring set-up {proxy.ring.setup_mode}, mode {cfg.mode}\n"
               f"  {ns.connections} connections x {ns.bytes / 1e6:.1f} MB each\n")
     conns = [Conn(i, "echo" if i % 2 == 0 else "sink", ns.bytes) for i in range(ns.connections)]
     total = sum(c.size * (2 if c.kind == "echo" else 1) for c in conns)

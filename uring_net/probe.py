@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 
 from .config import disabled_features
-from .proxy import probe_ring_features
+from .proxy import pipe_max_size, probe_peek_off, probe_ring_features
 
 # opcode -> what needs it. All are required by the copy data path.
 REQUIRED_OPS = (
@@ -20,22 +19,12 @@ REQUIRED_OPS = (
     ("CLOSE", "closing flows"),
     ("ASYNC_CANCEL", "backpressure and teardown"),
 )
-# Reported for the data paths still to come, so the table says what this kernel offers.
-LATER_OPS = (
-    ("SEND_ZC", "zerocopy mode"),
-    ("SPLICE", "splice mode (not built yet)"),
+# Needed by one mode each; without them that mode is refused (or falls back, said once).
+MODE_OPS = (
+    ("SEND_ZC", "zerocopy mode (else copy-mode sends)"),
+    ("SPLICE", "splice mode (refused without it)"),
+    ("POLL_ADD", "splice and peek modes: readiness (refused without it)"),
 )
-
-
-def _so_peek_off_tcp() -> bool:
-    """SO_PEEK_OFF on TCP (6.9+): the peek mode's recv-with-offset."""
-    opt = getattr(socket, "SO_PEEK_OFF", 42)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, opt, 0)
-            return True
-        except OSError:
-            return False
 
 
 def rows():
@@ -63,8 +52,12 @@ def rows():
         for op, use in REQUIRED_OPS:
             ok = ring.supports(op)
             out.append((f"op {op}", "yes" if ok else "NO", use if ok else f"required for {use}"))
-        for op, use in LATER_OPS:
+        for op, use in MODE_OPS:
             out.append((f"op {op}", "yes" if ring.supports(op) else "no", use))
+        cap = ring.set_iowq_max_workers(os.cpu_count() or 1)
+        out.append(("io-wq worker cap", "yes" if cap == 0 else "no",
+                    "splice mode caps the threads that run splices" if cap == 0
+                    else "fallback: splice mode runs with io-wq's own limit"))
         works, usage, copied = ring.probe_send_zc()
         out.append(("send_zc on TCP", "yes" if works else "no",
                     "zerocopy mode" if works else "fallback: zerocopy mode uses copy-mode sends"))
@@ -83,7 +76,10 @@ def rows():
             out.append((name.replace("_", " "), status, "used" if used else f"fallback: {fallback}"))
     finally:
         ring.close()
-    out.append(("SO_PEEK_OFF on TCP", "yes" if _so_peek_off_tcp() else "no", "peek mode (not built yet)"))
+    out.append(("pipe-max-size", str(pipe_max_size()), "splice mode's default pipe size is capped here"))
+    why = probe_peek_off()
+    out.append(("SO_PEEK_OFF on TCP", "no" if why else "yes",
+                f"peek mode refused: {why} (needs Linux 6.9+)" if why else "peek mode"))
     return out
 
 

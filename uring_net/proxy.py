@@ -7,6 +7,7 @@ batch timeout passes; then this loop drains the engine's event log.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import socket
@@ -42,6 +43,59 @@ def probe_ring_features(ring, disabled=frozenset()):
         "recv_bundle": (bundle, bundle and "recv_bundle" not in disabled,
                         "one buffer per recv completion"),
     }
+
+
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)     # asm-generic value
+
+
+def probe_peek_off() -> str | None:
+    """None if recv-with-offset works on TCP (SO_PEEK_OFF, 6.9+), else why not.
+
+    Tried for real on a loopback pair: two peeks must return consecutive bytes."""
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        with socket.create_connection(lsock.getsockname(), timeout=2) as a:
+            b, _ = lsock.accept()
+            with b:
+                try:
+                    b.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+                except OSError as e:
+                    return errno.errorcode.get(e.errno, str(e.errno))
+                a.sendall(b"abcd")
+                b.settimeout(2)
+                first = b.recv(2, socket.MSG_PEEK)
+                second = b.recv(2, socket.MSG_PEEK)
+                if (first, second) != (b"ab", b"cd"):
+                    return f"peeks returned {first!r} then {second!r}, not consecutive bytes"
+    return None
+
+
+def pipe_max_size() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def probe_pipe_size(wanted: int | None, max_inflight: int) -> int:
+    """The pipe size splice mode will use: --pipe-size if the system takes it
+    (else ConfigError), or by default --max-inflight capped at fs.pipe-max-size,
+    stepping down while the kernel refuses it (per-user pipe limits)."""
+    size = wanted if wanted is not None else min(max_inflight, pipe_max_size())
+    while True:
+        r, w = os.pipe()
+        try:
+            return fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+        except OSError as e:
+            if wanted is not None:
+                raise ConfigError(f"--pipe-size {wanted}: the kernel refuses it ({e.strerror}; "
+                                  f"fs.pipe-max-size is {pipe_max_size()})") from None
+            if size <= 4096:
+                return fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            size //= 2
+        finally:
+            os.close(r)
+            os.close(w)
 
 
 def open_listener(cfg: Config) -> socket.socket:
@@ -96,7 +150,17 @@ class Proxy:
         self.log.event("ring", level=1, setup=self.ring.setup_mode,
                        features=hex(self.ring.features),
                        ring_fd_registered=self.ring.ring_fd_registered)
-        zerocopy = cfg.mode in ("zerocopy", "auto") and self._zerocopy_usable()
+        splice = self._splice_setup() if cfg.mode == "splice" else {}
+        if cfg.mode == "peek":
+            why = "forced off by URING_NET_DISABLE" if "peek_off" in cfg.disabled else probe_peek_off()
+            if not why and not self.ring.supports("POLL_ADD"):
+                why = "io_uring lacks POLL_ADD, which tells when to peek again"
+            if why:
+                self.listener.close()
+                raise StartupError(f"--mode peek needs recv-with-offset (SO_PEEK_OFF on TCP, "
+                                   f"Linux 6.9+), and this kernel refuses it: {why}")
+        # Peek mode sends what it peeked the way auto mode does.
+        zerocopy = cfg.mode in ("zerocopy", "auto", "peek") and self._zerocopy_usable()
         if cfg.mode == "auto":
             self.log.event("auto", choice=(
                 f"copy, with zero-copy sends >= {cfg.zc_threshold} bytes until a socket's usage "
@@ -109,8 +173,9 @@ class Proxy:
             multishot_recv=feats["multishot_recv"][1],
             zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
             zc_registered="registered_buffers" not in cfg.disabled,
-            zc_backoff=cfg.mode == "auto",
-            recv_bundle=feats["recv_bundle"][1])
+            zc_backoff=cfg.mode in ("auto", "peek"),
+            recv_bundle=feats["recv_bundle"][1],
+            peek=cfg.mode == "peek", replay_window=cfg.replay_window, **splice)
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
@@ -118,12 +183,42 @@ class Proxy:
             self.log.event("fallback", feature="registered_buffers",
                            reason=errno.errorcode.get(self.engine.zc_register_err, "?"),
                            using="SEND_ZC on plain addresses (pages pinned per send)")
-        self.engine.set_upstream(cfg.upstream.family, cfg.upstream.host, cfg.upstream.port)
+        for up in cfg.upstreams:
+            self.engine.add_upstream(up.family, up.host, up.port)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
         self.address = bound_address(self.listener)
-        self.log.event("listening", listen=self.address, upstream=str(cfg.upstream),
+        self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=cfg.backend, mode=cfg.mode)
         return self.address
+
+    def _splice_setup(self) -> dict:
+        """Check splice mode can run, size its pipes, cap io-wq: the engine's kwargs."""
+        cfg = self.cfg
+        missing = [op for op in ("SPLICE", "POLL_ADD") if not self.ring.supports(op)]
+        if "splice" in cfg.disabled:
+            missing.append("SPLICE (forced off by URING_NET_DISABLE)")
+        if missing:
+            self.listener.close()
+            raise StartupError(f"--mode splice needs io_uring operations this kernel lacks: "
+                               f"{', '.join(missing)}; use --mode copy")
+        try:
+            size = probe_pipe_size(cfg.pipe_size, cfg.max_inflight)
+        except ConfigError:
+            self.listener.close()
+            raise
+        # Every splice runs in an io-wq worker. Non-blocking fds keep each one
+        # short, and the cap keeps a burst of flows from making a thread each.
+        workers = cfg.iowq_workers or os.cpu_count() or 1
+        ret = -errno.EPERM if "iowq_cap" in cfg.disabled else self.ring.set_iowq_max_workers(workers)
+        if ret < 0:
+            why = "forced off by URING_NET_DISABLE" if "iowq_cap" in cfg.disabled \
+                else errno.errorcode.get(-ret, str(-ret))
+            self.log.event("fallback", feature="iowq_cap", reason=why,
+                           using="io-wq's own limit (RLIMIT_NPROC); splices are non-blocking, "
+                                 "so workers do not pile up on idle flows")
+            workers = 0
+        self.log.event("splice", pipe_size=size, iowq_workers=workers or "uncapped")
+        return {"splice": True, "pipe_size": size}
 
     def _zerocopy_usable(self) -> bool:
         """Probe SEND_ZC; False (with one log line) means copy-mode sends."""
@@ -163,20 +258,29 @@ class Proxy:
             self._drain()
         self._drain()
         stats = eng.stats()
-        zc = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
-            if self.cfg.mode in ("zerocopy", "auto") else {}
+        extra = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
+            if self.cfg.mode in ("zerocopy", "auto", "peek") else {}
+        if self.cfg.mode == "peek":
+            extra.update({k: stats[k] for k in ("consumed_bytes", "replayed_bytes", "peek_eagain")})
+        if self.cfg.mode == "splice":
+            extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created")})
+        if len(self.cfg.upstreams) > 1:
+            extra["failovers"] = stats["failovers"]
         # buffers_out: receive buffers not back in the ring. With every flow
         # gone it must be 0; anything else is a buffer lost to its owner.
         self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
                        bytes_u2c=stats["u2c_bytes"], active=stats["active"],
                        buffers_out=stats["bufs_held"], ring_order_errors=stats["ring_order_errors"],
-                       **zc)
+                       **extra)
         return stats
 
     def _drain(self):
-        up = str(self.cfg.upstream)
+        ups = self.cfg.upstreams
         for rec in self.engine.drain_closed():
             err = rec.pop("errno")
+            up = str(ups[rec.pop("upstream_index")])
+            if not rec["failovers"]:
+                del rec["failovers"]
             if err:
                 rec["error"] = errno.errorcode.get(err, str(err))
             self.log.event("close", upstream=up, **rec)
