@@ -6,7 +6,7 @@ read on a background thread, so the pipe never fills and tests can wait for ``cl
 lines. The log contract is docs/cli-contract.md.
 
 Every behaviour test goes through the ``proxy`` factory, which is parametrized over
-BACKENDS x MODES x FEATURE_SETS below: a new backend or data path is one word in one list.
+BACKENDS x VARIANTS below: a new backend or data path is one word in one list.
 
 Socket peers, byte patterns and upstream servers live in ``netutil.py`` so that test
 modules can import them; this file holds the fixtures and the proxy process.
@@ -34,7 +34,7 @@ from netutil import (BlackholeUpstream, EchoServer, RefusingUpstream, TcpServer,
 
 # Add a backend or a data path here and every behaviour test runs against it.
 BACKENDS = ["uring"]
-MODES = ["copy", "zerocopy", "auto"]
+MODES = ["copy", "zerocopy", "auto", "splice", "peek"]
 # io_uring features the proxy is told to treat as missing (URING_NET_DISABLE, see
 # `uring-proxy --help`), so the fallback code paths run on a kernel that has them all.
 # id -> comma-separated feature names ("" = use everything the kernel offers).
@@ -44,6 +44,10 @@ FEATURE_SETS = {
     # buffer per recv completion. (Each is independent of the others in the engine.)
     "plain": "multishot_accept,multishot_recv,recv_bundle",
 }
+# The (mode, feature set) pairs a behaviour test runs in. The plain accept and recv paths
+# are the same code in every mode that reads into buffers (splice only accepts there), so
+# copy carries them; each mode runs with everything the kernel offers.
+VARIANTS = [(m, "allfeatures") for m in MODES] + [("copy", "plain")]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0      # until the "listening on" line
@@ -464,14 +468,23 @@ def backend(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=MODES)
-def mode(request) -> str:
-    return request.param
-
-
-@pytest.fixture(params=list(FEATURE_SETS.values()), ids=list(FEATURE_SETS))
-def disabled_features(request) -> str:
-    return request.param
+def pytest_generate_tests(metafunc):
+    """``mode`` and ``disabled_features`` over VARIANTS; a test that pins one of them
+    with its own parametrize mark runs the other over all its values."""
+    pinned = set()
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0]
+        pinned |= {n.strip() for n in (names.split(",") if isinstance(names, str) else names)}
+    want = [n for n in ("mode", "disabled_features")
+            if n in metafunc.fixturenames and n not in pinned]
+    if want == ["mode", "disabled_features"]:
+        metafunc.parametrize("mode,disabled_features", [(m, FEATURE_SETS[f]) for m, f in VARIANTS],
+                             ids=[f"{m}-{f}" for m, f in VARIANTS])
+    elif want == ["mode"]:
+        metafunc.parametrize("mode", MODES)
+    elif want == ["disabled_features"]:
+        metafunc.parametrize("disabled_features", list(FEATURE_SETS.values()),
+                             ids=list(FEATURE_SETS))
 
 
 def proxy_argv(listen: str, upstream: str, backend: str, mode: str, *extra: str,

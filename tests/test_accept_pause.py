@@ -1,7 +1,8 @@
 """Out of fds: accept pauses instead of spinning, and recovers when fds come back.
 
 The proxy's own RLIMIT_NOFILE is lowered with prlimit(2) once it is idle, so that exactly
-three flows fit (two fds each). Further clients stay in the listen backlog: accept fails
+three flows fit (two fds each: in splice mode the pipes come from the pool filled at
+start-up). Further clients stay in the listen backlog: accept fails
 with EMFILE, the proxy logs one accept_paused event, retries every 100 ms (CPU near
 zero, no busy loop), and serves the waiting clients as soon as flows close.
 """
