@@ -91,6 +91,8 @@ URING_VARIANTS: list[tuple[str, list[str]]] = [
     ("copy", ["--mode", "copy"]),
     ("zerocopy", ["--mode", "zerocopy"]),
     ("auto", ["--mode", "auto"]),
+    ("splice", ["--mode", "splice"]),
+    ("peek", ["--mode", "peek"]),
 ]
 
 # HAProxy configuration, exactly as in the peer baselines.
