@@ -129,6 +129,7 @@ cdef struct Stats:
     uint64_t consumed_bytes     # peek: bytes dropped from client sockets after delivery
     uint64_t splice_eagain      # splice: splices that found nothing to move
     uint64_t pipes_created      # splice: pipes made (the rest came from the pool)
+    uint64_t pipe_errors        # splice: a pipe our count called empty was not (must stay 0)
     uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry (must stay 0)
     uint64_t cqes
     uint64_t batches

@@ -701,13 +701,17 @@ cdef class Engine:
     # fragment, so a pipe fills before pipe_cap bytes); polling the socket
     # then could spin, so that read waits for the next write to the sink.
 
+    # pipe_bytes is counted whatever the flow's state: a splice that lands
+    # after a reset still moved its bytes, and pipe_put() must not pool a
+    # pipe that holds them (the next flow would read another flow's bytes).
     cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         D.flags &= ~D_RECV_ARMED
+        if res > 0:
+            D.pipe_bytes += <uint32_t>res
         if f.state != F_OPEN:
             return
         if res > 0:
-            D.pipe_bytes += <uint32_t>res
             D.flags |= D_READY
         elif res == 0:
             D.flags |= D_EOF
@@ -723,13 +727,14 @@ cdef class Engine:
     cdef void on_splice_out(self, Flow *f, int d, int res) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         D.flags &= ~D_SEND_BUSY
-        if f.state != F_OPEN:
-            return
         if res > 0:
             if <uint32_t>res < D.pipe_bytes:
                 self.st.short_sends += 1
             D.pipe_bytes -= <uint32_t>res
             D.moved_bytes += <uint32_t>res
+        if f.state != F_OPEN:
+            return
+        if res > 0:
             D.flags &= ~(D_OUT_WAIT | D_IN_STUCK)
         elif res == -EAGAIN:
             self.st.splice_eagain += 1
@@ -1077,8 +1082,14 @@ cdef class Engine:
     # it has room; one still holding bytes (the flow was reset) is closed
     # with them, and a new one takes its place in the pool.
     cdef void pipe_put(self, Dir *D) noexcept nogil:
+        cdef int queued = 0
         if D.pipe_r < 0:
             return
+        # The kernel's word before pooling: a pipe that is not empty must never
+        # reach another flow, and a count that drifted must show (tests: 0).
+        if D.pipe_bytes == 0 and ioctl(D.pipe_r, FIONREAD, &queued) == 0 and queued != 0:
+            self.st.pipe_errors += 1
+            D.pipe_bytes = <uint32_t>queued
         if D.pipe_bytes != 0 or self.pipe_pool_n == PIPE_POOL:
             close(D.pipe_r)
             close(D.pipe_w)

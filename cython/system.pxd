@@ -78,6 +78,10 @@ cdef extern from "<fcntl.h>" nogil:
     unsigned SPLICE_F_NONBLOCK, SPLICE_F_MOVE
     int fcntl(int fd, int cmd, ...)
 
+cdef extern from "<sys/ioctl.h>" nogil:
+    int FIONREAD
+    int ioctl(int fd, unsigned long request, ...)
+
 cdef extern from "<poll.h>" nogil:
     unsigned POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP
 

@@ -538,6 +538,10 @@ def proxy(backend, mode, disabled_features):
             # CQE that is not the ring's head entry would break recv bundles.
             if st.get("ring_order_errors") != 0:
                 failures.append(f"ring_order_errors={st.get('ring_order_errors')}: {st}")
+            # Splice mode: a pipe whose byte count said empty while the kernel said
+            # otherwise (checked before every pooling) would leak bytes across flows.
+            if st.get("pipe_errors", 0) != 0:
+                failures.append(f"pipe_errors={st.get('pipe_errors')}: {st}")
         failures += p.problems()
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)

@@ -263,7 +263,7 @@ class Proxy:
         if self.cfg.mode == "peek":
             extra.update({k: stats[k] for k in ("consumed_bytes", "replayed_bytes", "peek_eagain")})
         if self.cfg.mode == "splice":
-            extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created")})
+            extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created", "pipe_errors")})
         if len(self.cfg.upstreams) > 1:
             extra["failovers"] = stats["failovers"]
         # buffers_out: receive buffers not back in the ring. With every flow
