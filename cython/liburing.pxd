@@ -67,7 +67,8 @@ cdef extern from "uring_compat.h" nogil:
     unsigned IOSQE_IO_LINK, IOSQE_BUFFER_SELECT, IOSQE_CQE_SKIP_SUCCESS
     # cqe flags
     unsigned IORING_CQE_F_BUFFER, IORING_CQE_F_MORE, IORING_CQE_F_SOCK_NONEMPTY
-    unsigned IORING_CQE_F_NOTIF, IORING_CQE_BUFFER_SHIFT
+    unsigned IORING_CQE_F_NOTIF, IORING_CQE_BUFFER_SHIFT, IORING_CQE_F_BUF_MORE
+    unsigned IOU_PBUF_RING_INC
     # misc op flags
     unsigned IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_FD, IORING_ASYNC_CANCEL_ANY
     unsigned IORING_RECVSEND_BUNDLE, IORING_SEND_ZC_REPORT_USAGE, IORING_NOTIF_USAGE_ZC_COPIED
@@ -127,7 +128,9 @@ cdef extern from "uring_compat.h" nogil:
     int io_uring_buf_ring_mask(uint32_t ring_entries)
 
     # ours (uring_compat.h)
-    io_uring_buf_ring *uc_setup_buf_ring(io_uring *ring, unsigned entries, int bgid, int *err)
+    io_uring_buf_ring *uc_setup_buf_ring(io_uring *ring, unsigned entries, int bgid,
+                                         unsigned flags, int *err)
+    int uc_buf_ring_head(io_uring *ring, int bgid, unsigned *head)
     void uc_free_buf_ring(io_uring *ring, io_uring_buf_ring *br, unsigned entries, int bgid)
     void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle,
                              int msg_flags)

@@ -185,7 +185,7 @@ cdef class Ring:
         cdef int err = 0, res
         cdef unsigned flags
         cdef char[64] mem
-        br = uc_setup_buf_ring(&self.ring, 2, 0x7ff0, &err)
+        br = uc_setup_buf_ring(&self.ring, 2, 0x7ff0, 0, &err)
         if br == NULL:
             return False
         a, b = _socket.socketpair()
@@ -207,6 +207,16 @@ cdef class Ring:
             a.close()
             b.close()
             uc_free_buf_ring(&self.ring, br, 2, 0x7ff0)
+
+    def probe_buf_ring_inc(self):
+        """True if provided-buffer rings can be consumed incrementally
+        (IOU_PBUF_RING_INC, 6.12+): older kernels refuse the flag with EINVAL."""
+        cdef int err = 0
+        cdef io_uring_buf_ring *br = uc_setup_buf_ring(&self.ring, 2, 0x7ff1, IOU_PBUF_RING_INC, &err)
+        if br == NULL:
+            return False
+        uc_free_buf_ring(&self.ring, br, 2, 0x7ff1)
+        return True
 
     def probe_send_zc(self):
         """SEND_ZC on loopback TCP: (works, usage_reported, copied).

@@ -95,3 +95,4 @@ cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
     void free(void *p)
     void *calloc(size_t n, size_t size)
+    void *realloc(void *p, size_t size)

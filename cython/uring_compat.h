@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <liburing.h>
 
 /* Feature flags newer than liburing 2.3's io_uring.h (include/uapi/linux/io_uring.h). */
@@ -46,16 +48,31 @@
 #endif
 
 /*
+ * The register argument as the kernel has it: liburing 2.3 calls the u16
+ * after bgid "pad"; since 6.12 it carries IOU_PBUF_RING_INC.
+ */
+struct uc_buf_reg {
+    __u64 ring_addr;
+    __u32 ring_entries;
+    __u16 bgid;
+    __u16 flags;
+    __u64 resv[3];
+};
+_Static_assert(sizeof(struct uc_buf_reg) == sizeof(struct io_uring_buf_reg),
+               "io_uring_buf_reg layout changed");
+
+/*
  * A provided-buffer ring for group `bgid` with `entries` slots (a power of
- * two). liburing 2.4 added io_uring_setup_buf_ring(); 2.3 only has the
- * register call, so the ring memory is mapped here. The ring must be
- * page-aligned memory the kernel can pin (io_uring_register_buf_ring(3)).
- * Returns NULL and sets *err (a negative errno) on failure.
+ * two), registered with `flags` (0 or IOU_PBUF_RING_INC). liburing 2.4
+ * added io_uring_setup_buf_ring(); 2.3 only has the register call, so the
+ * ring memory is mapped here. The ring must be page-aligned memory the
+ * kernel can pin (io_uring_register_buf_ring(3)). Returns NULL and sets
+ * *err (a negative errno) on failure: EINVAL for flags the kernel lacks.
  */
 static inline struct io_uring_buf_ring *
-uc_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err)
+uc_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, unsigned flags, int *err)
 {
-    struct io_uring_buf_reg reg;
+    struct uc_buf_reg reg;
     size_t size = (size_t)entries * sizeof(struct io_uring_buf);
     void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
                      MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
@@ -67,7 +84,8 @@ uc_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err)
     reg.ring_addr = (unsigned long)mem;
     reg.ring_entries = entries;
     reg.bgid = (unsigned short)bgid;
-    int ret = io_uring_register_buf_ring(ring, &reg, 0);
+    reg.flags = (__u16)flags;
+    int ret = io_uring_register_buf_ring(ring, (struct io_uring_buf_reg *)&reg, 0);
     if (ret < 0) {
         munmap(mem, size);
         *err = ret;
@@ -76,6 +94,27 @@ uc_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err)
     io_uring_buf_ring_init((struct io_uring_buf_ring *)mem);
     *err = 0;
     return (struct io_uring_buf_ring *)mem;
+}
+
+/*
+ * The kernel's head of group `bgid` (IORING_REGISTER_PBUF_STATUS, 6.8+):
+ * how many entries it has consumed, modulo 2^16. Returns 0 or -errno.
+ */
+#ifndef IORING_REGISTER_PBUF_STATUS
+#define IORING_REGISTER_PBUF_STATUS 26
+#endif
+static inline int
+uc_buf_ring_head(struct io_uring *ring, int bgid, unsigned *head)
+{
+    struct { __u32 buf_group; __u32 head; __u32 resv[8]; } st;
+    memset(&st, 0, sizeof(st));
+    st.buf_group = (__u32)bgid;
+    int ret = (int)syscall(__NR_io_uring_register, ring->ring_fd,
+                           IORING_REGISTER_PBUF_STATUS, &st, 1);
+    if (ret < 0)
+        return -errno;
+    *head = st.head;
+    return 0;
 }
 
 static inline void
