@@ -49,13 +49,27 @@ cdef enum:
 cdef enum:
     MAX_UPSTREAMS = 8
 
+# A run of received bytes inside one pool buffer. Without incremental
+# buffers a segment is a whole buffer's fill; with them (6.12+) the kernel
+# packs consecutive recvs, of any flows, into one buffer, and each recv's
+# bytes are a segment of it. Send queues and zero-copy notifications work
+# on segments; a buffer goes home when the kernel is done filling it and
+# its last segment is delivered (see the buffer pool in engine.pyx).
+cdef struct Seg:
+    uint16_t bid
+    uint16_t notif          # zero-copy notifications still owed for its bytes
+    uint32_t off            # where its bytes start in the buffer
+    uint32_t len
+    int32_t next            # the send queue's next segment, the free list's next,
+                            # or SEG_SENT: sent, waiting for its notifications
+
 cdef struct Dir:
-    int32_t q_head          # buffer ids queued for sending, FIFO through buf_next
+    int32_t q_head          # segments queued for sending, FIFO through Seg.next
     int32_t q_tail
-    uint32_t head_off       # bytes of the head buffer already sent
+    uint32_t head_off       # bytes of the head segment already sent
     uint32_t flags          # DirFlag
-    uint32_t queued_bufs    # buffers read from the source, not yet accepted by the
-                            # sink (the memory bound counts these)
+    uint32_t queued_bufs    # distinct buffers the queue's segments pin (the memory
+                            # bound counts these: a short read pins its buffer)
     uint64_t moved_bytes    # accepted by the sink's socket
     int32_t wait_prev       # buffer-wait list links (slot * 2 + d), -1 = none
     int32_t wait_next
@@ -130,7 +144,9 @@ cdef struct Stats:
     uint64_t splice_eagain      # splice: splices that found nothing to move
     uint64_t pipes_created      # splice: pipes made (the rest came from the pool)
     uint64_t pipe_errors        # splice: a pipe our count called empty was not (must stay 0)
-    uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry (must stay 0)
+    uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry, or our head
+                                # not the kernel's at the end (must stay 0)
+    uint64_t seg_grows          # the segment table was full and doubled
     uint64_t cqes
     uint64_t batches
     uint64_t log_dropped
@@ -147,10 +163,15 @@ cdef class Engine:
     cdef char *buf_mem
     cdef uint32_t nbufs
     cdef uint32_t buf_size
-    cdef uint32_t *buf_len
-    cdef int32_t *buf_next
-    cdef uint16_t *buf_notif   # zero-copy notifications still owed, per buffer
+    cdef uint32_t *buf_fill    # bytes the kernel wrote into each buffer since it was given
+    cdef uint32_t *buf_refs    # segments alive in each buffer (queued, or owed notifications)
+    cdef uint8_t *buf_kern     # 1 while the buffer is in the ring: the kernel may fill it
     cdef uint16_t *ring_bid    # shadow of the buffer ring: the bid at each entry
+    cdef bint inc              # incremental consumption (IOU_PBUF_RING_INC, 6.12+)
+    cdef Seg *segs
+    cdef uint32_t nsegs
+    cdef int32_t seg_free
+    cdef uint32_t segs_live
     cdef uint32_t ring_tail    # entries published (mirrors the shared tail)
     cdef uint32_t ring_head    # entries the kernel has handed us, in CQE order
     cdef bint bundle           # recv bundles (6.10+)
@@ -210,15 +231,15 @@ cdef class Engine:
     cdef void on_connect(self, Flow *f, int res) noexcept nogil
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
-    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t bid) noexcept nogil
-    cdef void buf_sent(self, Flow *f, int d, uint32_t bid) noexcept nogil
+    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t si) noexcept nogil
+    cdef void seg_sent(self, Flow *f, int d, int32_t si) noexcept nogil
     cdef void zc_judge(self, Dir *D, bint copied) noexcept nogil
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_poll(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_splice_out(self, Flow *f, int d, int res) noexcept nogil
-    cdef void delivered(self, Flow *f, int d, uint32_t bid) noexcept nogil
+    cdef void delivered(self, Flow *f, int d, int32_t si) noexcept nogil
     cdef bint can_redial(self, Flow *f, uint8_t cause) noexcept nogil
     cdef void redial(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_dial(self, uint32_t slot, Flow *f) noexcept nogil
@@ -237,7 +258,10 @@ cdef class Engine:
     cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void buf_return(self, uint32_t bid) noexcept nogil
-    cdef uint32_t ring_take(self, uint32_t bid, int res) noexcept nogil
+    cdef bint ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil
+    cdef bint seg_push(self, Dir *D, uint32_t bid, uint32_t off, uint32_t n) noexcept nogil
+    cdef int32_t seg_pop(self, Dir *D) noexcept nogil
+    cdef void seg_free_one(self, int32_t si) noexcept nogil
     cdef void bufs_flush(self) noexcept nogil
     cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
     cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil

@@ -8,10 +8,12 @@
 # the buffer pool.
 #
 # Invariants (each is relied on below; break one and bytes are lost):
-# - A buffer has one owner: the kernel's provided-buffer ring, exactly one
-#   direction's send queue, or -- sent zero-copy -- the kernel until its last
-#   notification (parked, buf_next == BUF_SENT). buf_sent() decides between
-#   the last two; buf_return() is the only way back to the ring.
+# - Received bytes have one owner: the kernel (filling the buffer), exactly
+#   one direction's send queue, or -- sent zero-copy -- the kernel until the
+#   last notification for them (the segment parked, next == SEG_SENT).
+#   seg_sent() decides between the last two. A buffer goes back to the ring
+#   (buf_return(), the only way back) when the kernel has stopped filling it
+#   and the last of its segments is freed.
 # - A direction has at most one send in flight, so bytes leave in the order
 #   they arrived, and a short send resumes from head_off.
 # - shutdown(SHUT_WR) is submitted only when the direction has read EOF, its
@@ -21,9 +23,9 @@
 #   so a CQE that outlives its flow is recognised and dropped.
 
 # --- user_data ---------------------------------------------------------------
-# bits 0-19 slot | 20-39 generation | 40-55 buffer id | 56-60 op | 61 direction
-# The buffer id is there for SEND_ZC: its notification CQE, which may come
-# after later sends, must say which buffer the kernel has let go of.
+# bits 0-19 slot | 20-35 generation | 36-55 segment | 56-60 op | 61 direction
+# The segment is there for SEND_ZC: its notification CQE, which may come
+# after later sends, must say which bytes the kernel has let go of.
 cdef enum Op:
     OP_ACCEPT = 1
     OP_ACCEPT_TIMER
@@ -44,8 +46,11 @@ cdef enum Op:
 
 cdef enum:
     SLOT_BITS = 20           # --max-conns is capped at 2**20
-    GEN_MASK = 0xFFFFF
-    BUF_SENT = -2            # buf_next value: fully sent, waiting for its notification
+    GEN_MASK = 0xFFFF
+    SEG_SHIFT = 36
+    SEG_MAX = 1 << 20        # segments the user_data field can name
+    SEG_SENT = -2            # Seg.next: fully sent, waiting for its notifications
+    SEGS_PER_BUF = 8         # initial segment table, per buffer (it doubles when full)
     CQE_BATCH = 256          # CQEs harvested per peek
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     LOG_CAP = 4096           # closed-flow records between two drains
@@ -56,8 +61,8 @@ cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcep
     return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << SLOT_BITS) \
         | ((<uint64_t>op) << 56) | ((<uint64_t>d) << 61)
 
-cdef inline uint64_t ud_with_bid(uint64_t ud, uint32_t bid) noexcept nogil:
-    return ud | ((<uint64_t>bid & 0xFFFF) << 40)
+cdef inline uint64_t ud_with_seg(uint64_t ud, int32_t si) noexcept nogil:
+    return ud | ((<uint64_t>si & (SEG_MAX - 1)) << SEG_SHIFT)
 
 cdef inline int64_t now_ns() noexcept nogil:
     cdef timespec ts
@@ -98,6 +103,7 @@ cdef class Engine:
                   bint multishot_accept=True, bint multishot_recv=True,
                   bint zerocopy=False, uint32_t zc_threshold=16384,
                   bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False,
+                  bint recv_inc=False,
                   bint splice=False, uint32_t pipe_size=0, bint peek=False,
                   uint32_t replay_window=65536):
         cdef int err = 0
@@ -126,18 +132,22 @@ cdef class Engine:
         self.replay_window = replay_window
 
         self.flows = <Flow *>calloc(max_conns, sizeof(Flow))
-        self.buf_len = <uint32_t *>calloc(buffers, sizeof(uint32_t))
-        self.buf_next = <int32_t *>calloc(buffers, sizeof(int32_t))
-        self.buf_notif = <uint16_t *>calloc(buffers, sizeof(uint16_t))
+        self.buf_fill = <uint32_t *>calloc(buffers, sizeof(uint32_t))
+        self.buf_refs = <uint32_t *>calloc(buffers, sizeof(uint32_t))
+        self.buf_kern = <uint8_t *>calloc(buffers, sizeof(uint8_t))
         self.ring_bid = <uint16_t *>calloc(buffers, sizeof(uint16_t))
+        self.nsegs = min(<uint32_t>SEG_MAX, buffers * SEGS_PER_BUF)
+        self.segs = <Seg *>calloc(self.nsegs, sizeof(Seg))
         self.bundle = recv_bundle
+        self.inc = recv_inc
         self.log = <CloseRec *>calloc(LOG_CAP, sizeof(CloseRec))
         self.fdw_cap = max_conns
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
         self.pipe_pool = <int *>calloc(PIPE_POOL * 3, sizeof(int))
-        if (self.pipe_pool == NULL or self.flows == NULL or self.buf_len == NULL or self.buf_next == NULL
-                or self.buf_notif == NULL or self.ring_bid == NULL
+        if (self.pipe_pool == NULL or self.flows == NULL or self.buf_fill == NULL
+                or self.buf_refs == NULL or self.buf_kern == NULL or self.ring_bid == NULL
+                or self.segs == NULL
                 or self.log == NULL or self.fdw == NULL
                 or posix_memalign(<void **>&self.buf_mem, 4096,
                                   <size_t>buffers * buffer_size) != 0):
@@ -147,8 +157,11 @@ cdef class Engine:
             self.flows[i].fd[0] = -1
             self.flows[i].fd[1] = -1
         self.free_head = 0 if max_conns > 0 else -1
+        for i in range(self.nsegs):
+            self.segs[i].next = <int32_t>i + 1 if i + 1 < self.nsegs else -1
+        self.seg_free = 0
 
-        self.br = uc_setup_buf_ring(&ring.ring, buffers, 0, &err)
+        self.br = uc_setup_buf_ring(&ring.ring, buffers, 0, IOU_PBUF_RING_INC if recv_inc else 0, &err)
         if self.br == NULL:
             raise OSError(-err, f"registering the provided-buffer ring failed: {os.strerror(-err)}")
         for i in range(buffers):
@@ -156,6 +169,7 @@ cdef class Engine:
                                   buffer_size, <unsigned short>i,
                                   io_uring_buf_ring_mask(buffers), <int>i)
             self.ring_bid[i] = <uint16_t>i
+            self.buf_kern[i] = 1
         io_uring_buf_ring_advance(self.br, <int>buffers)
         self.ring_tail = buffers
 
@@ -194,9 +208,10 @@ cdef class Engine:
                 close(self.pipe_pool[3 * i + 1])
         free(self.pipe_pool)
         free(self.flows)
-        free(self.buf_len)
-        free(self.buf_next)
-        free(self.buf_notif)
+        free(self.buf_fill)
+        free(self.buf_refs)
+        free(self.buf_kern)
+        free(self.segs)
         free(self.ring_bid)
         free(self.log)
         free(self.fdw)
@@ -246,11 +261,10 @@ cdef class Engine:
         cdef int d = <int>((ud >> 61) & 1)
         cdef uint32_t slot = <uint32_t>(ud & ((1 << SLOT_BITS) - 1))
         cdef uint32_t gen = <uint32_t>((ud >> SLOT_BITS) & GEN_MASK)
-        cdef uint32_t bid = <uint32_t>((ud >> 40) & 0xFFFF)
+        cdef uint32_t si = <uint32_t>((ud >> SEG_SHIFT) & (SEG_MAX - 1))
         cdef Flow *f
         cdef int res = cqe.res
         cdef uint32_t cflags = cqe.flags
-        cdef uint32_t first, i
 
         if op == OP_ACCEPT:
             self.on_accept(res, cflags)
@@ -269,13 +283,11 @@ cdef class Engine:
         f = &self.flows[slot]
         if f.state == F_FREE or (f.gen & GEN_MASK) != gen:
             # A completion that outlived its flow. Our close path waits for
-            # every CQE, so this is defence in depth -- but a buffer it
-            # carries must still go home or the pool shrinks for good.
+            # every CQE, so this is defence in depth -- but the buffers it
+            # filled must still go home or the pool shrinks for good.
             self.st.stale_cqes += 1
             if cflags & IORING_CQE_F_BUFFER:
-                first = self.ring_head
-                for i in range(self.ring_take(cflags >> IORING_CQE_BUFFER_SHIFT, res)):
-                    self.buf_return(self.ring_bid[(first + i) & (self.nbufs - 1)])
+                self.ring_take(NULL, cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags)
             return
         if not (cflags & IORING_CQE_F_MORE):
             f.inflight -= 1
@@ -285,7 +297,7 @@ cdef class Engine:
         elif op == OP_SEND:
             self.on_send(f, d, res)
         elif op == OP_SEND_ZC:
-            self.on_send_zc(f, d, res, cflags, bid)
+            self.on_send_zc(f, d, res, cflags, si)
         elif op == OP_CONNECT:
             self.on_connect(f, res)
         elif op == OP_SHUTDOWN:
@@ -512,27 +524,17 @@ cdef class Engine:
 
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
         cdef Dir *D = &f.dir[d]
-        cdef uint32_t bid, first, i, n
         if not (cflags & IORING_CQE_F_MORE):
             D.flags &= ~(D_RECV_ARMED | D_RECV_CANCEL)
         if cflags & IORING_CQE_F_BUFFER:
-            first = self.ring_head
-            n = self.ring_take(cflags >> IORING_CQE_BUFFER_SHIFT, res)
-            for i in range(n):
-                bid = self.ring_bid[(first + i) & (self.nbufs - 1)]
-                if res <= 0 or f.state != F_OPEN:
-                    self.buf_return(bid)
-                    continue
-                # Ownership: ring -> this direction's send queue. A bundle
-                # fills its buffers in ring order, each but the last in full.
-                self.buf_len[bid] = min(self.buf_size, <uint32_t>res - i * self.buf_size)
-                self.buf_next[bid] = -1
-                if D.q_tail >= 0:
-                    self.buf_next[D.q_tail] = <int32_t>bid
-                else:
-                    D.q_head = <int32_t>bid
-                D.q_tail = <int32_t>bid
-                D.queued_bufs += 1
+            # Ownership: kernel -> this direction's send queue (dropped if
+            # the flow is ending or nothing was read).
+            if not self.ring_take(D if res > 0 and f.state == F_OPEN else NULL,
+                                  cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags):
+                # No room to record the bytes: they are lost, so the flow
+                # must not go on as if they were sent (reset both sides).
+                self.flow_fail(f, C_RESOURCE, ENOMEM, 3)
+                return
         if res > 0 and self.peek and f.state == F_OPEN:
             if d == 0:
                 D.peeked += <uint32_t>res
@@ -559,7 +561,7 @@ cdef class Engine:
 
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil:
         cdef Dir *D = &f.dir[d]
-        cdef int32_t bid
+        cdef int32_t si
         cdef int avail
         D.flags &= ~D_SEND_BUSY
         if f.state != F_OPEN:
@@ -573,43 +575,40 @@ cdef class Engine:
         if <uint32_t>res < D.send_len:
             self.st.short_sends += 1      # the rest goes out in the next send
         D.moved_bytes += <uint64_t>res
-        # Consume res bytes from the head of the queue; each buffer fully
-        # sent goes back to the ring (ownership: send queue -> ring).
+        # Consume res bytes from the head of the queue; each segment fully
+        # sent leaves it (seg_sent decides where to).
         while res > 0:
-            bid = D.q_head
-            avail = <int>(self.buf_len[bid] - D.head_off)
+            si = D.q_head
+            avail = <int>(self.segs[si].len - D.head_off)
             if res < avail:
                 D.head_off += <uint32_t>res
                 break
             res -= avail
             D.head_off = 0
-            D.queued_bufs -= 1
-            D.q_head = self.buf_next[bid]
-            if D.q_head < 0:
-                D.q_tail = -1
-            self.buf_sent(f, d, <uint32_t>bid)
+            self.seg_sent(f, d, self.seg_pop(D))
 
     # SEND_ZC posts up to two CQEs with the same user_data: the result (with
     # IORING_CQE_F_MORE when a notification follows) and the notification
     # (IORING_CQE_F_NOTIF). Only the notification gives the buffer back
     # (io_uring_prep_send_zc(3)); whether one comes is F_MORE's say, not
     # res's: an errored send can still post one.
-    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t bid) noexcept nogil:
+    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t si) noexcept nogil:
+        cdef Seg *g = &self.segs[si]
         if cflags & IORING_CQE_F_NOTIF:
             self.st.zc_notifs += 1
             if <uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED:
                 self.st.zc_copied += 1
             if self.zc_backoff:
                 self.zc_judge(&f.dir[d], (<uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED) != 0)
-            self.buf_notif[bid] -= 1
-            if self.buf_notif[bid] == 0 and self.buf_next[bid] == BUF_SENT:
-                self.delivered(f, d, bid)
-                self.buf_return(bid)
+            g.notif -= 1
+            if g.notif == 0 and g.next == SEG_SENT:
+                self.delivered(f, d, <int32_t>si)
+                self.seg_free_one(<int32_t>si)
             return
         if cflags & IORING_CQE_F_MORE:
             self.st.zc_sends += 1
         else:
-            self.buf_notif[bid] -= 1      # counted at submit; none will come
+            g.notif -= 1                  # counted at submit; none will come
         if res == -EOPNOTSUPP:
             # The kernel or this socket cannot send zero-copy: nothing was
             # sent. Turn zero-copy off for good (Python logs it once) and let
@@ -634,20 +633,20 @@ cdef class Engine:
             D.flags |= D_ZC_OFF
             self.st.zc_backoffs += 1
 
-    # Ownership: send queue -> ring, or -> parked until the notifications
-    # owed for this buffer have all arrived (then on_send_zc returns it).
-    cdef void buf_sent(self, Flow *f, int d, uint32_t bid) noexcept nogil:
-        if self.buf_notif[bid]:
-            self.buf_next[bid] = BUF_SENT
+    # Ownership: send queue -> freed, or -> parked until the notifications
+    # owed for these bytes have all arrived (then on_send_zc frees it).
+    cdef void seg_sent(self, Flow *f, int d, int32_t si) noexcept nogil:
+        if self.segs[si].notif:
+            self.segs[si].next = SEG_SENT
         else:
-            self.delivered(f, d, bid)
-            self.buf_return(bid)
+            self.delivered(f, d, si)
+            self.seg_free_one(si)
 
-    # The kernel is done with a buffer's bytes: sent, and notified if sent
+    # The kernel is done with a segment's bytes: sent, and notified if sent
     # zero-copy. In peek mode that is when the client's copy of them may go.
-    cdef void delivered(self, Flow *f, int d, uint32_t bid) noexcept nogil:
+    cdef void delivered(self, Flow *f, int d, int32_t si) noexcept nogil:
         if self.peek and d == 0:
-            f.dir[0].released += self.buf_len[bid]
+            f.dir[0].released += self.segs[si].len
             if f.dir[0].released >= f.replay_limit:
                 # Holding more could close the client's window on an upstream
                 # that reads everything before it answers: give up replay.
@@ -856,37 +855,39 @@ cdef class Engine:
     cdef void send_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         cdef io_uring_sqe *s
-        cdef int32_t bid
+        cdef int32_t si
+        cdef Seg *g
         cdef int n
         cdef uint32_t off
         if not (D.flags & D_SEND_BUSY):
             if D.q_head >= 0:
-                # Everything queued (up to SEND_IOV buffers) in one send; the
+                # Everything queued (up to SEND_IOV segments) in one send; the
                 # head may be partly sent already (head_off).
                 n = 0
                 off = D.head_off
-                bid = D.q_head
+                si = D.q_head
                 D.send_len = 0
-                while bid >= 0 and n < SEND_IOV:
-                    D.iov[n].iov_base = self.buf_mem + <size_t>bid * self.buf_size + off
-                    D.iov[n].iov_len = self.buf_len[bid] - off
+                while si >= 0 and n < SEND_IOV:
+                    g = &self.segs[si]
+                    D.iov[n].iov_base = self.buf_mem + <size_t>g.bid * self.buf_size + g.off + off
+                    D.iov[n].iov_len = g.len - off
                     D.send_len += <uint32_t>D.iov[n].iov_len
                     off = 0
                     n += 1
-                    bid = self.buf_next[bid]
+                    si = g.next
                 if self.zc and D.iov[0].iov_len >= self.zc_threshold and not (D.flags & D_ZC_OFF):
-                    # One buffer per zero-copy send, from where the head stands.
-                    bid = D.q_head
+                    # One segment per zero-copy send, from where the head stands.
+                    si = D.q_head
                     D.send_len = <uint32_t>D.iov[0].iov_len
                     s = self.flow_sqe(slot, f, OP_SEND_ZC, d)
-                    io_uring_sqe_set_data64(s, ud_with_bid(ud_make(slot, f.gen, OP_SEND_ZC, d), bid))
+                    io_uring_sqe_set_data64(s, ud_with_seg(ud_make(slot, f.gen, OP_SEND_ZC, d), si))
                     if self.zc_fixed:
                         io_uring_prep_send_zc_fixed(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
                                                     MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE, 0)
                     else:
                         io_uring_prep_send_zc(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
                                               MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE)
-                    self.buf_notif[bid] += 1
+                    self.segs[si].notif += 1
                 elif n == 1:
                     s = self.flow_sqe(slot, f, OP_SEND, d)
                     io_uring_prep_send(s, f.fd[1 - d], D.iov[0].iov_base,
@@ -986,16 +987,10 @@ cdef class Engine:
 
     # Nothing is in flight: every queued buffer is ours to give back.
     cdef void flow_drop_queues(self, uint32_t slot, Flow *f) noexcept nogil:
-        cdef int32_t bid, nxt
         cdef int d
         for d in range(2):
-            bid = f.dir[d].q_head
-            while bid >= 0:
-                nxt = self.buf_next[bid]
-                self.buf_return(<uint32_t>bid)
-                bid = nxt
-            f.dir[d].q_head = -1
-            f.dir[d].q_tail = -1
+            while f.dir[d].q_head >= 0:
+                self.seg_free_one(self.seg_pop(&f.dir[d]))
             if f.dir[d].flags & D_WAIT_BUF:
                 self.wait_remove(slot, d)
 
@@ -1108,25 +1103,123 @@ cdef class Engine:
 
     # --- the buffer pool ---------------------------------------------------------------
 
-    # The buffers a recv CQE carries: ring entries from the head, in order.
-    # With DEFER_TASKRUN every completion runs in this thread, one after the
-    # other, and takes its buffers from the head as it posts its CQE, so
-    # CQE order is ring order and the shadow head names them all. The CQE's
+    # The bytes a recv CQE carries: from the ring's head entry, at the fill
+    # that entry already has, on through the next entries (a bundle). With
+    # DEFER_TASKRUN every completion runs in this thread, one after the
+    # other, and takes its bytes from the head as it posts its CQE, so CQE
+    # order is ring order and the shadow ring names every buffer. The CQE's
     # own bid must be the head entry; ring_order_errors counts any CQE that
-    # is not (the tests require 0). Returns how many buffers it took.
-    cdef uint32_t ring_take(self, uint32_t bid, int res) noexcept nogil:
-        cdef uint32_t n = 1
-        if res > <int>self.buf_size:
-            n = (<uint32_t>res + self.buf_size - 1) // self.buf_size
-            self.st.bundles += 1
-        if self.ring_bid[self.ring_head & (self.nbufs - 1)] != bid:
+    # is not (the tests require 0).
+    #
+    # Which buffers the kernel is done with (verified on 6.18): a plain ring
+    # gives up every buffer a completion touched, however little it wrote.
+    # An incremental ring (IOU_PBUF_RING_INC) keeps the last one while it
+    # has room, and says so with IORING_CQE_F_BUF_MORE; the next recv, of
+    # any flow, continues in it at buf_fill.
+    #
+    # The bytes become segments of D's queue; with D NULL they are dropped.
+    # False if a segment could not be recorded (those bytes are lost).
+    cdef bint ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil:
+        cdef uint32_t mask = self.nbufs - 1
+        cdef uint32_t left = <uint32_t>res if res > 0 else 0
+        cdef uint32_t b, n, touched = 0
+        cdef bint ok = True
+        if self.ring_bid[self.ring_head & mask] != bid:
             self.st.ring_order_errors += 1
-            self.ring_bid[self.ring_head & (self.nbufs - 1)] = <uint16_t>bid
-        self.ring_head += n
-        self.bufs_held += n
-        return n
+            self.ring_bid[self.ring_head & mask] = <uint16_t>bid
+        while True:
+            b = self.ring_bid[self.ring_head & mask]
+            n = min(left, self.buf_size - self.buf_fill[b])
+            if n > 0 and D != NULL:
+                ok = self.seg_push(D, b, self.buf_fill[b], n) and ok
+            self.buf_fill[b] += n
+            left -= n
+            touched += 1
+            if self.inc and left == 0 and (n == 0 or cflags & IORING_CQE_F_BUF_MORE):
+                break                      # the kernel keeps filling this one
+            # Ownership: ring -> us. It goes back once its segments are gone.
+            self.ring_head += 1
+            self.buf_kern[b] = 0
+            self.bufs_held += 1
+            if self.buf_refs[b] == 0:
+                self.buf_return(b)
+            if left == 0:
+                break
+        if touched > 1:
+            self.st.bundles += 1
+        return ok
 
-    # Ownership: flow -> ring. Made visible to the kernel in bufs_flush().
+    # Append bytes [off, off + n) of buffer b to D's send queue. Bytes that
+    # continue the tail segment extend it (one flow reading alone fills a
+    # buffer as one segment). A direction's segments in one buffer are
+    # adjacent in its queue (a buffer is reused only once all of its
+    # segments are freed), so queued_bufs counts distinct buffers by
+    # comparing neighbours.
+    cdef bint seg_push(self, Dir *D, uint32_t b, uint32_t off, uint32_t n) noexcept nogil:
+        cdef int32_t t = D.q_tail
+        cdef int32_t si
+        cdef Seg *grown
+        cdef uint32_t i, cap
+        if t >= 0 and self.segs[t].bid == b and self.segs[t].off + self.segs[t].len == off:
+            self.segs[t].len += n
+            return True
+        if self.seg_free < 0:
+            # Only incremental buffers can need more than one segment per
+            # buffer: tiny reads of many flows interleaved in one buffer.
+            # Doubling is rare and amortised; past SEG_MAX the bytes are lost.
+            cap = self.nsegs * 2
+            if cap > SEG_MAX:
+                return False
+            grown = <Seg *>realloc(self.segs, cap * sizeof(Seg))
+            if grown == NULL:
+                return False
+            self.segs = grown
+            for i in range(self.nsegs, cap):
+                self.segs[i].next = <int32_t>i + 1 if i + 1 < cap else -1
+            self.seg_free = <int32_t>self.nsegs
+            self.nsegs = cap
+            self.st.seg_grows += 1
+        si = self.seg_free
+        self.seg_free = self.segs[si].next
+        self.segs[si].bid = <uint16_t>b
+        self.segs[si].off = off
+        self.segs[si].len = n
+        self.segs[si].notif = 0
+        self.segs[si].next = -1
+        self.buf_refs[b] += 1
+        self.segs_live += 1
+        if t >= 0:
+            self.segs[t].next = si
+        else:
+            D.q_head = si
+        if t < 0 or self.segs[t].bid != b:
+            D.queued_bufs += 1
+        D.q_tail = si
+        return True
+
+    # Unlink D's head segment and return it (the caller frees or parks it).
+    cdef int32_t seg_pop(self, Dir *D) noexcept nogil:
+        cdef int32_t si = D.q_head
+        D.q_head = self.segs[si].next
+        if D.q_head < 0:
+            D.q_tail = -1
+        if D.q_head < 0 or self.segs[D.q_head].bid != self.segs[si].bid:
+            D.queued_bufs -= 1
+        self.segs[si].next = -1
+        return si
+
+    # Ownership: segment -> its buffer, which goes back to the ring with its
+    # last segment, unless the kernel is still filling it.
+    cdef void seg_free_one(self, int32_t si) noexcept nogil:
+        cdef uint32_t b = self.segs[si].bid
+        self.segs[si].next = self.seg_free
+        self.seg_free = si
+        self.segs_live -= 1
+        self.buf_refs[b] -= 1
+        if self.buf_refs[b] == 0 and not self.buf_kern[b]:
+            self.buf_return(b)
+
+    # Ownership: us -> ring. Made visible to the kernel in bufs_flush().
     cdef void buf_return(self, uint32_t bid) noexcept nogil:
         self.ring_bid[(self.ring_tail + <uint32_t>self.br_pending) & (self.nbufs - 1)] = <uint16_t>bid
         io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>bid * self.buf_size,
@@ -1134,6 +1227,8 @@ cdef class Engine:
                               io_uring_buf_ring_mask(self.nbufs), self.br_pending)
         self.br_pending += 1
         self.bufs_held -= 1
+        self.buf_fill[bid] = 0
+        self.buf_kern[bid] = 1
 
     # Once per batch: publish returned buffers, then re-arm as many waiting
     # directions as there are free buffers (each will take at least one).
@@ -1272,10 +1367,23 @@ cdef class Engine:
     def accepting(self):
         return self.acc_armed
 
+    def verify_ring(self):
+        """With no flow left, our shadow head must be the kernel's head of the
+        buffer ring (checked where IORING_REGISTER_PBUF_STATUS exists, 6.8+);
+        a difference is counted as a ring order error. Returns the kernel's
+        head, or None where it cannot be read."""
+        cdef unsigned head = 0
+        if self.nactive or uc_buf_ring_head(&self.ring.ring, 0, &head) < 0:
+            return None
+        if (head & 0xFFFF) != (self.ring_head & 0xFFFF):
+            self.st.ring_order_errors += 1
+        return head
+
     def stats(self):
         s = dict(self.st)
         s["active"] = self.nactive
         s["bufs_held"] = self.bufs_held
+        s["segments_out"] = self.segs_live
         s["waiting_for_buffers"] = int(self.wait_head >= 0)   # 0/1: any direction on the list
         s["pipes_pooled"] = self.pipe_pool_n
         return s

@@ -42,7 +42,7 @@ FEATURE_SETS = {
     "allfeatures": "",
     # Every optional io_uring feature off at once: single-shot accept and recv, one
     # buffer per recv completion. (Each is independent of the others in the engine.)
-    "plain": "multishot_accept,multishot_recv,recv_bundle",
+    "plain": "multishot_accept,multishot_recv,recv_bundle,incremental_buffers",
 }
 # The (mode, feature set) pairs a behaviour test runs in. The plain accept and recv paths
 # are the same code in every mode that reads into buffers (splice only accepts there), so
@@ -531,11 +531,12 @@ def proxy(backend, mode, disabled_features):
             # a buffer kept past its last use (or a notification never waited for)
             # would show here, in every mode.
             st = [e for e in p.lines if e["event"] == "stopped"][-1]
-            if st.get("active") == 0 and st.get("buffers_out") != 0:
-                failures.append(f"{st.get('buffers_out')} receive buffers not back in the "
-                                f"pool after every flow closed: {st}")
+            if st.get("active") == 0 and (st.get("buffers_out"), st.get("segments_out")) != (0, 0):
+                failures.append(f"{st.get('buffers_out')} receive buffers / {st.get('segments_out')} "
+                                f"segments not back in the pool after every flow closed: {st}")
             # The engine names a recv's buffers from its shadow of the ring; a buffer
-            # CQE that is not the ring's head entry would break recv bundles.
+            # CQE that is not the ring's head entry, or a shadow head that ends up
+            # elsewhere than the kernel's, would break bundles and incremental buffers.
             if st.get("ring_order_errors") != 0:
                 failures.append(f"ring_order_errors={st.get('ring_order_errors')}: {st}")
             # Splice mode: a pipe whose byte count said empty while the kernel said

@@ -17,8 +17,8 @@ LOG_FORMATS = ("text", "json")
 
 # Features a user (or a test) may declare missing, to force the named fallback.
 DISABLE_ENV = "URING_NET_DISABLE"
-DISABLEABLE = ("multishot_accept", "multishot_recv", "recv_bundle", "send_zc", "registered_buffers",
-               "splice", "iowq_cap", "peek_off")
+DISABLEABLE = ("multishot_accept", "multishot_recv", "recv_bundle", "incremental_buffers", "send_zc",
+               "registered_buffers", "splice", "iowq_cap", "peek_off")
 MAX_UPSTREAMS = 8
 
 

@@ -35,6 +35,7 @@ def probe_ring_features(ring, disabled=frozenset()):
     ms_accept = ring.probe_multishot_accept()
     ms_recv = ring.probe_multishot_recv()
     bundle = dict(ring.feature_names())["recvsend_bundle"]
+    inc = ring.probe_buf_ring_inc()
     return {
         "multishot_accept": (ms_accept, ms_accept and "multishot_accept" not in disabled,
                              "single-shot accept, re-armed per connection"),
@@ -42,6 +43,8 @@ def probe_ring_features(ring, disabled=frozenset()):
                            "single-shot recv with buffer select, re-armed per completion"),
         "recv_bundle": (bundle, bundle and "recv_bundle" not in disabled,
                         "one buffer per recv completion"),
+        "incremental_buffers": (inc, inc and "incremental_buffers" not in disabled,
+                                "a recv takes a whole buffer, however short the read"),
     }
 
 
@@ -175,6 +178,7 @@ class Proxy:
             zc_registered="registered_buffers" not in cfg.disabled,
             zc_backoff=cfg.mode in ("auto", "peek"),
             recv_bundle=feats["recv_bundle"][1],
+            recv_inc=feats["incremental_buffers"][1],
             peek=cfg.mode == "peek", replay_window=cfg.replay_window, **splice)
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
@@ -257,20 +261,26 @@ class Proxy:
             eng.run(0.05)
             self._drain()
         self._drain()
+        eng.verify_ring()
         stats = eng.stats()
+        self.log.event("stats", level=2, **stats)
         extra = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
             if self.cfg.mode in ("zerocopy", "auto", "peek") else {}
+        if self.cfg.mode != "splice":
+            extra["segment_grows"] = stats["seg_grows"]
         if self.cfg.mode == "peek":
             extra.update({k: stats[k] for k in ("consumed_bytes", "replayed_bytes", "peek_eagain")})
         if self.cfg.mode == "splice":
             extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created", "pipe_errors")})
         if len(self.cfg.upstreams) > 1:
             extra["failovers"] = stats["failovers"]
-        # buffers_out: receive buffers not back in the ring. With every flow
-        # gone it must be 0; anything else is a buffer lost to its owner.
+        # buffers_out: receive buffers not back in the ring; segments_out:
+        # received byte runs not freed. With every flow gone both must be 0;
+        # anything else is memory lost to its owner.
         self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
                        bytes_u2c=stats["u2c_bytes"], active=stats["active"],
-                       buffers_out=stats["bufs_held"], ring_order_errors=stats["ring_order_errors"],
+                       buffers_out=stats["bufs_held"], segments_out=stats["segments_out"],
+                       ring_order_errors=stats["ring_order_errors"],
                        **extra)
         return stats
 
