@@ -152,7 +152,9 @@ cdef struct Stats:
     uint64_t log_dropped
 
 cdef class Engine:
-    cdef Ring ring
+    cdef Ring ring                 # the driver: io_uring ...
+    cdef Epoll ep                  # ... or epoll (then use_ep)
+    cdef bint use_ep
     cdef Flow *flows
     cdef uint32_t max_conns
     cdef int32_t free_head
@@ -266,4 +268,8 @@ cdef class Engine:
     cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
     cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil
     cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil
+    cdef io_uring_sqe *sqe(self) noexcept nogil
+    cdef void reserve(self, unsigned n) noexcept nogil
+    cdef void close_fd(self, int fd) noexcept nogil
+    cdef int run_epoll(self, int64_t left) noexcept nogil
     cdef int run_c(self, int64_t timeout_ns) noexcept nogil

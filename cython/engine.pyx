@@ -98,7 +98,7 @@ cdef str _format_addr(sockaddr_storage *ss):
 
 
 cdef class Engine:
-    def __cinit__(self, Ring ring not None, *, uint32_t max_conns, uint32_t buffers,
+    def __cinit__(self, driver not None, *, uint32_t max_conns, uint32_t buffers,
                   uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
                   bint multishot_accept=True, bint multishot_recv=True,
                   bint zerocopy=False, uint32_t zc_threshold=16384,
@@ -110,7 +110,14 @@ cdef class Engine:
         cdef uint32_t i
         cdef iovec pool
         cdef Dir tmp
-        self.ring = ring
+        # The driver: a Ring (io_uring) or an Epoll carrying out the same
+        # SQEs with syscalls. Everything below this line is the same for both.
+        if isinstance(driver, Epoll):
+            self.ep = driver
+            self.use_ep = True
+            recv_bundle = recv_inc = False        # kernel ring features only
+        else:
+            self.ring = <Ring?>driver
         self.listen_fd = -1
         self.max_conns = max_conns
         self.nbufs = buffers
@@ -161,7 +168,15 @@ cdef class Engine:
             self.segs[i].next = <int32_t>i + 1 if i + 1 < self.nsegs else -1
         self.seg_free = 0
 
-        self.br = uc_setup_buf_ring(&ring.ring, buffers, 0, IOU_PBUF_RING_INC if recv_inc else 0, &err)
+        if self.use_ep:
+            # The same ring layout; the driver plays the kernel's side of it.
+            if posix_memalign(<void **>&self.br, 4096, <size_t>buffers * sizeof(io_uring_buf)) != 0:
+                raise MemoryError()
+            io_uring_buf_ring_init(self.br)
+            self.ep.br = self.br
+            self.ep.br_mask = buffers - 1
+        else:
+            self.br = uc_setup_buf_ring(&self.ring.ring, buffers, 0, IOU_PBUF_RING_INC if recv_inc else 0, &err)
         if self.br == NULL:
             raise OSError(-err, f"registering the provided-buffer ring failed: {os.strerror(-err)}")
         for i in range(buffers):
@@ -179,10 +194,10 @@ cdef class Engine:
         self.zc = zerocopy
         self.zc_threshold = zc_threshold
         self.zc_backoff = zc_backoff
-        if zerocopy and zc_registered:
+        if zerocopy and zc_registered and not self.use_ep:
             pool.iov_base = self.buf_mem
             pool.iov_len = <size_t>buffers * buffer_size
-            self.zc_register_err = -io_uring_register_buffers(&ring.ring, &pool, 1)
+            self.zc_register_err = -io_uring_register_buffers(&self.ring.ring, &pool, 1)
             self.zc_fixed = self.zc_register_err == 0
 
         # The pipe pool is filled now and kept full, so an idle proxy always
@@ -201,6 +216,10 @@ cdef class Engine:
             if self.br != NULL and not self.ring.closed:
                 uc_free_buf_ring(&self.ring.ring, self.br, self.nbufs, 0)
             self.ring.close()
+        if self.ep is not None:
+            self.ep.br = NULL
+            free(self.br)
+            self.ep.close()
         cdef uint32_t i
         if self.pipe_pool != NULL:
             for i in range(self.pipe_pool_n):
@@ -323,7 +342,7 @@ cdef class Engine:
         if res >= 0:
             if self.stopping or self.free_head < 0:
                 # Raced with our cancel of the multishot accept.
-                close(res)
+                self.close_fd(res)
                 self.st.rejected_full += 1
             else:
                 self.st.accepted += 1
@@ -344,7 +363,7 @@ cdef class Engine:
         self.acc_paused = True
         if not self.acc_timer and not self.stopping:
             self.acc_timer = True
-            s = self.ring.sqe()
+            s = self.sqe()
             io_uring_prep_timeout(s, &self.pause_ts, 0, 0)
             io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT_TIMER, 0))
 
@@ -357,7 +376,7 @@ cdef class Engine:
         cdef bint want = (self.listen_fd >= 0 and not self.stopping and not self.acc_paused
                           and self.fdw_n == 0 and self.free_head >= 0)
         if want and not self.acc_armed:
-            s = self.ring.sqe()
+            s = self.sqe()
             if self.ms_accept:
                 io_uring_prep_multishot_accept(s, self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
             else:
@@ -365,7 +384,7 @@ cdef class Engine:
             io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT, 0))
             self.acc_armed = True
         elif not want and self.acc_armed and not self.acc_cancel:
-            s = self.ring.sqe()
+            s = self.sqe()
             io_uring_prep_cancel64(s, ud_make(0, 0, OP_ACCEPT, 0), 0)
             io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ENGINE_CANCEL, 0))
             self.acc_cancel = True
@@ -465,7 +484,7 @@ cdef class Engine:
         setsockopt(ufd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         # connect + linked timeout: the pair must reach the kernel in one
         # submit, or the link is broken (io_uring_prep_link_timeout(3)).
-        self.ring.reserve(2)
+        self.reserve(2)
         s = self.flow_sqe(slot, f, OP_CONNECT, 0)
         io_uring_prep_connect(s, ufd, <sockaddr *>&self.up_addr[u], self.up_len[u])
         s.flags |= IOSQE_IO_LINK
@@ -494,9 +513,28 @@ cdef class Engine:
             self.fdw_head = (self.fdw_head + 1) % self.fdw_cap
             self.fdw_n -= 1
 
+    # The driver's SQE: io_uring's SQ, or the epoll driver's array.
+    cdef io_uring_sqe *sqe(self) noexcept nogil:
+        if self.use_ep:
+            return self.ep.sqe()
+        return self.ring.sqe()
+
+    cdef void reserve(self, unsigned n) noexcept nogil:
+        if self.use_ep:
+            self.ep.reserve(n)
+        else:
+            self.ring.reserve(n)
+
+    # An fd closed outside an OP_CLOSE: the epoll driver must forget it, or
+    # the next socket to get its number would never be put in the set.
+    cdef void close_fd(self, int fd) noexcept nogil:
+        if self.use_ep:
+            self.ep.forget(fd)
+        close(fd)
+
     # Every SQE of a flow goes through here, so inflight counts them all.
     cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil:
-        cdef io_uring_sqe *s = self.ring.sqe()
+        cdef io_uring_sqe *s = self.sqe()
         f.inflight += 1
         # liburing's prep helpers set every field but user_data, so it is
         # safe to set it before the caller preps the operation.
@@ -794,7 +832,7 @@ cdef class Engine:
         cdef int pr, pw
         cdef uint32_t pc, pb
         self.flow_drop_queues(slot, f)
-        close(f.fd[1])
+        self.close_fd(f.fd[1])
         f.fd[1] = -1
         if self.peek:
             self.st.replayed_bytes += f.dir[0].peeked
@@ -958,7 +996,7 @@ cdef class Engine:
         cdef io_uring_sqe *s
         if not (D.flags & D_SEND_BUSY):
             if D.pipe_bytes > 0:
-                self.ring.reserve(2)
+                self.reserve(2)
                 if D.flags & D_OUT_WAIT:
                     s = self.flow_sqe(slot, f, OP_POLL, d)
                     io_uring_prep_poll_add(s, f.fd[1 - d], POLLOUT)
@@ -973,7 +1011,7 @@ cdef class Engine:
                 D.flags |= D_SHUT_SENT
         # Always ask for the pipe's free space: the kernel moves what fits.
         if not (D.flags & (D_RECV_ARMED | D_EOF | D_IN_STUCK)) and D.pipe_bytes < D.pipe_cap:
-            self.ring.reserve(2)
+            self.reserve(2)
             if not (D.flags & D_READY):
                 s = self.flow_sqe(slot, f, OP_POLL, d)
                 io_uring_prep_poll_add(s, f.fd[d], POLLIN | POLLRDHUP)
@@ -1290,22 +1328,25 @@ cdef class Engine:
             left = deadline - now_ns()
             if left < 0:
                 left = 0
-            ts.tv_sec = left // 1000000000
-            ts.tv_nsec = left % 1000000000
-            ret = io_uring_submit_and_wait_timeout(&self.ring.ring, &cqe, 1, &ts, NULL)
+            if self.use_ep:
+                ret = self.run_epoll(left)
+            else:
+                ts.tv_sec = left // 1000000000
+                ts.tv_nsec = left % 1000000000
+                ret = io_uring_submit_and_wait_timeout(&self.ring.ring, &cqe, 1, &ts, NULL)
+                while ret != -EINTR:
+                    n = io_uring_peek_batch_cqe(&self.ring.ring, cqes, CQE_BATCH)
+                    if n == 0:
+                        break
+                    self.st.batches += 1
+                    self.st.cqes += n
+                    for i in range(n):
+                        self.handle(cqes[i])
+                    io_uring_cq_advance(&self.ring.ring, n)
+                    if n < CQE_BATCH:
+                        break
             if ret == -EINTR:
                 return -EINTR
-            while True:
-                n = io_uring_peek_batch_cqe(&self.ring.ring, cqes, CQE_BATCH)
-                if n == 0:
-                    break
-                self.st.batches += 1
-                self.st.cqes += n
-                for i in range(n):
-                    self.handle(cqes[i])
-                io_uring_cq_advance(&self.ring.ring, n)
-                if n < CQE_BATCH:
-                    break
             if self.log_n > 0 or now_ns() >= deadline:
                 return 0
             # -ETIME: nothing came in time. -EBUSY/-EAGAIN: the CQ was
@@ -1313,6 +1354,25 @@ cdef class Engine:
             # submission; the harvest above made room, so go round again.
             if ret < 0 and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
                 return ret
+
+    # One turn of the epoll driver: it submits, waits, and posts CQEs into
+    # its own array, handled here exactly as the ring's are. Each is copied
+    # out first: handling one may post more (the array may move).
+    cdef int run_epoll(self, int64_t left) noexcept nogil:
+        cdef io_uring_cqe c
+        cdef int ret = self.ep.wait(left)
+        if self.ep.cq_head < self.ep.cq_n:
+            self.st.batches += 1
+        while self.ep.cq_head < self.ep.cq_n:
+            c = self.ep.cq[self.ep.cq_head]
+            self.ep.cq_head += 1
+            self.st.cqes += 1
+            self.handle(&c)
+        self.ep.cq_head = 0
+        self.ep.cq_n = 0
+        if self.ep.oom:
+            return -ENOMEM
+        return ret
 
     # --- Python surface (between batches) ---------------------------------------
 
@@ -1373,7 +1433,11 @@ cdef class Engine:
         a difference is counted as a ring order error. Returns the kernel's
         head, or None where it cannot be read."""
         cdef unsigned head = 0
-        if self.nactive or uc_buf_ring_head(&self.ring.ring, 0, &head) < 0:
+        if self.nactive:
+            return None
+        if self.use_ep:
+            head = self.ep.br_head
+        elif uc_buf_ring_head(&self.ring.ring, 0, &head) < 0:
             return None
         if (head & 0xFFFF) != (self.ring_head & 0xFFFF):
             self.st.ring_order_errors += 1

@@ -51,6 +51,10 @@ cdef extern from "uring_compat.h" nogil:
 
     struct io_uring_buf_ring:
         pass
+    struct io_uring_buf:
+        uint64_t addr
+        uint32_t len
+        uint16_t bid
 
     # setup flags
     unsigned IORING_SETUP_CQSIZE, IORING_SETUP_CLAMP, IORING_SETUP_SUBMIT_ALL
@@ -72,6 +76,8 @@ cdef extern from "uring_compat.h" nogil:
     # misc op flags
     unsigned IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_FD, IORING_ASYNC_CANCEL_ANY
     unsigned IORING_RECVSEND_BUNDLE, IORING_SEND_ZC_REPORT_USAGE, IORING_NOTIF_USAGE_ZC_COPIED
+    unsigned IORING_POLL_ADD_MULTI, IORING_RECV_MULTISHOT, IORING_ACCEPT_MULTISHOT
+    void io_uring_buf_ring_init(io_uring_buf_ring *br)
 
     # opcodes
     enum:
@@ -99,6 +105,7 @@ cdef extern from "uring_compat.h" nogil:
     int io_uring_register_iowq_max_workers(io_uring *ring, unsigned *values)
 
     void io_uring_sqe_set_data64(io_uring_sqe *sqe, uint64_t data)
+    void io_uring_prep_nop(io_uring_sqe *sqe)
     void io_uring_prep_multishot_accept(io_uring_sqe *sqe, int fd, void *addr, void *addrlen, int flags)
     void io_uring_prep_accept(io_uring_sqe *sqe, int fd, void *addr, void *addrlen, int flags)
     void io_uring_prep_connect(io_uring_sqe *sqe, int fd, const void *addr, unsigned addrlen)

@@ -208,6 +208,25 @@ cdef class Ring:
             b.close()
             uc_free_buf_ring(&self.ring, br, 2, 0x7ff0)
 
+    def probe_buf_ring(self):
+        """True if provided-buffer rings can be registered (5.19+): every
+        recv of the engine picks its buffer from one."""
+        cdef int err = 0
+        cdef io_uring_buf_ring *br = uc_setup_buf_ring(&self.ring, 2, 0x7ff2, 0, &err)
+        if br == NULL:
+            return False
+        uc_free_buf_ring(&self.ring, br, 2, 0x7ff2)
+        return True
+
+    def probe_nop(self):
+        """True if a NOP submitted now completes: the ring is usable, not only
+        created (a policy may allow io_uring_setup and still refuse enter)."""
+        cdef io_uring_sqe *s = self.sqe()
+        io_uring_prep_nop(s)
+        io_uring_sqe_set_data64(s, 4)
+        res, _ = self._wait_one(4)
+        return res == 0
+
     def probe_buf_ring_inc(self):
         """True if provided-buffer rings can be consumed incrementally
         (IOU_PBUF_RING_INC, 6.12+): older kernels refuse the flag with EINVAL."""

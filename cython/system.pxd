@@ -1,5 +1,5 @@
 # POSIX socket and time declarations the nogil paths need.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "<sys/uio.h>" nogil:
     pass
@@ -31,6 +31,13 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     int socket(int domain, int type, int protocol)
+    int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int getpeername(int fd, sockaddr *addr, socklen_t *len)
+    int shutdown(int fd, int how)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
 
@@ -77,6 +84,7 @@ cdef extern from "<fcntl.h>" nogil:
     int F_GETFL, F_SETFL, F_SETPIPE_SZ, F_GETPIPE_SZ, O_NONBLOCK, O_CLOEXEC
     unsigned SPLICE_F_NONBLOCK, SPLICE_F_MOVE
     int fcntl(int fd, int cmd, ...)
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned flags)
 
 cdef extern from "<sys/ioctl.h>" nogil:
     int FIONREAD
@@ -84,12 +92,31 @@ cdef extern from "<sys/ioctl.h>" nogil:
 
 cdef extern from "<poll.h>" nogil:
     unsigned POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<sys/epoll.h>" nogil:
+    unsigned EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET
+    int EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
+    union epoll_data:
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *ev)
+    int epoll_wait(int epfd, epoll_event *evs, int maxevents, int timeout)
 
 cdef extern from "<errno.h>" nogil:
     int errno
     int EINTR, EAGAIN, ETIME, ENOBUFS, ECANCELED, ECONNREFUSED, ECONNRESET, EPIPE
     int EMFILE, ENFILE, ENOMEM, ETIMEDOUT, EINVAL, ENOTCONN, ENOENT, EALREADY
     int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP, EBUSY, EIO
+    int EINPROGRESS, EISCONN, ECONNABORTED, EEXIST
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)

@@ -6,4 +6,5 @@ from liburing cimport *
 from system cimport *
 
 include "ring.pxd"
+include "epoll.pxd"
 include "engine.pxd"

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 
 MODES = ("auto", "copy", "zerocopy", "splice", "peek")
-BACKENDS = ("uring",)
+BACKENDS = ("auto", "uring", "epoll")
 LOG_FORMATS = ("text", "json")
 
 # Features a user (or a test) may declare missing, to force the named fallback.
@@ -41,7 +41,7 @@ class Config:
     listen: Endpoint
     upstreams: tuple          # of Endpoint, tried in order (failover)
     mode: str = "auto"
-    backend: str = "uring"
+    backend: str = "auto"
     buffer_size: int = 65536
     buffers: int = 512
     max_inflight: int = 1 << 20
@@ -167,8 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "replayed to the next --upstream. auto: the best this kernel offers, said "
                         "once at start-up: today copy, with zero-copy sends where SEND_ZC exists, "
                         "dropped per socket once the kernel's usage reports show it copying")
-    p.add_argument("--backend", type=_choice("backend", BACKENDS, ("epoll", "auto")), default="uring",
-                   help="event backend")
+    p.add_argument("--backend", type=_choice("backend", BACKENDS), default="auto",
+                   help="event backend; every mode runs on both, with the same engine. uring: "
+                        "io_uring, or exit 1 naming why it is unavailable. epoll: the same operations "
+                        "as non-blocking syscalls over edge-triggered epoll (splice with splice(2), "
+                        "zerocopy with MSG_ZEROCOPY and error-queue completions). auto: io_uring when "
+                        "a ring can be set up, works and has what --mode needs; else epoll, with one "
+                        "'fallback feature=io_uring' line giving the reason (EPERM from a seccomp "
+                        "profile, kernel.io_uring_disabled, ENOSYS, a missing operation). "
+                        "`--probe` shows what auto would pick here")
     p.add_argument("--buffer-size", type=_positive_int("--buffer-size", 512, 1 << 24), default=65536,
                    metavar="BYTES", help="size of each provided receive buffer")
     p.add_argument("--buffers", type=_positive_int("--buffers", 2, 32768), default=512, metavar="N",

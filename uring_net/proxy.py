@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from . import backend
 from .config import Config, ConfigError
 from .log import Log
 
@@ -127,7 +128,9 @@ class Proxy:
         self.cfg = cfg
         self.log = log
         self.listener = None
-        self.ring = None
+        self.ring = None          # the io_uring driver, when that is the backend
+        self.driver = None        # the Ring or the Epoll the engine runs on
+        self.backend = None
         self.engine = None
         self.address = None
         self._stop = threading.Event()
@@ -141,22 +144,33 @@ class Proxy:
         cfg = self.cfg
         self.listener = open_listener(cfg)
         try:
-            self.ring = _core.Ring(entries=1024)
-        except _core.RingUnavailable as e:
+            self.backend, self.driver, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled)
+        except backend.BackendUnavailable as e:
             self.listener.close()
-            raise StartupError(f"io_uring is unavailable: {e.strerror}") from None
-        feats = probe_ring_features(self.ring, cfg.disabled)
-        for name, (present, used, fallback) in feats.items():
-            if not used:
-                why = "forced off by URING_NET_DISABLE" if present else "not supported by this kernel"
-                self.log.event("fallback", feature=name, reason=why, using=fallback)
-        self.log.event("ring", level=1, setup=self.ring.setup_mode,
-                       features=hex(self.ring.features),
-                       ring_fd_registered=self.ring.ring_fd_registered)
+            raise StartupError(str(e)) from None
+        if why:
+            self.log.event("fallback", feature="io_uring", reason=why,
+                           using="the epoll backend (same engine, non-blocking syscalls)")
+        if self.backend == "uring":
+            self.ring = self.driver
+            feats = probe_ring_features(self.ring, cfg.disabled)
+            for name, (present, used, fallback) in feats.items():
+                if not used:
+                    why = "forced off by URING_NET_DISABLE" if present else "not supported by this kernel"
+                    self.log.event("fallback", feature=name, reason=why, using=fallback)
+            self.log.event("ring", level=1, setup=self.ring.setup_mode,
+                           features=hex(self.ring.features),
+                           ring_fd_registered=self.ring.ring_fd_registered)
+        else:
+            # The driver carries out multishot accept and recv itself (one
+            # CQE per syscall that got something); bundles and incremental
+            # buffers are the kernel ring's and have no epoll counterpart.
+            feats = {"multishot_accept": (True, True, ""), "multishot_recv": (True, True, ""),
+                     "recv_bundle": (False, False, ""), "incremental_buffers": (False, False, "")}
         splice = self._splice_setup() if cfg.mode == "splice" else {}
         if cfg.mode == "peek":
             why = "forced off by URING_NET_DISABLE" if "peek_off" in cfg.disabled else probe_peek_off()
-            if not why and not self.ring.supports("POLL_ADD"):
+            if not why and self.ring is not None and not self.ring.supports("POLL_ADD"):
                 why = "io_uring lacks POLL_ADD, which tells when to peek again"
             if why:
                 self.listener.close()
@@ -169,7 +183,7 @@ class Proxy:
                 f"copy, with zero-copy sends >= {cfg.zc_threshold} bytes until a socket's usage "
                 "reports show the kernel copying" if zerocopy else "copy (no SEND_ZC)"))
         self.engine = _core.Engine(
-            self.ring, max_conns=cfg.max_conns, buffers=cfg.buffers,
+            self.driver, max_conns=cfg.max_conns, buffers=cfg.buffers,
             buffer_size=cfg.buffer_size, max_inflight=cfg.max_inflight,
             connect_timeout=cfg.connect_timeout,
             multishot_accept=feats["multishot_accept"][1],
@@ -192,14 +206,15 @@ class Proxy:
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
         self.address = bound_address(self.listener)
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
-                       backend=cfg.backend, mode=cfg.mode)
+                       backend=self.backend, mode=cfg.mode)
         return self.address
 
     def _splice_setup(self) -> dict:
         """Check splice mode can run, size its pipes, cap io-wq: the engine's kwargs."""
         cfg = self.cfg
-        missing = [op for op in ("SPLICE", "POLL_ADD") if not self.ring.supports(op)]
-        if "splice" in cfg.disabled:
+        missing = [] if self.ring is None else \
+            [op for op in ("SPLICE", "POLL_ADD") if not self.ring.supports(op)]
+        if "splice" in cfg.disabled and self.ring is not None:
             missing.append("SPLICE (forced off by URING_NET_DISABLE)")
         if missing:
             self.listener.close()
@@ -210,6 +225,10 @@ class Proxy:
         except ConfigError:
             self.listener.close()
             raise
+        if self.ring is None:
+            # splice(2) in this thread, non-blocking: no worker threads at all.
+            self.log.event("splice", pipe_size=size, iowq_workers="none (epoll backend)")
+            return {"splice": True, "pipe_size": size}
         # Every splice runs in an io-wq worker. Non-blocking fds keep each one
         # short, and the cap keeps a burst of flows from making a thread each.
         workers = cfg.iowq_workers or os.cpu_count() or 1
@@ -231,6 +250,14 @@ class Proxy:
             self.log.event("fallback", feature="send_zc", reason="forced off by URING_NET_DISABLE",
                            using=fallback)
             return False
+        if self.ring is None:
+            if not self.driver.probe_zerocopy():
+                self.log.event("fallback", feature="msg_zerocopy",
+                               reason="SO_ZEROCOPY refused (Linux 4.14+)", using=fallback)
+                return False
+            self.log.event("zerocopy", usage_report="yes (MSG_ZEROCOPY completions)",
+                           loopback_copies="yes (always, on loopback and veth)")
+            return True
         works, usage, copied = self.ring.probe_send_zc()
         if not works:
             self.log.event("fallback", feature="send_zc", reason="not supported by this kernel",
@@ -312,12 +339,12 @@ class Proxy:
             self._log_dropped_logged = st["log_dropped"]
 
     def close(self):
-        # The engine owns the ring; dropping it exits the ring after every
-        # request, then frees the buffer pool.
+        # The engine owns the driver; dropping it exits the ring (or closes
+        # the epoll fd) after every request, then frees the buffer pool.
         self.engine = None
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = self.ring = None
         if self.listener is not None:
             self.listener.close()
             self.listener = None

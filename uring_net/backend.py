@@ -1,0 +1,64 @@
+"""Choosing the event backend: io_uring, or epoll where io_uring is unavailable.
+
+Both run the same engine (cython/engine.pyx); the epoll driver
+(cython/epoll.pyx) carries out the engine's io_uring operations with
+non-blocking syscalls. `--backend auto` (the default) takes io_uring when a
+ring can be set up, works, and has every operation the chosen mode needs;
+otherwise epoll, with one `fallback` line naming the reason.
+"""
+from __future__ import annotations
+
+# What every mode submits, and what one mode adds (io_uring opcodes).
+BASE_OPS = ("ACCEPT", "CONNECT", "LINK_TIMEOUT", "TIMEOUT", "RECV", "SEND", "SENDMSG",
+            "SHUTDOWN", "CLOSE", "ASYNC_CANCEL")
+MODE_OPS = {"splice": ("SPLICE", "POLL_ADD"), "peek": ("POLL_ADD",), "zerocopy": ("SEND_ZC",)}
+
+
+class BackendUnavailable(Exception):
+    """The backend asked for cannot run here; str() says why."""
+
+
+def uring_unusable(ring, mode: str, disabled=frozenset()) -> str | None:
+    """None if `ring` can run `mode`, else the reason it cannot (what is missing)."""
+    if not ring.probe_nop():
+        return "a NOP submitted to the ring never completed"
+    missing = [op for op in BASE_OPS + MODE_OPS.get(mode, ()) if not ring.supports(op)]
+    if mode == "splice" and "splice" in disabled:
+        missing.append("SPLICE (forced off by URING_NET_DISABLE)")
+    if not ring.probe_buf_ring():
+        missing.append("provided-buffer rings (Linux 5.19+)")
+    if missing:
+        return f"io_uring lacks what --mode {mode} needs: {', '.join(missing)}"
+    return None
+
+
+def open_uring():
+    """(ring, None), or (None, why io_uring cannot be set up here)."""
+    from . import _core
+    try:
+        return _core.Ring(entries=1024), None
+    except _core.RingUnavailable as e:
+        return None, e.strerror
+
+
+def choose(backend: str, mode: str, disabled=frozenset()):
+    """(name, driver, fallback_reason) for --backend `backend` and --mode `mode`.
+
+    `fallback_reason` is set when auto chose epoll (the caller logs it once).
+    --backend uring where io_uring cannot be set up raises BackendUnavailable;
+    where an operation of the mode is missing it returns the ring, and the mode's
+    own set-up refuses or falls back as it always has."""
+    from . import _core
+    if backend == "epoll":
+        return "epoll", _core.Epoll(), None
+    ring, why = open_uring()
+    if ring is None:
+        if backend == "uring":
+            raise BackendUnavailable(f"io_uring is unavailable: {why}")
+        return "epoll", _core.Epoll(), why
+    if backend == "auto":
+        why = uring_unusable(ring, mode, disabled)
+        if why:
+            ring.close()
+            return "epoll", _core.Epoll(), why
+    return "uring", ring, None
