@@ -251,6 +251,7 @@ cdef class Epoll:
         cdef void *addr
         cdef uint32_t blen, revents
         cdef uint16_t bid
+        cdef char probe
         cdef EFd *e
         if opc == IORING_OP_RECV:
             multi = (p.sqe.ioprio & IORING_RECV_MULTISHOT) != 0
@@ -259,6 +260,17 @@ cdef class Epoll:
                 blen = p.sqe.len
                 if p.sqe.flags & IOSQE_BUFFER_SELECT:
                     if not uc_br_peek(self.br, self.br_head, self.br_mask, &addr, &blen, &bid):
+                        # No buffer. Only a socket with something to read ends
+                        # its recv for that (-ENOBUFS, and the engine parks the
+                        # direction until buffers come back); an idle one keeps
+                        # waiting, or parked directions that have data would
+                        # wait behind ones that have none.
+                        # (Not for a caller's own MSG_DONTWAIT recv: that may be
+                        # a peek at SO_PEEK_OFF, which any peek would move.)
+                        if not (fl & MSG_DONTWAIT):
+                            n = <int>recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+                            if n < 0 and errno == EAGAIN:
+                                return W_IN
                         self.complete(o, -ENOBUFS, 0)
                         return W_NONE
                 self.syscalls_io += 1
@@ -282,10 +294,9 @@ cdef class Epoll:
                 else:
                     self.complete(o, n, 0)
                     return W_NONE
-                if <uint32_t>n < blen:
-                    # A short read emptied the receive queue; anything that
-                    # arrives after it makes a new edge.
-                    return W_IN
+                # Read on until EAGAIN, even after a short read: a FIN that
+                # came with the data makes no new edge, and the read that
+                # returns 0 for it is the only way to learn of it.
             return W_AGAIN
         if opc == IORING_OP_SEND or opc == IORING_OP_SENDMSG or opc == IORING_OP_SEND_ZC:
             if opc == IORING_OP_SEND_ZC:
