@@ -1,10 +1,11 @@
 """Run a command with io_uring_setup(2) failing EPERM, as Docker's and Kubernetes'
 default seccomp profiles make it fail.
 
-    python tests/seccomp_deny_uring.py CMD [ARG...]
+    python tests/seccomp_deny_uring.py [--errno ENOSYS] CMD [ARG...]
 
 Installs a seccomp filter (PR_SET_NO_NEW_PRIVS first, so no privilege is needed) that
-answers io_uring_setup with EPERM and allows every other call, then execs CMD. The
+answers io_uring_setup with EPERM (or the errno named, e.g. ENOSYS as a kernel built
+without io_uring answers) and allows every other call, then execs CMD. The
 filter is inherited by CMD and its children, as a container's profile would be.
 """
 import ctypes
@@ -28,23 +29,23 @@ EPERM = 1
 LD_W_ABS, JEQ_K, RET_K = 0x20, 0x15, 0x06
 
 
-def filter_program(arch: int) -> list[tuple[int, int, int, int]]:
+def filter_program(arch: int, err: int = EPERM) -> list[tuple[int, int, int, int]]:
     return [
         (LD_W_ABS, 0, 0, 4),                          # A = arch
         (JEQ_K, 1, 0, arch),                          # native arch? go on : allow
         (RET_K, 0, 0, SECCOMP_RET_ALLOW),
         (LD_W_ABS, 0, 0, 0),                          # A = syscall number
         (JEQ_K, 0, 1, NR_IO_URING_SETUP),             # io_uring_setup? EPERM : allow
-        (RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM),
+        (RET_K, 0, 0, SECCOMP_RET_ERRNO | err),
         (RET_K, 0, 0, SECCOMP_RET_ALLOW),
     ]
 
 
-def install() -> None:
+def install(err: int = EPERM) -> None:
     arch = AUDIT_ARCH.get(platform.machine())
     if arch is None:
         raise SystemExit(f"seccomp_deny_uring: no syscall table for {platform.machine()}")
-    prog = filter_program(arch)
+    prog = filter_program(arch, err)
     raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
     buf = ctypes.create_string_buffer(raw, len(raw))
 
@@ -64,5 +65,10 @@ def install() -> None:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    install()
-    os.execvp(sys.argv[1], sys.argv[1:])
+    args = sys.argv[1:]
+    err = EPERM
+    if args[0] == "--errno":
+        import errno
+        err, args = getattr(errno, args[1]), args[2:]
+    install(err)
+    os.execvp(args[0], args)

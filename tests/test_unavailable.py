@@ -1,10 +1,16 @@
 """io_uring blocked the way users meet it: a seccomp profile answering io_uring_setup
 with EPERM (Docker 25+ and Kubernetes' default profiles do). tests/seccomp_deny_uring.py
 installs such a filter and execs the command; the proxy must say why in one line."""
+import os
+import socket
 import subprocess
 import sys
+import threading
 
-from conftest import REPO_ROOT
+import pytest
+
+from conftest import REPO_ROOT, ProxyProcess
+from netutil import Pattern, Verifier, connect, recv_exact
 
 HELPER = str(REPO_ROOT / "tests" / "seccomp_deny_uring.py")
 
@@ -43,3 +49,83 @@ def test_probe_under_seccomp_reports_io_uring_unavailable():
     rows = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines()}
     assert "NO" in rows["io_uring_setup"] and "seccomp" in rows["io_uring_setup"], r.stdout
     assert "backend uring: UNAVAILABLE" in r.stdout, r.stdout
+
+
+# --- --backend auto: the same proxy, on epoll, saying why ---------------------------
+
+MODES = ["copy", "zerocopy", "auto", "splice", "peek"]
+
+
+def _echo_through(p: ProxyProcess, seed: int, n: int = 300_000) -> None:
+    with connect(p.listen_addr) as s:
+        t = threading.Thread(target=s.sendall, args=(Pattern(seed).slice(0, n),))
+        t.start()
+        recv_exact(s, Verifier(seed, n), n)
+        t.join()
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+
+
+@pytest.mark.parametrize("err,reason", [("EPERM", "seccomp"), ("ENOSYS", "ENOSYS")])
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_backend_under_seccomp_serves_on_epoll_and_says_why(echo_server, mode, err, reason):
+    """Docker's profile answers EPERM; a kernel without io_uring, ENOSYS. Either way
+    --backend auto (the default) must serve on epoll and say so once, naming the cause."""
+    argv = [sys.executable, HELPER, "--errno", err, sys.executable, "-m", "uring_net",
+            "--listen", "127.0.0.1:0", "--upstream", echo_server.addr, "--mode", mode]
+    p = ProxyProcess(argv)
+    try:
+        assert p.listening["backend"] == "epoll", p.listening
+        fallbacks = [l for l in p.raw_lines if l.startswith("fallback feature=io_uring ")]
+        assert len(fallbacks) == 1, p.raw_lines
+        assert err in fallbacks[0] and reason in fallbacks[0] and "using=" in fallbacks[0], fallbacks
+        for seed in range(3):
+            _echo_through(p, seed)
+        p.wait_for_close(3, 10)
+    finally:
+        rc = p.stop()
+    assert rc == 0, p._tail()
+    st = [e for e in p.lines if e["event"] == "stopped"][-1]
+    assert (st["bytes_c2u"], st["bytes_u2c"], st["buffers_out"]) == (900_000, 900_000, 0), st
+    assert not p.problems(), p.problems()
+
+
+def test_auto_backend_takes_epoll_when_the_mode_needs_a_missing_operation(echo_server):
+    """io_uring works but lacks what the mode needs (SPLICE here, declared missing the way
+    the tests declare features missing): auto runs the mode on epoll instead of refusing."""
+    argv = [sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
+            "--upstream", echo_server.addr, "--mode", "splice"]
+    p = ProxyProcess(argv, disabled="splice")
+    try:
+        assert p.listening["backend"] == "epoll", p.listening
+        fallbacks = [l for l in p.raw_lines if l.startswith("fallback feature=io_uring ")]
+        assert len(fallbacks) == 1 and "SPLICE" in fallbacks[0], p.raw_lines
+        _echo_through(p, 7)
+        p.wait_for_close(1, 10)
+    finally:
+        assert p.stop() == 0, p._tail()
+    # The same declaration with --backend uring keeps its one-line refusal.
+    r = subprocess.run([*argv, "--backend", "uring"], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=30, env={**os.environ, "URING_NET_DISABLE": "splice"})
+    assert r.returncode == 1 and "SPLICE" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_auto_backend_uses_io_uring_where_it_works(echo_server):
+    p = ProxyProcess([sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
+                      "--upstream", echo_server.addr])
+    try:
+        assert p.listening["backend"] == "uring", p.listening
+        assert not [l for l in p.raw_lines if l.startswith("fallback feature=io_uring")]
+    finally:
+        assert p.stop() == 0, p._tail()
+
+
+def test_probe_says_what_auto_would_pick_and_why():
+    r = run_denied("--probe")
+    assert "backend auto: epoll, because io_uring_setup failed: EPERM" in r.stdout, r.stdout
+    assert "backend epoll: available" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "uring_net", "--probe"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "URING_NET_DISABLE": "splice"})
+    assert "backend auto, --mode splice: epoll, because io_uring lacks" in r.stdout, r.stdout
+    assert "backend auto, --mode copy: uring" in r.stdout, r.stdout

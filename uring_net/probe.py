@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import platform
 
-from .config import disabled_features
+from . import backend
+from .config import MODES, disabled_features
 from .proxy import pipe_max_size, probe_peek_off, probe_ring_features
 
 # opcode -> what needs it. All are required by the copy data path.
@@ -76,6 +77,15 @@ def rows():
             out.append((name.replace("_", " "), status, "used" if used else f"fallback: {fallback}"))
     finally:
         ring.close()
+    ep = _core.Epoll()
+    try:
+        zc = ep.probe_zerocopy()
+    finally:
+        ep.close()
+    out.append(("epoll backend", "yes", "every mode; splice with splice(2)"))
+    out.append(("SO_ZEROCOPY on TCP", "yes" if zc else "no",
+                "epoll zerocopy mode: MSG_ZEROCOPY, completions from the error queue" if zc
+                else "fallback: epoll zerocopy mode uses copy-mode sends"))
     out.append(("pipe-max-size", str(pipe_max_size()), "splice mode's default pipe size is capped here"))
     why = probe_peek_off()
     out.append(("SO_PEEK_OFF on TCP", "no" if why else "yes",
@@ -94,4 +104,26 @@ def main() -> int:
     missing = [name for name, status, _ in table if status == "NO"]
     print()
     print("backend uring:", f"UNAVAILABLE: {', '.join(missing)}" if missing else "available")
+    print("backend epoll: available")
+    for line in auto_choice_lines():
+        print(line)
     return 0
+
+
+def auto_choice_lines() -> list[str]:
+    """What `--backend auto` would pick here, per mode, and why."""
+    ring, why = backend.open_uring()
+    picks = {}
+    try:
+        for mode in MODES:
+            if ring is None:
+                picks[mode] = f"epoll, because {why}"
+            else:
+                lack = backend.uring_unusable(ring, mode, disabled_features())
+                picks[mode] = f"epoll, because {lack}" if lack else "uring"
+    finally:
+        if ring is not None:
+            ring.close()
+    if len(set(picks.values())) == 1:
+        return [f"backend auto: {picks[MODES[0]]} (every mode)"]
+    return [f"backend auto, --mode {m}: {pick}" for m, pick in picks.items()]

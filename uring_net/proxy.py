@@ -28,25 +28,37 @@ class StartupError(Exception):
     """The proxy could not start for a reason outside the configuration."""
 
 
+# The optional io_uring features the engine uses, and what it does without each.
+FEATURE_FALLBACKS = {
+    "multishot_accept": "single-shot accept, re-armed per connection",
+    "multishot_recv": "single-shot recv with buffer select, re-armed per completion",
+    "recv_bundle": "one buffer per recv completion",
+    "incremental_buffers": "a recv takes a whole buffer, however short the read",
+}
+
+
 def probe_ring_features(ring, disabled=frozenset()):
     """What the engine can use on this kernel, and the fallback when not.
 
     Returns {feature: (present, used, fallback_text)}. A feature named in
     `disabled` is reported present but not used (forced fallback)."""
-    ms_accept = ring.probe_multishot_accept()
-    ms_recv = ring.probe_multishot_recv()
-    bundle = dict(ring.feature_names())["recvsend_bundle"]
-    inc = ring.probe_buf_ring_inc()
-    return {
-        "multishot_accept": (ms_accept, ms_accept and "multishot_accept" not in disabled,
-                             "single-shot accept, re-armed per connection"),
-        "multishot_recv": (ms_recv, ms_recv and "multishot_recv" not in disabled,
-                           "single-shot recv with buffer select, re-armed per completion"),
-        "recv_bundle": (bundle, bundle and "recv_bundle" not in disabled,
-                        "one buffer per recv completion"),
-        "incremental_buffers": (inc, inc and "incremental_buffers" not in disabled,
-                                "a recv takes a whole buffer, however short the read"),
-    }
+    present = {"multishot_accept": ring.probe_multishot_accept(),
+               "multishot_recv": ring.probe_multishot_recv(),
+               "recv_bundle": dict(ring.feature_names())["recvsend_bundle"],
+               "incremental_buffers": ring.probe_buf_ring_inc()}
+    return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name])
+            for name, ok in present.items()}
+
+
+def epoll_features(disabled=frozenset()):
+    """The same table for the epoll backend. Its driver carries out multishot
+    accept and recv itself (one CQE per syscall that got something); bundles
+    and incremental buffers belong to the kernel's ring and have no epoll
+    counterpart, so they are absent without being a fallback."""
+    present = {"multishot_accept": True, "multishot_recv": True,
+               "recv_bundle": False, "incremental_buffers": False}
+    return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name])
+            for name, ok in present.items()}
 
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)     # asm-generic value
@@ -154,19 +166,19 @@ class Proxy:
         if self.backend == "uring":
             self.ring = self.driver
             feats = probe_ring_features(self.ring, cfg.disabled)
-            for name, (present, used, fallback) in feats.items():
-                if not used:
-                    why = "forced off by URING_NET_DISABLE" if present else "not supported by this kernel"
-                    self.log.event("fallback", feature=name, reason=why, using=fallback)
+        else:
+            feats = epoll_features(cfg.disabled)
+        for name, (present, used, fallback) in feats.items():
+            if name in cfg.disabled:
+                self.log.event("fallback", feature=name, reason="forced off by URING_NET_DISABLE",
+                               using=fallback)
+            elif not used and self.backend == "uring":
+                self.log.event("fallback", feature=name, reason="not supported by this kernel",
+                               using=fallback)
+        if self.ring is not None:
             self.log.event("ring", level=1, setup=self.ring.setup_mode,
                            features=hex(self.ring.features),
                            ring_fd_registered=self.ring.ring_fd_registered)
-        else:
-            # The driver carries out multishot accept and recv itself (one
-            # CQE per syscall that got something); bundles and incremental
-            # buffers are the kernel ring's and have no epoll counterpart.
-            feats = {"multishot_accept": (True, True, ""), "multishot_recv": (True, True, ""),
-                     "recv_bundle": (False, False, ""), "incremental_buffers": (False, False, "")}
         splice = self._splice_setup() if cfg.mode == "splice" else {}
         if cfg.mode == "peek":
             why = "forced off by URING_NET_DISABLE" if "peek_off" in cfg.disabled else probe_peek_off()
