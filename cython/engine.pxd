@@ -203,6 +203,9 @@ cdef class Engine:
     cdef uint32_t fdw_cap
     cdef int64_t connect_timeout_ns
     cdef bint stopping
+    cdef int wake_fd           # signal.set_wakeup_fd's read end, or -1
+    cdef bint wake_armed
+    cdef bint woken
     cdef sockaddr_storage up_addr[MAX_UPSTREAMS]
     cdef socklen_t up_len[MAX_UPSTREAMS]
     cdef int up_family[MAX_UPSTREAMS]
@@ -226,6 +229,7 @@ cdef class Engine:
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil
     cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil
     cdef void accept_step(self) noexcept nogil
+    cdef void wake_arm(self) noexcept nogil
     cdef void flow_open(self, int cfd) noexcept nogil
     cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void fdw_retry(self) noexcept nogil

@@ -43,6 +43,7 @@ cdef enum Op:
     OP_POLL             # splice: readiness poll linked before a splice
     OP_SPLICE_IN        # splice: source socket -> pipe
     OP_SPLICE_OUT       # splice: pipe -> sink socket
+    OP_WAKE             # poll on the signal wakeup fd: return to Python
 
 cdef enum:
     SLOT_BITS = 20           # --max-conns is capped at 2**20
@@ -119,6 +120,7 @@ cdef class Engine:
         else:
             self.ring = <Ring?>driver
         self.listen_fd = -1
+        self.wake_fd = -1
         self.max_conns = max_conns
         self.nbufs = buffers
         self.buf_size = buffer_size
@@ -272,6 +274,20 @@ cdef class Engine:
         with nogil:
             self.accept_step()
 
+    # A signal that lands while io_uring_enter waits does not always end the
+    # wait: when the same call submitted SQEs the kernel returns their count,
+    # not -EINTR, and liburing waits again -- the stop request sat unseen
+    # for a whole batch timeout. Python's signal handler writes to this fd
+    # (signal.set_wakeup_fd); a poll on it is a CQE, and run_c returns.
+    def watch_wakeup(self, int fd):
+        self.wake_fd = fd
+
+    cdef void wake_arm(self) noexcept nogil:
+        cdef io_uring_sqe *s = self.sqe()
+        io_uring_prep_poll_add(s, self.wake_fd, POLLIN)
+        io_uring_sqe_set_data64(s, ud_make(0, 0, OP_WAKE, 0))
+        self.wake_armed = True
+
     # --- CQE dispatch ---------------------------------------------------------
 
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil:
@@ -289,6 +305,10 @@ cdef class Engine:
             self.on_accept(res, cflags)
             return
         if op == OP_ENGINE_CANCEL:
+            return
+        if op == OP_WAKE:
+            self.wake_armed = False
+            self.woken = True
             return
         if op == OP_ACCEPT_TIMER:
             self.acc_timer = False
@@ -1324,6 +1344,8 @@ cdef class Engine:
         cdef unsigned n, i
         cdef int ret
         while True:
+            if self.wake_fd >= 0 and not self.wake_armed:
+                self.wake_arm()     # single-shot: Python drained the fd
             self.bufs_flush()
             left = deadline - now_ns()
             if left < 0:
@@ -1345,7 +1367,8 @@ cdef class Engine:
                     io_uring_cq_advance(&self.ring.ring, n)
                     if n < CQE_BATCH:
                         break
-            if ret == -EINTR:
+            if ret == -EINTR or self.woken:
+                self.woken = False
                 return -EINTR
             if self.log_n > 0 or now_ns() >= deadline:
                 return 0

@@ -106,7 +106,7 @@ def test_without_the_worker_cap_splice_still_runs_and_says_so(proxy, echo_server
 
 
 def test_splice_mode_is_refused_without_the_splice_op():
-    line = one_error_line(run_cli("--mode", "splice", disabled="splice"), 1)
+    line = one_error_line(run_cli("--backend", "uring", "--mode", "splice", disabled="splice"), 1)
     assert "--mode splice needs" in line and "SPLICE" in line, line
 
 

@@ -152,6 +152,12 @@ def _progress(conns, total, done: threading.Event, out):
     out.write(f"  done in {time.monotonic() - t0:.2f} s\n")
 
 
+def backend_text(proxy) -> str:
+    if proxy.ring is not None:
+        return f"io_uring set-up {proxy.ring.setup_mode}"
+    return f"{proxy.backend} backend"
+
+
 def main(argv) -> int:
     p = _Parser(prog="uring-proxy demo", description=(
         "Start a built-in upstream (echo and sink) on loopback, put uring-proxy in front "
@@ -175,7 +181,7 @@ def main(argv) -> int:
         return 1
     port = int(address.rsplit(":", 1)[1])
     out.write(f"uring-proxy demo: built-in upstream (echo + sink) on 127.0.0.1:{upstream.port}\n"
-              f"  proxy on {address}, io_uring set-up {proxy.ring.setup_mode}, mode {cfg.mode}\n"
+              f"  proxy on {address}, {backend_text(proxy)}, mode {cfg.mode}\n"
               f"  {ns.connections} connections x {ns.bytes / 1e6:.1f} MB each\n")
     conns = [Conn(i, "echo" if i % 2 == 0 else "sink", ns.bytes) for i in range(ns.connections)]
     total = sum(c.size * (2 if c.kind == "echo" else 1) for c in conns)

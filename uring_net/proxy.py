@@ -149,6 +149,12 @@ class Proxy:
         self._accept_pauses_logged = 0
         self._log_dropped_logged = 0
         self._zc_off_logged = False
+        # Python's C-level signal handler writes the signal number here
+        # (serve() calls signal.set_wakeup_fd); the engine polls the other
+        # end, so a signal ends the engine's wait at once.
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        self.wakeup_r.setblocking(False)
+        self.wakeup_w.setblocking(False)
 
     def start(self) -> str:
         from . import _core
@@ -216,6 +222,7 @@ class Proxy:
         for up in cfg.upstreams:
             self.engine.add_upstream(up.family, up.host, up.port)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
+        self.engine.watch_wakeup(self.wakeup_r.fileno())
         self.address = bound_address(self.listener)
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode)
@@ -283,6 +290,10 @@ class Proxy:
 
     def request_stop(self, *_):
         self._stop.set()
+        try:                    # wake the engine, when called from another thread
+            self.wakeup_w.send(b"\0")
+        except OSError:         # full (a wakeup is pending anyway) or closed
+            pass
 
     def run(self) -> dict:
         """Serve until request_stop(); then end every flow and return the stats."""
@@ -290,6 +301,7 @@ class Proxy:
         next_stats = time.monotonic() + STATS_EVERY
         while not self._stop.is_set():
             eng.run(BATCH_TIMEOUT)
+            self._drain_wakeup()
             self._drain()
             if self.cfg.verbose >= 2 and time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + STATS_EVERY
@@ -322,6 +334,15 @@ class Proxy:
                        ring_order_errors=stats["ring_order_errors"],
                        **extra)
         return stats
+
+    def _drain_wakeup(self):
+        # Empty before the engine polls again (its poll is single-shot, and
+        # an fd left readable would end every wait at once).
+        try:
+            while self.wakeup_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _drain(self):
         ups = self.cfg.upstreams
@@ -360,6 +381,8 @@ class Proxy:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        self.wakeup_r.close()
+        self.wakeup_w.close()
 
 
 def serve(cfg: Config, log: Log) -> int:
@@ -367,6 +390,7 @@ def serve(cfg: Config, log: Log) -> int:
     # Handlers go in before the listening line: a script that reads the
     # port and signals at once must still get a clean exit 0.
     old = {sig: signal.signal(sig, proxy.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old_wakeup = signal.set_wakeup_fd(proxy.wakeup_w.fileno(), warn_on_full_buffer=False)
     try:
         proxy.start()
         proxy.run()
@@ -380,5 +404,6 @@ def serve(cfg: Config, log: Log) -> int:
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+        signal.set_wakeup_fd(old_wakeup)
         proxy.close()
     return 0
