@@ -2,7 +2,7 @@
 #
 #   make run    install what is missing, build, run the demo (proxy + built-in upstream)
 #   make test   install what is missing, build, run the whole test suite
-#   make bench  install the peers (iperf3, HAProxy) and run the benchmark
+#   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat), run both benchmarks
 #
 # Every target is safe to repeat: packages are installed only when missing, the
 # venv is created once, and the extension is rebuilt only when a source changed.
@@ -18,7 +18,7 @@ CY_SOURCES  := $(wildcard cython/*.pyx cython/*.pxd cython/*.pxi cython/*.h) set
 # Debian packages: the build needs liburing's headers and a compiler; the
 # benchmark needs the peers it compares against.
 BUILD_DEBS  := liburing-dev gcc make pkg-config
-BENCH_DEBS  := iperf3 haproxy
+BENCH_DEBS  := iperf3 haproxy socat nginx-light libnginx-mod-stream wrk
 
 .PHONY: run test bench probe clean deps-build deps-bench
 
@@ -30,6 +30,7 @@ test: $(CORE_SO)
 
 bench: $(CORE_SO) deps-bench
 	$(VPY) bench/throughput.py
+	$(VPY) bench/http.py
 
 probe: $(CORE_SO)
 	$(VENV)/bin/uring-proxy --probe

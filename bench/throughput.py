@@ -25,6 +25,9 @@ Paths
     direct              iperf3 client straight to the server (the ceiling)
     haproxy             HAProxy 2.6 ``mode tcp``, the peers' baseline configuration
                         (HAPROXY_CFG below), run in the foreground: ``haproxy -db -f``
+    nginx-stream        nginx 1.22 ``stream { server { proxy_pass } }`` (NGINX_STREAM_CFG
+                        below; skipped with a note when nginx or its stream module
+                        is not installed)
     socat               socat ``TCP-LISTEN:P,reuseaddr,fork TCP:127.0.0.1:U`` (a peer;
                         skipped with a note when socat is not installed)
     uring-proxy-<v>     ``python -m uring_net --listen 127.0.0.1:0 --upstream ...``
@@ -32,7 +35,7 @@ Paths
                         ``--proxy-args``. Adding a mode or backend is one line there.
 
 Usage (from the repository root)
-    make bench                                  # installs iperf3 + haproxy, builds, runs
+    make bench                                  # installs the peers, builds, runs both benches
     .venv/bin/python bench/throughput.py        # 5 rounds x 4 s, every path
     .venv/bin/python bench/throughput.py --rounds 3 --paths direct,haproxy
     .venv/bin/python bench/throughput.py --proxy-args "--buffer-size 131072"
@@ -80,6 +83,8 @@ DOCS_FILE = REPO / "docs" / "benchmarks.md"
 IPERF3 = "/usr/bin/iperf3"
 HAPROXY = "/usr/sbin/haproxy"
 SOCAT = "/usr/bin/socat"
+NGINX = "/usr/sbin/nginx"
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # uring-proxy variants: (name, extra CLI arguments). The path is called
 # "uring-proxy-<name>": every mode on the io_uring backend (the mode's name)
@@ -101,6 +106,22 @@ defaults
 listen p
     bind 127.0.0.1:{proxy_port}
     server s1 127.0.0.1:{upstream_port}
+"""
+
+# nginx `stream` (TCP) proxy, as in the peer baselines; one worker. `-e stderr`
+# and the pid under the run's directory keep nginx away from /var.
+NGINX_STREAM_CFG = """\
+load_module {module};
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx-stream.pid;
+events {{ worker_connections 4096; }}
+stream {{
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        proxy_pass 127.0.0.1:{upstream_port};
+    }}
+}}
 """
 
 READY_TIMEOUT_S = 15.0  # a proxy or server must be listening within this
@@ -333,7 +354,7 @@ def others_cpu_seconds(before: tuple[int, int, int], after: tuple[int, int, int]
 @dataclass
 class Path_:
     name: str
-    kind: str  # direct | haproxy | socat | uring
+    kind: str  # direct | haproxy | nginx | socat | uring
     args: list[str] = field(default_factory=list)
 
     @property
@@ -342,7 +363,8 @@ class Path_:
 
 
 def all_paths() -> list[Path_]:
-    paths = [Path_("direct", "direct"), Path_("haproxy", "haproxy"), Path_("socat", "socat")]
+    paths = [Path_("direct", "direct"), Path_("haproxy", "haproxy"),
+             Path_("nginx-stream", "nginx"), Path_("socat", "socat")]
     paths += [Path_(f"uring-proxy-{name}", "uring", args) for name, args in URING_VARIANTS]
     return paths
 
@@ -383,6 +405,12 @@ class Proxy:
             cfg = workdir / "haproxy.cfg"
             cfg.write_text(HAPROXY_CFG.format(proxy_port=self.port, upstream_port=upstream_port))
             self.argv = [HAPROXY, "-db", "-f", str(cfg)]
+        elif kind == "nginx":
+            self.port = free_port()
+            cfg = workdir / "nginx-stream.conf"
+            cfg.write_text(NGINX_STREAM_CFG.format(module=NGINX_STREAM_MODULE, workdir=workdir,
+                                                   proxy_port=self.port, upstream_port=upstream_port))
+            self.argv = [NGINX, "-e", "stderr", "-p", str(workdir), "-c", str(cfg)]
         elif kind == "socat":
             self.port = free_port()
             self.argv = [SOCAT, f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
@@ -703,6 +731,8 @@ def software_versions(paths: list[Path_]) -> dict:
     v = {"iperf3": version([IPERF3, "--version"], r"iperf ([\d.]+)")}
     if "haproxy" in kinds:
         v["HAProxy"] = version([HAPROXY, "-v"], r"version (\S+)")
+    if "nginx" in kinds:
+        v["nginx"] = version([NGINX, "-v"], r"nginx/(\S+)")
     if "socat" in kinds:
         out = subprocess.run([SOCAT, "-V"], capture_output=True, text=True).stdout
         m = re.search(r"socat version (\S+)", out)
@@ -727,16 +757,16 @@ def busy_percent(interval: float = 1.0) -> float:
     return 100.0 * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
-def command_line() -> str:
+def command_line(script_file: str = __file__) -> str:
     exe = Path(sys.executable)
     try:
         exe_s = str(exe.relative_to(REPO)) if exe.is_absolute() else str(exe)
     except ValueError:
         exe_s = str(exe)
     try:
-        script = str(Path(__file__).resolve().relative_to(REPO))
+        script = str(Path(script_file).resolve().relative_to(REPO))
     except ValueError:
-        script = str(Path(__file__))
+        script = str(Path(script_file))
     return shlex.join([exe_s, script, *sys.argv[1:]])
 
 
@@ -746,7 +776,8 @@ def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
     uring_names = ", ".join(f"`uring-proxy-{n}` ({' '.join(a)})" for n, a in URING_VARIANTS)
     text = f"""# Benchmarks
 
-Generated by `bench/throughput.py --write-docs`. Do not edit by hand: rerun the script.
+Generated by `bench/throughput.py --write-docs` and, for the HTTP section, by
+`bench/http.py --write-docs`. Do not edit by hand: rerun the scripts.
 
 ## Single TCP stream through the proxy (iperf3, loopback)
 
@@ -782,15 +813,15 @@ advantage in this run; near 1 is its absence.
 
 {backend_ratios(rows) or 'Not measured in this run (select both backends to see it).'}
 
-HTTP requests per second through the same paths: docs/benchmarks-http.md
+HTTP requests per second through the same paths: the last section below
 (`bench/http.py --write-docs`).
 
 ## How to reproduce
 
-    make bench            # installs iperf3 and haproxy if missing, builds, runs the script
+    make bench            # installs the peers if missing, builds, runs both bench scripts
     .venv/bin/python bench/throughput.py --rounds 5 --seconds 4 --write-docs
 
-`--paths` picks paths (direct, haproxy, socat, {', '.join(f'uring-proxy-{n}' for n, _ in URING_VARIANTS)};
+`--paths` picks paths (direct, haproxy, nginx-stream, socat, {', '.join(f'uring-proxy-{n}' for n, _ in URING_VARIANTS)};
 `uring-proxy` for every variant), `--proxy-args "..."` passes options to uring-proxy,
 `--json FILE` keeps every run's raw figures. The uring-proxy variants are {uring_names}.
 
@@ -806,8 +837,36 @@ with this `haproxy.cfg` (the peers' baseline configuration):
 {HAPROXY_CFG.format(proxy_port='P', upstream_port='U').rstrip()}
 ```
 
+nginx `stream`, run as `nginx -e stderr -p DIR -c nginx-stream.conf`:
+
+```
+{NGINX_STREAM_CFG.format(module=NGINX_STREAM_MODULE, workdir='DIR', proxy_port='P', upstream_port='U').rstrip()}
+```
+
 socat, the other peer: `socat TCP-LISTEN:P,bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:U`.
 """
+    # bench/http.py owns its section of the same file: keep it as it is.
+    http = docs_section(HTTP_SECTION)
+    write_docs_file(text + "\n" + (http or f"{HTTP_SECTION[0]}\n## HTTP requests through the proxy\n\n"
+                                          f"Not measured yet: run `bench/http.py --write-docs`.\n"
+                                          f"{HTTP_SECTION[1]}\n"))
+
+
+# The part of DOCS_FILE that bench/http.py writes, between these two lines.
+HTTP_SECTION = ("<!-- bench/http.py --write-docs: begin -->", "<!-- bench/http.py --write-docs: end -->")
+
+
+def docs_section(markers: tuple[str, str]) -> str:
+    """The text of DOCS_FILE from markers[0] to markers[1] inclusive, or ''."""
+    try:
+        text = DOCS_FILE.read_text()
+    except FileNotFoundError:
+        return ""
+    a, b = text.find(markers[0]), text.find(markers[1])
+    return text[a:b + len(markers[1])] + "\n" if 0 <= a < b else ""
+
+
+def write_docs_file(text: str) -> None:
     DOCS_FILE.parent.mkdir(parents=True, exist_ok=True)
     DOCS_FILE.write_text(text)
 
@@ -815,20 +874,34 @@ socat, the other peer: `socat TCP-LISTEN:P,bind=127.0.0.1,reuseaddr,fork TCP:127
 # ---------------------------------------------------------------- main
 
 
-def check_tools(paths: list[Path_], explicit: bool) -> list[Path_]:
+def optional_peer(paths: list[Path_], explicit: bool, kind: str, files: list[str],
+                  debs: str) -> list[Path_]:
+    """Paths of `kind` stay only if its files exist; a peer the user named is an
+    error when missing, one of the default set is skipped with a note."""
+    if not any(p.kind == kind for p in paths):
+        return paths
+    missing = [f for f in files if not os.path.exists(f)]
+    if not missing:
+        return paths
+    if explicit:
+        raise BenchError(f"missing {', '.join(missing)}; apt-get install {debs}")
+    log(f"note: {', '.join(missing)} not installed, skipping the {kind} path "
+        f"(apt-get install {debs})")
+    return [p for p in paths if p.kind != kind]
+
+
+def check_tools(paths: list[Path_], explicit: bool, need_iperf3: bool = True) -> list[Path_]:
     missing = []
-    if not os.access(IPERF3, os.X_OK):
+    if need_iperf3 and not os.access(IPERF3, os.X_OK):
         missing.append(f"iperf3 ({IPERF3})")
     if any(p.kind == "haproxy" for p in paths) and not os.access(HAPROXY, os.X_OK):
         missing.append(f"haproxy ({HAPROXY})")
     if missing:
         raise BenchError(f"missing {', '.join(missing)}; `make bench` installs them "
                          "(Debian: apt-get install iperf3 haproxy)")
-    if any(p.kind == "socat" for p in paths) and not os.access(SOCAT, os.X_OK):
-        if explicit:
-            raise BenchError(f"missing socat ({SOCAT}); apt-get install socat")
-        log(f"note: {SOCAT} not installed, skipping the socat path (apt-get install socat)")
-        paths = [p for p in paths if p.kind != "socat"]
+    paths = optional_peer(paths, explicit, "socat", [SOCAT], "socat")
+    paths = optional_peer(paths, explicit, "nginx", [NGINX, NGINX_STREAM_MODULE],
+                          "nginx-light libnginx-mod-stream")
     if any(p.kind == "uring" for p in paths):
         try:
             p = subprocess.run([sys.executable, "-m", "uring_net", "--help"], cwd=REPO,
