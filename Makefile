@@ -30,7 +30,7 @@ test: $(CORE_SO)
 
 bench: $(CORE_SO) deps-bench
 	$(VPY) bench/throughput.py
-	$(VPY) bench/http.py
+	$(VPY) bench/http_rate.py
 
 probe: $(CORE_SO)
 	$(VENV)/bin/uring-proxy --probe

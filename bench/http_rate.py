@@ -22,10 +22,10 @@ What it measures
 
 Usage (from the repository root)
     make bench                                  # both bench scripts, after throughput
-    .venv/bin/python bench/http.py              # 5 rounds x 4 s, every path
-    .venv/bin/python bench/http.py --paths haproxy,uring-proxy-copy,uring-proxy-epoll-copy
-    .venv/bin/python bench/http.py --connections 400 --seconds 8
-    .venv/bin/python bench/http.py --json bench/results/http.json --write-docs
+    .venv/bin/python bench/http_rate.py              # 5 rounds x 4 s, every path
+    .venv/bin/python bench/http_rate.py --paths haproxy,uring-proxy-copy,uring-proxy-epoll-copy
+    .venv/bin/python bench/http_rate.py --connections 400 --seconds 8
+    .venv/bin/python bench/http_rate.py --json bench/results/http.json --write-docs
 
     ``--write-docs`` rewrites the HTTP section of docs/benchmarks.md (and only that
     section; bench/throughput.py keeps it when it rewrites the rest).
@@ -227,7 +227,13 @@ def backend_ratios(rows: list[dict]) -> str:
         cpu_ratio = f"{uc / ec:.2f}x" if ec else "-"
         out.append(f"| {m} | {u['median']:,.0f} | {e['median']:,.0f} | {u['median'] / e['median']:.2f}x "
                    f"| {uc:.1f} | {ec:.1f} | {cpu_ratio} |")
-    return "\n".join(out) if len(out) > 2 else ""
+    if len(out) == 2:
+        return ""
+    pairs = [(by[f"uring-proxy-{m}"].get("median"), by[f"uring-proxy-epoll-{m}"].get("median"),
+              by[f"uring-proxy-{m}"].get("cpu_us_per_request"),
+              by[f"uring-proxy-epoll-{m}"].get("cpu_us_per_request"))
+             for m in tp.MODES if f"uring-proxy-{m}" in by and f"uring-proxy-epoll-{m}" in by]
+    return "\n".join(out) + "\n\n" + tp.ratio_summary(pairs, "request rate", "CPU per request")
 
 
 def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
@@ -262,7 +268,7 @@ def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
 ### How to reproduce
 
     make bench
-    .venv/bin/python bench/http.py --rounds 5 --seconds 4 --write-docs
+    .venv/bin/python bench/http_rate.py --rounds 5 --seconds 4 --write-docs
 
 The upstream is nginx, run as `nginx -e stderr -p DIR -c nginx-http.conf` with:
 
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = tp.check_tools(paths, explicit, need_iperf3=False)
         proxy_args = shlex.split(args.proxy_args)
     except (tp.BenchError, ValueError) as e:
-        print(f"http.py: error: {e}", file=sys.stderr)
+        print(f"http_rate.py: error: {e}", file=sys.stderr)
         return 2
     versions = {k: v for k, v in tp.software_versions(paths).items() if k != "iperf3"}
     versions = {"wrk": tp._first_line([WRK, "-v"]).split(" [")[0].removeprefix("wrk "),
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             tp.log("interrupted; stopping children (the table shows the runs that finished)")
             interrupted = True
         except tp.BenchError as e:
-            print(f"http.py: error: {e}", file=sys.stderr)
+            print(f"http_rate.py: error: {e}", file=sys.stderr)
             return 2
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
