@@ -137,3 +137,25 @@ def test_demo_under_seccomp_runs_on_epoll():
     r = run_denied("demo", "--connections", "4", "--bytes", str(1 << 20))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert "epoll backend" in r.stdout and "verified: yes" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace (make test runs as root)")
+@pytest.mark.parametrize("value", ["1", "2"])
+def test_auto_backend_names_io_uring_disabled(echo_server, tmp_path, value):
+    """kernel.io_uring_disabled=1 or 2 makes io_uring_setup fail with EPERM. The knob is
+    machine-wide, so the test does not set it: in a private mount namespace a file holding
+    the value is bound over /proc/sys/kernel/io_uring_disabled, and the seccomp helper
+    gives the EPERM the kernel would give. The proxy must name the knob, not seccomp."""
+    knob = tmp_path / "io_uring_disabled"
+    knob.write_text(value + "\n")
+    script = ('mount --bind "$1" /proc/sys/kernel/io_uring_disabled && shift && exec "$@"')
+    argv = ["unshare", "-m", "sh", "-c", script, "sh", str(knob), sys.executable, HELPER,
+            sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0", "--upstream", echo_server.addr]
+    p = ProxyProcess(argv)
+    try:
+        assert p.listening["backend"] == "epoll", p.listening
+        fallbacks = [l for l in p.raw_lines if l.startswith("fallback feature=io_uring ")]
+        assert len(fallbacks) == 1 and f"kernel.io_uring_disabled={value}" in fallbacks[0], p.raw_lines
+        _echo_through(p, 11)
+    finally:
+        assert p.stop() == 0, p._tail()
