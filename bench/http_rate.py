@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -334,35 +333,20 @@ def main(argv: list[str] | None = None) -> int:
     children = tp.Children()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, tp._raise_interrupt)
-    total, interrupted = args.rounds * len(paths), False
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="uring-bench-http-") as tmp:
         workdir = Path(tmp)
         try:
             server = HttpServer(children, workdir)
-            tp.log(f"nginx on 127.0.0.1:{server.port}; {args.rounds} rounds x {len(paths)} paths "
-                   f"x {args.seconds} s (about {total * (args.seconds + 1.5):.0f} s)")
-            n = 0
-            for rnd in range(1, args.rounds + 1):
-                for path in paths:
-                    n += 1
-                    prefix = f"[{n}/{total}] round {rnd}/{args.rounds} {path.name:<24}"
-                    try:
-                        r = measure(children, server, path, args.seconds, args.connections,
-                                    proxy_args, workdir)
-                    except tp.RunError as e:
-                        r = {"path": path.name, "error": str(e)}
-                        tp.log(f"{prefix} FAILED: {e}")
-                    else:
-                        cpu = (f", proxy {r['cpu_us_per_request']:.1f} us CPU/request "
-                               f"({r['cpu_percent']:.0f}% CPU)" if path.is_proxy else "")
-                        tp.log(f"{prefix} {r['req_per_s']:9,.0f} req/s{cpu}")
-                        if r.get("warning"):
-                            tp.log(f"{prefix} warning: {r['warning']}")
-                    r["round"] = rnd
-                    runs.append(r)
-                    time.sleep(tp.SETTLE_S)
+            tp.log(f"nginx on 127.0.0.1:{server.port}")
+            interrupted = tp.run_rounds(
+                paths, args.rounds, args.seconds, runs,
+                lambda path: measure(children, server, path, args.seconds, args.connections,
+                                     proxy_args, workdir),
+                lambda r: f"{r['req_per_s']:9,.0f} req/s" + (
+                    f", proxy {r['cpu_us_per_request']:.1f} us CPU/request ({r['cpu_percent']:.0f}% CPU)"
+                    if "cpu_us_per_request" in r else ""))
         except KeyboardInterrupt:
-            tp.log("interrupted; stopping children (the table shows the runs that finished)")
             interrupted = True
         except tp.BenchError as e:
             print(f"http_rate.py: error: {e}", file=sys.stderr)

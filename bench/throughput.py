@@ -896,6 +896,43 @@ def write_docs_file(text: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def run_rounds(paths: list[Path_], rounds: int, seconds: int, runs: list[dict],
+               run_one, figure, after_failure=None) -> bool:
+    """Every path once per round, round-robin, so drift on the machine hits every
+    path alike; each result (or {"error": ...}) is appended to `runs` with its
+    round. `figure(result)` is the progress line's text. Returns True when
+    interrupted (Ctrl-C, SIGTERM): the runs so far stay in `runs`."""
+    total, n = rounds * len(paths), 0
+    log(f"{rounds} rounds x {len(paths)} paths x {seconds} s (about {total * (seconds + 1.5):.0f} s)")
+    try:
+        for rnd in range(1, rounds + 1):
+            for path in paths:
+                n += 1
+                prefix = f"[{n}/{total}] round {rnd}/{rounds} {path.name:<26}"
+                log(f"{prefix} running ...")
+                try:
+                    r = run_one(path)
+                except RunError as e:
+                    r = {"path": path.name, "error": str(e)}
+                    log(f"{prefix} FAILED: {e}")
+                    if after_failure:
+                        after_failure()
+                else:
+                    log(f"{prefix} {figure(r)}")
+                    if r.get("other_cpu_percent", 0) > OTHERS_WARN_PERCENT:
+                        log(f"{prefix} warning: other processes used "
+                            f"{r['other_cpu_percent']:.0f}% of a core during this run")
+                    if r.get("warning"):
+                        log(f"{prefix} warning: {r['warning']}")
+                r["round"] = rnd
+                runs.append(r)
+                time.sleep(SETTLE_S)
+    except KeyboardInterrupt:
+        log("interrupted; stopping children (the table shows the runs that finished)")
+        return True
+    return False
+
+
 def optional_peer(paths: list[Path_], explicit: bool, kind: str, files: list[str],
                   debs: str) -> list[Path_]:
     """Paths of `kind` stay only if its files exist; a peer the user named is an
@@ -984,41 +1021,22 @@ def main(argv: list[str] | None = None) -> int:
     children = Children()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    total = args.rounds * len(paths)
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="uring-bench-") as tmp:
         workdir = Path(tmp)
         try:
             server = IperfServer(children, workdir)
-            log(f"iperf3 server on 127.0.0.1:{server.port}; {args.rounds} rounds x "
-                f"{len(paths)} paths x {args.seconds} s (about {total * (args.seconds + 1.5):.0f} s)")
-            n = 0
-            for rnd in range(1, args.rounds + 1):
-                for path in paths:
-                    n += 1
-                    prefix = f"[{n}/{total}] round {rnd}/{args.rounds} {path.name:<20}"
-                    log(f"{prefix} running ...")
-                    try:
-                        r = measure(children, server, path, args.seconds, proxy_args, workdir)
-                    except RunError as e:
-                        r = {"path": path.name, "error": str(e)}
-                        log(f"{prefix} FAILED: {e}")
-                        # A test that died half way can leave the server waiting on it.
-                        server.restart()
-                    else:
-                        cpu = (f", proxy {r['cpu_s_per_gb']:.3f} CPU-s/GB ({r['cpu_percent']:.0f}% CPU)"
-                               if path.is_proxy and r.get("cpu_s_per_gb") is not None else "")
-                        log(f"{prefix} {r['gbps']:6.2f} Gbit/s{cpu}")
-                        if r["other_cpu_percent"] > OTHERS_WARN_PERCENT:
-                            log(f"{prefix} warning: other processes used "
-                                f"{r['other_cpu_percent']:.0f}% of a core during this run")
-                        if r.get("warning"):
-                            log(f"{prefix} warning: {r['warning']}")
-                    r["round"] = rnd
-                    runs.append(r)
-                    time.sleep(SETTLE_S)
+            log(f"iperf3 server on 127.0.0.1:{server.port}")
+            # After a failed run: a test that died half way can leave the
+            # server waiting on it.
+            interrupted = run_rounds(
+                paths, args.rounds, args.seconds, runs,
+                lambda path: measure(children, server, path, args.seconds, proxy_args, workdir),
+                lambda r: f"{r['gbps']:6.2f} Gbit/s" + (
+                    f", proxy {r['cpu_s_per_gb']:.3f} CPU-s/GB ({r['cpu_percent']:.0f}% CPU)"
+                    if r.get("cpu_s_per_gb") is not None else ""),
+                server.restart)
         except KeyboardInterrupt:
-            log("interrupted; stopping children (the table shows the runs that finished)")
             interrupted = True
         except BenchError as e:
             print(f"throughput.py: error: {e}", file=sys.stderr)
