@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iowq-workers", type=_positive_int("--iowq-workers", 1, 4096), default=None,
                    metavar="N",
                    help="splice mode: cap on io_uring's worker threads (IORING_REGISTER_IOWQ_MAX_WORKERS), "
-                        "which run every splice. Default: one per CPU")
+                        "which run every splice; not with --backend epoll, which has none. Default: one per CPU")
     p.add_argument("--replay-window", type=_positive_int("--replay-window", 0, 1 << 30), default=65536,
                    metavar="BYTES",
                    help="peek mode: client bytes already delivered are kept in the client's socket, "
@@ -239,6 +239,11 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         if getattr(ns, opt) is not None and ns.mode not in modes:
             raise ConfigError(f"--{opt.replace('_', '-')} applies to --mode {' or '.join(modes)} only, "
                               f"not --mode {ns.mode}")
+    if ns.iowq_workers is not None and ns.backend == "epoll":
+        # Under --backend auto the cap applies if io_uring is chosen, and the
+        # splice line says when it was not; asked of epoll it can never apply.
+        raise ConfigError("--iowq-workers caps io_uring's worker threads; --backend epoll runs "
+                          "splice(2) in its own loop and has none")
     return Config(
         listen=parse_endpoint(ns.listen, "--listen", allow_port_zero=True),
         upstreams=tuple(parse_endpoint(u, "--upstream", allow_port_zero=False) for u in ns.upstream),
