@@ -310,6 +310,7 @@ class Proxy:
         deadline = time.monotonic() + STOP_GRACE
         while (eng.active or eng.accepting) and time.monotonic() < deadline:
             eng.run(0.05)
+            self._drain_wakeup()    # a second Ctrl-C must not make every wait end at once
             self._drain()
         self._drain()
         eng.verify_ring()
