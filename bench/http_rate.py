@@ -352,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"http_rate.py: error: {e}", file=sys.stderr)
             return 2
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
-            children.stop_all()
+            tp.stop_everything(children)
 
     rows = summarize(paths, runs)
     print(f"\nHTTP keep-alive req/s, wrk -t1 -c{args.connections}, {args.rounds} rounds x "

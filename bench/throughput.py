@@ -896,6 +896,14 @@ def write_docs_file(text: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def stop_everything(children: Children) -> None:
+    """Stop every child; signals are ignored from here on, so a second Ctrl-C
+    cannot cut the clean-up short."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    children.stop_all()
+
+
 def run_rounds(paths: list[Path_], rounds: int, seconds: int, runs: list[dict],
                run_one, figure, after_failure=None) -> bool:
     """Every path once per round, round-robin, so drift on the machine hits every
@@ -1042,10 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"throughput.py: error: {e}", file=sys.stderr)
             return 2
         finally:
-            # A second Ctrl-C must not cut the clean-up short.
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
-            children.stop_all()
+            stop_everything(children)
 
     rows = summarize(paths, runs)
     print(f"\nSingle-stream iperf3 throughput, {args.rounds} rounds x {args.seconds} s, "
