@@ -140,6 +140,8 @@ def test_demo_under_seccomp_runs_on_epoll():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace (make test runs as root)")
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/io_uring_disabled"),
+                    reason="the kernel has no kernel.io_uring_disabled (added in 6.6)")
 @pytest.mark.parametrize("value", ["1", "2"])
 def test_auto_backend_names_io_uring_disabled(echo_server, tmp_path, value):
     """kernel.io_uring_disabled=1 or 2 makes io_uring_setup fail with EPERM. The knob is
