@@ -215,24 +215,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def backend_ratios(rows: list[dict]) -> str:
     """Per mode: io_uring's req/s over epoll's, and CPU per request likewise."""
-    by = {r["path"]: r for r in rows}
-    out = ["| mode | uring req/s | epoll req/s | uring / epoll req/s | uring CPU us/req "
-           "| epoll CPU us/req | uring / epoll CPU per request |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for m in tp.MODES:
-        u, e = by.get(f"uring-proxy-{m}"), by.get(f"uring-proxy-epoll-{m}")
-        if not u or not e or not u.get("median") or not e.get("median"):
-            continue
-        uc, ec = u["cpu_us_per_request"], e["cpu_us_per_request"]
-        cpu_ratio = f"{uc / ec:.2f}x" if ec else "-"
-        out.append(f"| {m} | {u['median']:,.0f} | {e['median']:,.0f} | {u['median'] / e['median']:.2f}x "
-                   f"| {uc:.1f} | {ec:.1f} | {cpu_ratio} |")
-    if len(out) == 2:
-        return ""
-    pairs = [(by[f"uring-proxy-{m}"].get("median"), by[f"uring-proxy-epoll-{m}"].get("median"),
-              by[f"uring-proxy-{m}"].get("cpu_us_per_request"),
-              by[f"uring-proxy-epoll-{m}"].get("cpu_us_per_request"))
-             for m in tp.MODES if f"uring-proxy-{m}" in by and f"uring-proxy-epoll-{m}" in by]
-    return "\n".join(out) + "\n\n" + tp.ratio_summary(pairs, "request rate", "CPU per request")
+    return tp.backend_table(rows, ("median", "req/s", ",.0f", "request rate"),
+                            ("cpu_us_per_request", "CPU us/req", ".1f", "CPU per request"))
 
 
 def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:

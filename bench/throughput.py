@@ -631,42 +631,41 @@ def summarize(paths: list[Path_], runs: list[dict]) -> list[dict]:
 def backend_ratios(rows: list[dict]) -> str:
     """Markdown: per mode, the io_uring backend against the epoll backend in this run
     (throughput ratio, and CPU-s/GB ratio: below 1 means io_uring spent less per GB)."""
+    return backend_table(rows, ("median_gbps", "Gbit/s", ".2f", "throughput"),
+                         ("median_cpu_s_per_gb", "CPU-s/GB", ".3f", "CPU per GB"))
+
+
+def backend_table(rows: list[dict], rate: tuple[str, str, str, str],
+                  cost: tuple[str, str, str, str]) -> str:
+    """Per mode, path uring-proxy-M against uring-proxy-epoll-M: the rate, the CPU
+    cost, and both ratios, then one sentence with the medians of the ratios over the
+    modes. `rate` and `cost` are (row key, unit, format, what it is called)."""
     by = {r["path"]: r for r in rows}
-    lines = ["| mode | uring Gbit/s | epoll Gbit/s | uring / epoll throughput "
-             "| uring CPU-s/GB | epoll CPU-s/GB | uring / epoll CPU per GB |",
+    (rk, ru, rf, rname), (ck, cu, cf, cname) = rate, cost
+    lines = [f"| mode | uring {ru} | epoll {ru} | uring / epoll {rname} "
+             f"| uring {cu} | epoll {cu} | uring / epoll {cname} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    rate_ratios, cost_ratios = [], []
     for m in MODES:
-        u, e = by.get(f"uring-proxy-{m}"), by.get(f"uring-proxy-epoll-{m}")
-        if not u or not e or u.get("median_gbps") is None or e.get("median_gbps") is None:
+        u, e = by.get(f"uring-proxy-{m}", {}), by.get(f"uring-proxy-epoll-{m}", {})
+        if not u.get(rk) or not e.get(rk):
             continue
-        uc, ec = u.get("median_cpu_s_per_gb"), e.get("median_cpu_s_per_gb")
-        lines.append(f"| {m} | {u['median_gbps']:.2f} | {e['median_gbps']:.2f} | "
-                     f"{u['median_gbps'] / e['median_gbps']:.2f}x | "
-                     f"{'-' if uc is None else f'{uc:.3f}'} | {'-' if ec is None else f'{ec:.3f}'} | "
-                     f"{'-' if not uc or not ec else f'{uc / ec:.2f}x'} |")
-    if len(lines) == 2:
+        rate_ratios.append(u[rk] / e[rk])
+        uc, ec = u.get(ck), e.get(ck)
+        if uc and ec:
+            cost_ratios.append(uc / ec)
+        lines.append(f"| {m} | {u[rk]:{rf}} | {e[rk]:{rf}} | {rate_ratios[-1]:.2f}x | "
+                     f"{'-' if uc is None else format(uc, cf)} | {'-' if ec is None else format(ec, cf)} | "
+                     f"{f'{uc / ec:.2f}x' if uc and ec else '-'} |")
+    if not rate_ratios:
         return ""
-    return "\n".join(lines) + "\n\n" + ratio_summary(
-        [(by[f"uring-proxy-{m}"].get("median_gbps"), by[f"uring-proxy-epoll-{m}"].get("median_gbps"),
-          by[f"uring-proxy-{m}"].get("median_cpu_s_per_gb"), by[f"uring-proxy-epoll-{m}"].get("median_cpu_s_per_gb"))
-         for m in MODES if f"uring-proxy-{m}" in by and f"uring-proxy-epoll-{m}" in by],
-        "throughput", "CPU per GB")
-
-
-def ratio_summary(pairs: list[tuple], what: str, cpu_what: str) -> str:
-    """One sentence: the median over the modes of io_uring's figure over epoll's,
-    for the rate and for the CPU cost. `pairs`: (uring rate, epoll rate, uring
-    cost, epoll cost) per mode, any of them None when not measured."""
-    rate = [u / e for u, e, _, _ in pairs if u and e]
-    cost = [uc / ec for _, _, uc, ec in pairs if uc and ec]
-    if not rate:
-        return ""
-    text = (f"Median over the {len(rate)} modes: io_uring's {what} is "
-            f"{statistics.median(rate):.2f}x epoll's (range {min(rate):.2f}x-{max(rate):.2f}x)")
-    if cost:
-        text += (f", and its {cpu_what} {statistics.median(cost):.2f}x epoll's "
-                 f"(range {min(cost):.2f}x-{max(cost):.2f}x)")
-    return text + "."
+    text = (f"Median over the {len(rate_ratios)} modes: io_uring's {rname} is "
+            f"{statistics.median(rate_ratios):.2f}x epoll's "
+            f"(range {min(rate_ratios):.2f}x-{max(rate_ratios):.2f}x)")
+    if cost_ratios:
+        text += (f", and its {cname} {statistics.median(cost_ratios):.2f}x epoll's "
+                 f"(range {min(cost_ratios):.2f}x-{max(cost_ratios):.2f}x)")
+    return "\n".join(lines) + "\n\n" + text + "."
 
 
 def others_note(runs: list[dict]) -> str:
