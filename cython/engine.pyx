@@ -106,7 +106,7 @@ cdef class Engine:
                   bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False,
                   bint recv_inc=False,
                   bint splice=False, uint32_t pipe_size=0, bint peek=False,
-                  uint32_t replay_window=65536):
+                  uint32_t replay_window=65536, uint32_t segs_per_buf=SEGS_PER_BUF):
         cdef int err = 0
         cdef uint32_t i
         cdef iovec pool
@@ -145,7 +145,10 @@ cdef class Engine:
         self.buf_refs = <uint32_t *>calloc(buffers, sizeof(uint32_t))
         self.buf_kern = <uint8_t *>calloc(buffers, sizeof(uint8_t))
         self.ring_bid = <uint16_t *>calloc(buffers, sizeof(uint16_t))
-        self.nsegs = min(<uint32_t>SEG_MAX, buffers * SEGS_PER_BUF)
+        # The table grows when full; segs_per_buf is a test knob (see
+        # proxy.py) that makes growth certain rather than a matter of how
+        # many completions share a batch.
+        self.nsegs = min(<uint32_t>SEG_MAX, buffers * max(1, segs_per_buf))
         self.segs = <Seg *>calloc(self.nsegs, sizeof(Seg))
         self.bundle = recv_bundle
         self.inc = recv_inc

@@ -20,6 +20,11 @@ from .config import Config, ConfigError
 from .log import Log
 
 BATCH_TIMEOUT = 0.5      # seconds the engine may run without returning
+# Test knob: the segment table's initial size per buffer (default 8). At 1 the
+# table must grow as soon as two flows' bytes share a buffer, which only
+# incremental buffers do, so a test can require growth without depending on
+# how many completions happen to land in one batch.
+SEGS_PER_BUF_ENV = "URING_NET_TEST_SEGS_PER_BUF"
 STOP_GRACE = 5.0         # seconds to let flows finish closing on shutdown
 STATS_EVERY = 10.0
 
@@ -128,6 +133,17 @@ def open_listener(cfg: Config) -> socket.socket:
     return s
 
 
+def _segs_per_buf() -> int:
+    raw = os.environ.get(SEGS_PER_BUF_ENV, "8")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise ConfigError(f"{SEGS_PER_BUF_ENV} must be a whole number from 1 to 64, not {raw!r}")
+    return n
+
+
 def bound_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
@@ -211,7 +227,8 @@ class Proxy:
             zc_backoff=cfg.mode in ("auto", "peek"),
             recv_bundle=feats["recv_bundle"][1],
             recv_inc=feats["incremental_buffers"][1],
-            peek=cfg.mode == "peek", replay_window=cfg.replay_window, **splice)
+            peek=cfg.mode == "peek", replay_window=cfg.replay_window,
+            segs_per_buf=_segs_per_buf(), **splice)
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
