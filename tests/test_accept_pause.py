@@ -10,6 +10,8 @@ import os
 import resource
 import time
 
+import pytest
+
 from netutil import Pattern, connect, recv_exact, Verifier
 
 FLOWS_THAT_FIT = 3
@@ -29,6 +31,8 @@ def close_cleanly(sock) -> None:
     sock.close()
 
 
+# Mode-independent: accept pause and fd wait queue are shared; backends x accept paths still run.
+@pytest.mark.parametrize("mode", ["copy"])
 def test_emfile_pauses_accept_then_recovers(proxy, echo_server):
     p = proxy(echo_server.addr, log_format="json")
     pid = p.proc.pid

@@ -10,6 +10,9 @@ import pytest
 from netutil import connect, expect_closed, fmt_addr, reset_close
 
 
+# Mode-independent: in every mode no client byte is read before the upstream connect succeeds.
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
 @pytest.mark.parametrize("client_sends", [0, 1000])
 def test_upstream_refused(proxy, refusing_upstream, client_sends):
     """Nothing listens at the upstream address: the client is closed within 2 s."""
@@ -29,6 +32,9 @@ def test_upstream_refused(proxy, refusing_upstream, client_sends):
     assert (close["bytes_c2u"], close["bytes_u2c"]) == (0, 0), close
 
 
+# Mode-independent: connect + linked timeout are the same SQEs in every mode, and no byte moves.
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
 def test_connect_timeout(proxy, blackhole_upstream):
     """The upstream never answers the SYN; with --connect-timeout 1 the client is closed
     after about a second (not before), and within 3 s."""
@@ -61,6 +67,9 @@ def test_failed_connects_release_everything(proxy, refusing_upstream):
         f"fds: {p.fd_count()} after the failures, {idle_fds} idle"
 
 
+# Mode-independent: as test_connect_timeout (test_failed_connects_release_everything: per-mode release).
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
 def test_concurrent_connect_timeouts(proxy, blackhole_upstream):
     """Several flows waiting on the same dead upstream each time out on their own."""
     p = proxy(blackhole_upstream.addr, "--connect-timeout", "1")

@@ -59,6 +59,9 @@ def test_stopped_totals_match_close_lines(proxy, echo_server):
     assert stopped[0]["bytes_u2c"] == sum(c["bytes_u2c"] for c in closes) == sum(sizes)
 
 
+# Mode-independent: serve() installs handlers and wakeup fd for every mode; no flow exists yet.
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_right_after_start(proxy, echo_server, sig):
     """A signal sent as soon as the `listening` line is out must still stop the proxy
@@ -74,6 +77,9 @@ def test_signal_right_after_start(proxy, echo_server, sig):
             f"no stopped line; stderr:\n{p.stderr_text()}"
 
 
+# Mode-independent: the flow never gets past its connect, which is the same in every mode.
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
 def test_signal_during_pending_connect(proxy, blackhole_upstream):
     """A flow stuck in its upstream connect must not delay the shutdown."""
     p = proxy(blackhole_upstream.addr, "--connect-timeout", "30")

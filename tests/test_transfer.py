@@ -127,6 +127,8 @@ def test_server_speaks_first_client_silent(proxy, upstream):
 
 
 @pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback (::1) on this machine")
+# Mode-independent: the address family matters only to listen, accept and connect, not the data path.
+@pytest.mark.parametrize("mode", ["copy"])
 @pytest.mark.parametrize("listen_host,upstream_host", [
     ("::1", "::1"), ("::1", "127.0.0.1"), ("127.0.0.1", "::1")], ids=["6to6", "6to4", "4to6"])
 def test_ipv6_transfer(proxy, upstream, listen_host, upstream_host):
