@@ -14,7 +14,6 @@ cdef enum FlowState:
 
 cdef enum DirFlag:
     D_RECV_ARMED  = 1 << 0   # a recv on the source side is in flight
-    D_RECV_CANCEL = 1 << 1   # ... and a cancel for it was submitted (backpressure)
     D_SEND_BUSY   = 1 << 2   # a send to the sink side is in flight
     D_EOF         = 1 << 3   # FIN read from the source side
     D_SHUT_SENT   = 1 << 4   # shutdown(SHUT_WR) submitted on the sink side
@@ -39,6 +38,9 @@ cdef enum Cause:
     C_CONNECT_ERROR
     C_PROXY_SHUTDOWN
     C_RESOURCE
+    C_IDLE_TIMEOUT          # no byte either way for --idle-timeout
+    C_CLIENT_FIN_TIMEOUT    # the client sent its FIN; the other way idle for --client-fin-timeout
+    C_SERVER_FIN_TIMEOUT    # the upstream sent its FIN; the other way idle for --server-fin-timeout
 
 # Buffers one send may carry: everything queued, up to this many, goes out
 # in one sendmsg, so a sink that keeps up sees few large writes.
@@ -98,6 +100,8 @@ cdef struct Flow:
     int32_t err             # errno behind the cause, 0 if none
     uint8_t up_idx          # which --upstream this flow is on
     uint8_t failovers       # upstreams given up on before this one
+    uint8_t watch           # sides (bit per side) with an OP_ERRWATCH poll armed
+    int32_t zc_owed         # zero-copy notifications owed (first CQE seen, F_NOTIF not yet)
     uint8_t replayable      # peek: nothing consumed and the upstream has not answered,
                             # so every byte can still go to the next upstream
     uint32_t replay_limit   # peek: stop holding delivered bytes past this many
@@ -105,6 +109,11 @@ cdef struct Flow:
     int32_t inflight        # SQEs submitted whose final CQE has not arrived
     int32_t next_free
     int64_t t_start_ns
+    int64_t t_active_ns     # the batch in which a byte last moved (either way)
+    int32_t tw_slot         # timer wheel: the slot its entry is in, or -1
+    int32_t tw_next         # ... and the slot list's links (flow slots)
+    int32_t tw_prev
+    int64_t t_fds_closed_ns # when its fds were closed with notifications owed, or 0
     Dir dir[2]
     sockaddr_storage peer
     socklen_t peer_len
@@ -128,7 +137,6 @@ cdef struct Stats:
     uint64_t c2u_bytes
     uint64_t u2c_bytes
     uint64_t enobufs            # recvs that found the buffer pool empty
-    uint64_t recv_cancels       # backpressure: recv stopped at --max-inflight
     uint64_t short_sends
     uint64_t stale_cqes         # CQEs for a recycled slot, dropped
     uint64_t zc_sends           # SEND_ZC whose first CQE promised a notification
@@ -147,6 +155,12 @@ cdef struct Stats:
     uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry, or our head
                                 # not the kernel's at the end (must stay 0)
     uint64_t seg_grows          # the segment table was full and doubled
+    uint64_t zc_close_waits     # flows whose fds closed with zero-copy notifications owed
+    uint64_t zc_close_wait_ns   # ... and the time they then waited for them, summed
+    uint64_t timeouts           # flows ended by an idle or fin timeout
+    uint64_t tw_visits          # wheel entries looked at (expired or moved on)
+    uint64_t paused_errors      # errors seen by a side's error watch (or peek's poll)
+    uint64_t pool_grows         # buffers added to the ring beyond --buffers (batches)
     uint64_t cqes
     uint64_t batches
     uint64_t log_dropped
@@ -160,11 +174,20 @@ cdef class Engine:
     cdef int32_t free_head
     cdef uint32_t nactive
 
-    # provided-buffer pool: one group shared by every flow
+    # provided-buffer pool: one group shared by every flow. The memory is
+    # reserved for max_bufs buffers but only `published` of them were ever
+    # handed to the ring (pages are touched when the kernel first fills one);
+    # the pool grows towards max_bufs when free buffers run short.
     cdef io_uring_buf_ring *br
     cdef char *buf_mem
-    cdef uint32_t nbufs
+    cdef size_t pool_bytes
+    cdef uint32_t max_bufs     # the cap: --max-buffers
+    cdef uint32_t published    # bids 0 .. published - 1 exist
+    cdef uint32_t ring_mask    # ring entries - 1 (entries: a power of two >= max_bufs)
     cdef uint32_t buf_size
+    cdef uint32_t buf_reserve  # free buffers the ring keeps before it grows
+    cdef uint32_t readahead_budget  # buffers all flows may hold beyond their first
+    cdef uint32_t dirs_holding # directions whose queue holds at least one buffer
     cdef uint32_t *buf_fill    # bytes the kernel wrote into each buffer since it was given
     cdef uint32_t *buf_refs    # segments alive in each buffer (queued, or owed notifications)
     cdef uint8_t *buf_kern     # 1 while the buffer is in the ring: the kernel may fill it
@@ -181,6 +204,7 @@ cdef class Engine:
     cdef uint32_t bufs_held    # buffers delivered to flows, not yet returned
     cdef int32_t wait_head     # flows (slot * 2 + d) waiting for buffers
     cdef int32_t wait_tail
+    cdef uint32_t wait_n
 
     # data path variants (--mode)
     cdef bint splice           # splice: socket -> pipe -> socket, no user-space buffers
@@ -216,10 +240,24 @@ cdef class Engine:
     cdef bint ms_accept
     cdef bint zc               # --mode zerocopy, while the kernel takes it
     cdef bint zc_fixed         # ... from the registered pool (SEND_ZC_FIXED)
+    cdef uint32_t zc_fixed_bufs  # buffers below this bid are registered
     cdef readonly int zc_register_err
     cdef uint32_t zc_threshold
     cdef bint zc_backoff       # auto mode: stop zero-copy on a socket the kernel copies for
-    cdef bint ms_recv
+
+    # timeouts: a timer wheel of open flows (see the timeouts section)
+    cdef int ka_idle           # TCP keep-alive on both sockets: seconds idle, probe
+    cdef int ka_intvl          # interval, probes; ka_idle 0 = off
+    cdef int ka_cnt
+    cdef int64_t idle_ns
+    cdef int64_t cfin_ns
+    cdef int64_t sfin_ns
+    cdef int32_t *tw_head      # TW_SLOTS lists of flow slots
+    cdef int64_t tw_origin_ns  # tick 0 starts here
+    cdef uint64_t tw_tick      # the next tick to expire
+    cdef uint64_t tw_hint      # no entry is due before this tick
+    cdef uint32_t tw_n         # flows in the wheel
+    cdef int64_t batch_ns      # now, read once per batch
 
     cdef CloseRec *log
     cdef uint32_t log_n
@@ -243,6 +281,16 @@ cdef class Engine:
     cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_poll(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil
+    cdef void watch_step(self, uint32_t slot, Flow *f) noexcept nogil
+    cdef void keepalive(self, int fd) noexcept nogil
+    cdef void tw_add(self, uint32_t slot, Flow *f, int64_t deadline) noexcept nogil
+    cdef void tw_remove(self, Flow *f) noexcept nogil
+    cdef void tw_half_closed(self, Flow *f) noexcept nogil
+    cdef int64_t flow_deadline(self, Flow *f, uint8_t *cause) noexcept nogil
+    cdef void tw_expire(self, int64_t now) noexcept nogil
+    cdef int64_t tw_next_due(self) noexcept nogil
+    cdef void on_errwatch(self, Flow *f, int side, int res, uint32_t cflags) noexcept nogil
+    cdef void side_error(self, Flow *f, int side, int res) noexcept nogil
     cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil
     cdef void on_splice_out(self, Flow *f, int d, int res) noexcept nogil
     cdef void delivered(self, Flow *f, int d, int32_t si) noexcept nogil
@@ -264,11 +312,14 @@ cdef class Engine:
     cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void buf_return(self, uint32_t bid) noexcept nogil
+    cdef void ring_add(self, uint32_t bid) noexcept nogil
+    cdef void pool_grow(self, uint32_t n) noexcept nogil
     cdef bint ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil
     cdef bint seg_push(self, Dir *D, uint32_t bid, uint32_t off, uint32_t n) noexcept nogil
     cdef int32_t seg_pop(self, Dir *D) noexcept nogil
     cdef void seg_free_one(self, int32_t si) noexcept nogil
     cdef void bufs_flush(self) noexcept nogil
+    cdef uint32_t recv_quota(self, Dir *D) noexcept nogil
     cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
     cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil
     cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil

@@ -44,6 +44,7 @@ cdef enum Op:
     OP_SPLICE_IN        # splice: source socket -> pipe
     OP_SPLICE_OUT       # splice: pipe -> sink socket
     OP_WAKE             # poll on the signal wakeup fd: return to Python
+    OP_ERRWATCH         # multishot poll for an error on a side nothing else watches
 
 cdef enum:
     SLOT_BITS = 20           # --max-conns is capped at 2**20
@@ -57,6 +58,8 @@ cdef enum:
     LOG_CAP = 4096           # closed-flow records between two drains
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
     PIPE_POOL = 32           # idle pipes kept for the next flows (splice), as passt does
+    TW_SLOTS = 8192          # timer wheel: slots, one tick each ...
+    TW_TICK_NS = 50000000    # ... of 50 ms: a horizon of 409.6 s (later deadlines wait a lap)
 
 cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
     return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << SLOT_BITS) \
@@ -80,6 +83,9 @@ CAUSES = {
     C_CONNECT_ERROR: ("connect_error", "SC"),
     C_PROXY_SHUTDOWN: ("proxy_shutdown", "PD"),
     C_RESOURCE: ("resource", "RC"),
+    C_IDLE_TIMEOUT: ("idle_timeout", "cD"),
+    C_CLIENT_FIN_TIMEOUT: ("client_fin_timeout", "cD"),
+    C_SERVER_FIN_TIMEOUT: ("server_fin_timeout", "sD"),
 }
 
 
@@ -101,12 +107,15 @@ cdef str _format_addr(sockaddr_storage *ss):
 cdef class Engine:
     def __cinit__(self, driver not None, *, uint32_t max_conns, uint32_t buffers,
                   uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
-                  bint multishot_accept=True, bint multishot_recv=True,
+                  bint multishot_accept=True,
                   bint zerocopy=False, uint32_t zc_threshold=16384,
                   bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False,
                   bint recv_inc=False,
                   bint splice=False, uint32_t pipe_size=0, bint peek=False,
-                  uint32_t replay_window=65536, uint32_t segs_per_buf=SEGS_PER_BUF):
+                  uint32_t replay_window=65536, uint32_t segs_per_buf=SEGS_PER_BUF,
+                  uint32_t max_buffers=0, double idle_timeout=0,
+                  double client_fin_timeout=0, double server_fin_timeout=0,
+                  int keepalive_idle=0, int keepalive_interval=0, int keepalive_count=0):
         cdef int err = 0
         cdef uint32_t i
         cdef iovec pool
@@ -121,13 +130,30 @@ cdef class Engine:
             self.ring = <Ring?>driver
         self.listen_fd = -1
         self.wake_fd = -1
+        self.ka_idle = keepalive_idle
+        self.ka_intvl = keepalive_interval
+        self.ka_cnt = keepalive_count
+        self.idle_ns = <int64_t>(idle_timeout * 1e9)
+        self.cfin_ns = <int64_t>(client_fin_timeout * 1e9)
+        self.sfin_ns = <int64_t>(server_fin_timeout * 1e9)
+        self.tw_origin_ns = now_ns()
+        self.tw_hint = <uint64_t>-1
         self.max_conns = max_conns
-        self.nbufs = buffers
+        self.max_bufs = max(buffers, max_buffers)
+        if self.max_bufs > 32768:
+            raise ValueError("at most 32768 buffers (the kernel's buffer-ring limit)")
+        cdef uint32_t entries = 1
+        while entries < self.max_bufs:
+            entries <<= 1
+        self.ring_mask = entries - 1
         self.buf_size = buffer_size
+        # Free buffers the ring keeps before it grows, and that read-ahead
+        # leaves alone (see recv_quota): an eighth of the initial pool.
+        self.buf_reserve = max(1, buffers // 8)
+        self.readahead_budget = max(1, buffers - self.buf_reserve)
         # A short read still pins a whole buffer, so the bound is in buffers.
         self.max_queued_bufs = max(1, <uint32_t>(max_inflight // buffer_size))
         self.ms_accept = multishot_accept
-        self.ms_recv = multishot_recv
         self.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         self.connect_ts.tv_sec = <int64_t>connect_timeout
         self.connect_ts.tv_nsec = <long long>((connect_timeout - <int64_t>connect_timeout) * 1e9)
@@ -141,10 +167,10 @@ cdef class Engine:
         self.replay_window = replay_window
 
         self.flows = <Flow *>calloc(max_conns, sizeof(Flow))
-        self.buf_fill = <uint32_t *>calloc(buffers, sizeof(uint32_t))
-        self.buf_refs = <uint32_t *>calloc(buffers, sizeof(uint32_t))
-        self.buf_kern = <uint8_t *>calloc(buffers, sizeof(uint8_t))
-        self.ring_bid = <uint16_t *>calloc(buffers, sizeof(uint16_t))
+        self.buf_fill = <uint32_t *>calloc(self.max_bufs, sizeof(uint32_t))
+        self.buf_refs = <uint32_t *>calloc(self.max_bufs, sizeof(uint32_t))
+        self.buf_kern = <uint8_t *>calloc(self.max_bufs, sizeof(uint8_t))
+        self.ring_bid = <uint16_t *>calloc(entries, sizeof(uint16_t))
         # The table grows when full; segs_per_buf is a test knob (see
         # proxy.py) that makes growth certain rather than a matter of how
         # many completions share a batch.
@@ -157,17 +183,30 @@ cdef class Engine:
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
         self.pipe_pool = <int *>calloc(PIPE_POOL * 3, sizeof(int))
+        self.tw_head = <int32_t *>malloc(TW_SLOTS * sizeof(int32_t))
+        if self.tw_head == NULL:
+            raise MemoryError()
+        for i in range(TW_SLOTS):
+            self.tw_head[i] = -1
         if (self.pipe_pool == NULL or self.flows == NULL or self.buf_fill == NULL
                 or self.buf_refs == NULL or self.buf_kern == NULL or self.ring_bid == NULL
                 or self.segs == NULL
-                or self.log == NULL or self.fdw == NULL
-                or posix_memalign(<void **>&self.buf_mem, 4096,
-                                  <size_t>buffers * buffer_size) != 0):
-            raise MemoryError("cannot allocate the flow table or the buffer pool")
+                or self.log == NULL or self.fdw == NULL):
+            raise MemoryError("cannot allocate the flow table")
+        # The whole cap is reserved as address space only (MAP_NORESERVE):
+        # a page costs memory once the kernel writes into it, so a pool
+        # that never grows past --buffers never costs more.
+        self.pool_bytes = <size_t>self.max_bufs * buffer_size
+        self.buf_mem = <char *>mmap(NULL, self.pool_bytes, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if <void *>self.buf_mem == MAP_FAILED:
+            self.buf_mem = NULL
+            raise MemoryError(f"cannot reserve {self.pool_bytes} bytes for the buffer pool")
         for i in range(max_conns):
             self.flows[i].next_free = <int32_t>i + 1 if i + 1 < max_conns else -1
             self.flows[i].fd[0] = -1
             self.flows[i].fd[1] = -1
+            self.flows[i].tw_slot = -1
         self.free_head = 0 if max_conns > 0 else -1
         for i in range(self.nsegs):
             self.segs[i].next = <int32_t>i + 1 if i + 1 < self.nsegs else -1
@@ -175,23 +214,20 @@ cdef class Engine:
 
         if self.use_ep:
             # The same ring layout; the driver plays the kernel's side of it.
-            if posix_memalign(<void **>&self.br, 4096, <size_t>buffers * sizeof(io_uring_buf)) != 0:
+            if posix_memalign(<void **>&self.br, 4096, <size_t>entries * sizeof(io_uring_buf)) != 0:
                 raise MemoryError()
             io_uring_buf_ring_init(self.br)
             self.ep.br = self.br
-            self.ep.br_mask = buffers - 1
+            self.ep.br_mask = self.ring_mask
         else:
-            self.br = uc_setup_buf_ring(&self.ring.ring, buffers, 0, IOU_PBUF_RING_INC if recv_inc else 0, &err)
+            self.br = uc_setup_buf_ring(&self.ring.ring, entries, 0, IOU_PBUF_RING_INC if recv_inc else 0, &err)
         if self.br == NULL:
             raise OSError(-err, f"registering the provided-buffer ring failed: {os.strerror(-err)}")
-        for i in range(buffers):
-            io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>i * buffer_size,
-                                  buffer_size, <unsigned short>i,
-                                  io_uring_buf_ring_mask(buffers), <int>i)
-            self.ring_bid[i] = <uint16_t>i
-            self.buf_kern[i] = 1
-        io_uring_buf_ring_advance(self.br, <int>buffers)
-        self.ring_tail = buffers
+        self.pool_grow(buffers)
+        self.st.pool_grows = 0
+        io_uring_buf_ring_advance(self.br, self.br_pending)
+        self.ring_tail = <uint32_t>self.br_pending
+        self.br_pending = 0
 
         # Zero-copy sends from the registered pool save pinning pages per send.
         # Registering pins the whole pool (RLIMIT_MEMLOCK for non-root); when
@@ -199,11 +235,15 @@ cdef class Engine:
         self.zc = zerocopy
         self.zc_threshold = zc_threshold
         self.zc_backoff = zc_backoff
+        # Only the initial pool is registered: registering pins (and so
+        # touches) every page, and the growth region must cost nothing until
+        # used. Buffers above it are sent zero-copy from plain addresses.
         if zerocopy and zc_registered and not self.use_ep:
             pool.iov_base = self.buf_mem
             pool.iov_len = <size_t>buffers * buffer_size
             self.zc_register_err = -io_uring_register_buffers(&self.ring.ring, &pool, 1)
             self.zc_fixed = self.zc_register_err == 0
+            self.zc_fixed_bufs = buffers if self.zc_fixed else 0
 
         # The pipe pool is filled now and kept full, so an idle proxy always
         # holds the same fds and a new flow rarely pays for pipe2 + fcntl.
@@ -219,7 +259,7 @@ cdef class Engine:
         # it. stop() has already waited for every flow, so none should be.
         if self.ring is not None:
             if self.br != NULL and not self.ring.closed:
-                uc_free_buf_ring(&self.ring.ring, self.br, self.nbufs, 0)
+                uc_free_buf_ring(&self.ring.ring, self.br, self.ring_mask + 1, 0)
             self.ring.close()
         if self.ep is not None:
             self.ep.br = NULL
@@ -231,6 +271,7 @@ cdef class Engine:
                 close(self.pipe_pool[3 * i])
                 close(self.pipe_pool[3 * i + 1])
         free(self.pipe_pool)
+        free(self.tw_head)
         free(self.flows)
         free(self.buf_fill)
         free(self.buf_refs)
@@ -239,7 +280,8 @@ cdef class Engine:
         free(self.ring_bid)
         free(self.log)
         free(self.fdw)
-        free(self.buf_mem)
+        if self.buf_mem != NULL:
+            munmap(self.buf_mem, self.pool_bytes)
 
     # --- configuration (Python, start-up only) ------------------------------
 
@@ -333,6 +375,16 @@ cdef class Engine:
             return
         if not (cflags & IORING_CQE_F_MORE):
             f.inflight -= 1
+        if res > 0 and (op == OP_RECV or op == OP_SEND or op == OP_SPLICE_IN
+                        or op == OP_SPLICE_OUT or (op == OP_SEND_ZC and not (cflags & IORING_CQE_F_NOTIF))):
+            f.t_active_ns = self.batch_ns      # bytes moved: the timeouts start again
+        if op == OP_SEND_ZC:
+            # Notifications owed: counted in inflight (each is its SQE's
+            # final CQE) but, unlike every other op, not a use of the fds.
+            if cflags & IORING_CQE_F_NOTIF:
+                f.zc_owed -= 1
+            elif cflags & IORING_CQE_F_MORE:
+                f.zc_owed += 1
 
         if op == OP_RECV:
             self.on_recv(f, d, res, cflags)
@@ -352,6 +404,8 @@ cdef class Engine:
             self.on_poll(f, d, res, cflags)
         elif op == OP_CONSUME:
             self.on_consume(f, d, res)
+        elif op == OP_ERRWATCH:
+            self.on_errwatch(f, d, res, cflags)
         # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE, OP_POLL (the splice after
         # it has its own CQE): only the inflight count.
         self.flow_step(slot)
@@ -427,6 +481,8 @@ cdef class Engine:
         f.err = 0
         f.reset_mask = 0
         f.inflight = 0
+        f.watch = 0
+        f.zc_owed = 0
         f.up_idx = 0
         f.failovers = 0
         f.t_start_ns = now_ns()
@@ -451,6 +507,7 @@ cdef class Engine:
         # The proxy forwards whatever it has as soon as it has it; Nagle
         # would hold a small tail back for an ACK round trip.
         setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        self.keepalive(cfd)
         if self.splice:
             # Splices run in io-wq workers; a blocking socket would park one
             # per idle flow (kernel-facts.md). Non-blocking, a splice that
@@ -465,6 +522,19 @@ cdef class Engine:
             getsockopt(cfd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, &optlen)
             f.replay_limit = min(self.replay_window, <uint32_t>max(rcvbuf, 0) // 4)
         self.flow_dial(slot, f)
+
+    # TCP keep-alive (--tcp-keepalive): a peer that vanished without a FIN
+    # or RST (powered off, NAT entry dropped) is then found by the kernel,
+    # whose probes go unanswered and end the socket with ETIMEDOUT; the
+    # recv or error watch on that side sees it, even with --idle-timeout 0.
+    cdef void keepalive(self, int fd) noexcept nogil:
+        cdef int one = 1
+        if self.ka_idle <= 0:
+            return
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &self.ka_idle, sizeof(int))
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &self.ka_intvl, sizeof(int))
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &self.ka_cnt, sizeof(int))
 
     # Connect to the flow's current upstream, or queue it until an fd is free.
     cdef void flow_dial(self, uint32_t slot, Flow *f) noexcept nogil:
@@ -505,6 +575,7 @@ cdef class Engine:
             return True
         f.fd[1] = ufd
         setsockopt(ufd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        self.keepalive(ufd)
         # connect + linked timeout: the pair must reach the kernel in one
         # submit, or the link is broken (io_uring_prep_link_timeout(3)).
         self.reserve(2)
@@ -571,6 +642,8 @@ cdef class Engine:
             return
         if res == 0:
             f.state = F_OPEN
+            f.t_active_ns = self.batch_ns
+            self.tw_add(<uint32_t>(f - self.flows), f, self.flow_deadline(f, NULL))
             if self.splice:
                 # Only now: a non-blocking connect would not be waited for.
                 fcntl(f.fd[1], F_SETFL, fcntl(f.fd[1], F_GETFL) | O_NONBLOCK)
@@ -586,7 +659,7 @@ cdef class Engine:
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         if not (cflags & IORING_CQE_F_MORE):
-            D.flags &= ~(D_RECV_ARMED | D_RECV_CANCEL)
+            D.flags &= ~D_RECV_ARMED
         if cflags & IORING_CQE_F_BUFFER:
             # Ownership: kernel -> this direction's send queue (dropped if
             # the flow is ending or nothing was read).
@@ -605,6 +678,7 @@ cdef class Engine:
             return
         if res == 0:
             D.flags |= D_EOF
+            self.tw_half_closed(f)
             if d == 1:
                 f.replayable = 0
         elif res == -EAGAIN:
@@ -736,6 +810,9 @@ cdef class Engine:
             f.dir[d].flags &= ~D_POLL_ARMED      # re-armed by peek_step
         if f.state == F_OPEN and res != -ECANCELED:
             f.dir[d].flags |= D_READY
+            # This poll is also the client's error watch (watch_step): while
+            # the peek waits for room, only it can see a reset.
+            self.side_error(f, d, res)
 
     cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil:
         cdef Dir *D = &f.dir[d]
@@ -775,6 +852,7 @@ cdef class Engine:
             D.flags |= D_READY
         elif res == 0:
             D.flags |= D_EOF
+            self.tw_half_closed(f)
         elif res == -EAGAIN:
             self.st.splice_eagain += 1
             if D.pipe_bytes == 0:
@@ -803,6 +881,173 @@ cdef class Engine:
             # 0 with bytes in the pipe cannot happen; do not retry it forever.
             self.side_failed(f, 1 - d, res if res < 0 else -EPIPE)
 
+    # --- timeouts: idle and half-closed flows, on a timer wheel ----------------------
+    #
+    # HAProxy's `timeout client/server` and `client-fin/server-fin`: a flow
+    # in which no byte moved for --idle-timeout, or, once one side sent its
+    # FIN, for that side's fin timeout, is ended with an RST to both sides.
+    # Nothing is done per idle flow between expiries: a byte that moves only
+    # stamps t_active_ns (the batch's clock), and the wheel entry, placed at
+    # the deadline known when it was placed, is looked at when its tick
+    # comes; a flow that moved meanwhile is placed again at its new deadline.
+    # So each open flow costs one look per timeout period (per 409.6 s lap
+    # for longer ones), and the loop's wait ends at the next non-empty tick.
+    # No timeout SQE per flow, no Python object.
+
+    cdef int64_t flow_deadline(self, Flow *f, uint8_t *cause) noexcept nogil:
+        cdef int64_t t = INT64_MAX
+        cdef uint8_t c = C_NONE
+        if self.idle_ns:
+            t = f.t_active_ns + self.idle_ns
+            c = C_IDLE_TIMEOUT
+        if self.cfin_ns and f.dir[0].flags & D_EOF and f.t_active_ns + self.cfin_ns < t:
+            t = f.t_active_ns + self.cfin_ns
+            c = C_CLIENT_FIN_TIMEOUT
+        if self.sfin_ns and f.dir[1].flags & D_EOF and f.t_active_ns + self.sfin_ns < t:
+            t = f.t_active_ns + self.sfin_ns
+            c = C_SERVER_FIN_TIMEOUT
+        if cause != NULL:
+            cause[0] = c
+        return t
+
+    # Place f's entry at the tick of `deadline` (rounded up, never before the
+    # next tick, at most a lap ahead: a later one is looked at and placed
+    # again). With every timeout off the entry still laps, so a FIN that
+    # makes a fin timeout apply is seen within a lap at most.
+    cdef void tw_add(self, uint32_t slot, Flow *f, int64_t deadline) noexcept nogil:
+        cdef uint64_t tick
+        cdef int32_t i
+        if deadline == INT64_MAX or deadline - self.tw_origin_ns >= <int64_t>TW_SLOTS * TW_TICK_NS:
+            tick = self.tw_tick + TW_SLOTS - 1
+        else:
+            tick = <uint64_t>max(<int64_t>0, (deadline - self.tw_origin_ns + TW_TICK_NS - 1) // TW_TICK_NS)
+            tick = min(max(tick, self.tw_tick), self.tw_tick + TW_SLOTS - 1)
+        i = <int32_t>(tick % TW_SLOTS)
+        f.tw_slot = i
+        f.tw_prev = -1
+        f.tw_next = self.tw_head[i]
+        if f.tw_next >= 0:
+            self.flows[f.tw_next].tw_prev = <int32_t>slot
+        self.tw_head[i] = <int32_t>slot
+        self.tw_n += 1
+        if tick < self.tw_hint:
+            self.tw_hint = tick
+
+    # A FIN makes the side's fin timeout apply, which may come well before
+    # the deadline the entry was placed at: place it again.
+    cdef void tw_half_closed(self, Flow *f) noexcept nogil:
+        if f.tw_slot >= 0:
+            self.tw_remove(f)
+            self.tw_add(<uint32_t>(f - self.flows), f, self.flow_deadline(f, NULL))
+
+    cdef void tw_remove(self, Flow *f) noexcept nogil:
+        if f.tw_slot < 0:
+            return
+        if f.tw_prev >= 0:
+            self.flows[f.tw_prev].tw_next = f.tw_next
+        else:
+            self.tw_head[f.tw_slot] = f.tw_next
+        if f.tw_next >= 0:
+            self.flows[f.tw_next].tw_prev = f.tw_prev
+        f.tw_slot = -1
+        self.tw_n -= 1
+
+    # Look at every tick up to now. The ticked list is taken whole first:
+    # an entry placed again lands on a later tick, never back in it.
+    cdef void tw_expire(self, int64_t now) noexcept nogil:
+        cdef uint64_t last
+        cdef int32_t x, nxt
+        cdef Flow *f
+        cdef int64_t dl
+        cdef uint8_t cause = C_NONE
+        if now < self.tw_origin_ns or self.tw_n == 0:
+            if self.tw_n == 0:
+                self.tw_tick = max(self.tw_tick, <uint64_t>((now - self.tw_origin_ns) // TW_TICK_NS))
+            return
+        last = <uint64_t>((now - self.tw_origin_ns) // TW_TICK_NS)
+        if self.tw_hint > last:
+            return
+        while self.tw_tick <= last and self.tw_n > 0:
+            x = self.tw_head[self.tw_tick % TW_SLOTS]
+            self.tw_head[self.tw_tick % TW_SLOTS] = -1
+            self.tw_tick += 1
+            while x >= 0:
+                f = &self.flows[x]
+                nxt = f.tw_next
+                f.tw_slot = -1
+                self.tw_n -= 1
+                self.st.tw_visits += 1
+                dl = self.flow_deadline(f, &cause)
+                if dl <= now:
+                    self.st.timeouts += 1
+                    self.flow_fail(f, cause, ETIMEDOUT, 3)
+                    self.flow_step(<uint32_t>x)
+                else:
+                    self.tw_add(<uint32_t>x, f, dl)
+                x = nxt
+        self.tw_tick = max(self.tw_tick, last + 1)
+        self.tw_hint = <uint64_t>-1           # found again by tw_next_due
+
+    # When the loop's wait must end for the wheel: the start of the first
+    # non-empty tick (INT64_MAX when the wheel is empty).
+    cdef int64_t tw_next_due(self) noexcept nogil:
+        cdef uint64_t t
+        if self.tw_n == 0:
+            return INT64_MAX
+        if self.tw_hint == <uint64_t>-1:
+            t = self.tw_tick
+            while self.tw_head[t % TW_SLOTS] < 0 and t < self.tw_tick + TW_SLOTS:
+                t += 1
+            self.tw_hint = t
+        return self.tw_origin_ns + <int64_t>self.tw_hint * TW_TICK_NS
+
+    # --- errors on a side nothing else is watching -------------------------------
+    #
+    # A side's reset reaches the engine through an operation on it: a recv
+    # (or splice in, or peek-mode poll) reading from it, or a send writing to
+    # it. A direction that is paused -- backpressure at --max-inflight, no
+    # buffer for its first recv, splice's OUT_WAIT/IN_STUCK, peek waiting for
+    # room -- has none, and the other direction may be stalled on a peer that
+    # never reads: the reset would go unnoticed and the flow would be held for
+    # ever. So a side with neither gets a multishot poll for POLLERR|POLLHUP.
+    # It asks for no readiness, so it is quiet on a socket that holds unread
+    # bytes (the level-triggered trap of peek mode) and posts only when the
+    # socket errs or hangs up; armed once, it stays until the flow ends.
+    cdef void watch_step(self, uint32_t slot, Flow *f) noexcept nogil:
+        cdef io_uring_sqe *s
+        cdef int side
+        for side in range(2):
+            if f.watch & (1 << side) or f.fd[side] < 0:
+                continue
+            if f.dir[side].flags & (D_RECV_ARMED | D_POLL_ARMED) \
+                    or f.dir[1 - side].flags & D_SEND_BUSY:
+                continue
+            s = self.flow_sqe(slot, f, OP_ERRWATCH, side)
+            io_uring_prep_poll_multishot(s, f.fd[side], POLLERR | POLLHUP)
+            f.watch |= <uint8_t>(1 << side)
+
+    cdef void on_errwatch(self, Flow *f, int side, int res, uint32_t cflags) noexcept nogil:
+        if not (cflags & IORING_CQE_F_MORE):
+            f.watch &= <uint8_t>~(1 << side)    # re-armed by watch_step while needed
+        if f.state == F_OPEN:
+            self.side_error(f, side, res)
+
+    # A poll said `res` of a side: a pending socket error (SO_ERROR: a
+    # reset sets ECONNRESET, or EPIPE in CLOSE_WAIT) fails the flow. POLLERR
+    # alone is not one: MSG_ZEROCOPY completions on the error queue raise it
+    # too (the epoll backend's zero-copy sends). A hang-up without an error
+    # is the normal end of both directions, which their FINs and shutdowns
+    # report on their own.
+    cdef void side_error(self, Flow *f, int side, int res) noexcept nogil:
+        cdef int err = 0
+        cdef socklen_t len = sizeof(int)
+        if res <= 0 or not (<uint32_t>res & (POLLERR | POLLHUP)):
+            return
+        getsockopt(f.fd[side], SOL_SOCKET, SO_ERROR, &err, &len)
+        if err != 0:
+            self.st.paused_errors += 1
+            self.side_failed(f, side, -err)
+
     # A socket of the flow failed (reset, broken pipe...). The other side is
     # reset too: a reset on one side becomes a reset on the other.
     cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil:
@@ -817,6 +1062,7 @@ cdef class Engine:
         cdef int side
         if f.state >= F_CLOSING:
             return
+        self.tw_remove(f)
         f.cause = cause
         f.err = err
         if self.can_redial(f, cause):
@@ -885,6 +1131,7 @@ cdef class Engine:
         if f.state == F_OPEN:
             self.dir_step(slot, f, 0)
             self.dir_step(slot, f, 1)
+            self.watch_step(slot, f)
             if (f.dir[0].flags & D_SHUT_DONE) and (f.dir[1].flags & D_SHUT_DONE):
                 if self.peek and f.dir[0].consumed < f.dir[0].peeked:
                     # Closing a socket with unread bytes sends RST, not FIN:
@@ -895,9 +1142,14 @@ cdef class Engine:
                 else:
                     # Both FINs forwarded after their last byte: a clean end.
                     self.flow_fail(f, C_NORMAL, 0, 0)
-        if f.state == F_REDIAL and f.inflight == 0:
+        # Owed zero-copy notifications do not keep the sockets: a notification
+        # comes once the kernel drops its reference to the pages, which for a
+        # peer that never reads is when our socket is closed (or reset) and
+        # its queued skbs are freed. They keep the slot and the parked
+        # segments (F_CLOSED_WAIT waits for inflight == 0).
+        if f.state == F_REDIAL and f.inflight == f.zc_owed:
             self.redial(slot, f)
-        if f.state == F_CLOSING and f.inflight == 0:
+        if f.state == F_CLOSING and f.inflight == f.zc_owed:
             self.flow_close_fds(slot, f)
         if f.state == F_CLOSED_WAIT and f.inflight == 0:
             self.flow_release(slot, f)
@@ -942,7 +1194,7 @@ cdef class Engine:
                     D.send_len = <uint32_t>D.iov[0].iov_len
                     s = self.flow_sqe(slot, f, OP_SEND_ZC, d)
                     io_uring_sqe_set_data64(s, ud_with_seg(ud_make(slot, f.gen, OP_SEND_ZC, d), si))
-                    if self.zc_fixed:
+                    if self.segs[si].bid < self.zc_fixed_bufs:
                         io_uring_prep_send_zc_fixed(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
                                                     MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE, 0)
                     else:
@@ -965,28 +1217,54 @@ cdef class Engine:
                 io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
                 D.flags |= D_SHUT_SENT
 
+    # How many more buffers direction D may fill with its next recv: the
+    # fairness rule of the shared pool.
+    #
+    # Every direction may always fill its first buffer. Beyond that it may
+    # read ahead, up to --max-inflight, only out of a shared budget of
+    # --buffers (less a reserve) counted over all flows: buffers held beyond
+    # each holder's first. The pool grows on demand (pool_grow) up to
+    # --max-buffers, which by default is --buffers + 2 x --max-conns, so
+    # every direction's first buffer is there however many flows are
+    # stalled, and the pool's memory is at most (--buffers + 2 x the
+    # directions holding data) x --buffer-size. A stalled flow (its sink
+    # does not read) pins what it read before it stalled, one buffer once
+    # the budget is spent; the rest waits in the kernel's socket buffers,
+    # where TCP flow control slows its sender.
+    #
+    # A recv is single-shot and asks for at most quota x buffer-size bytes
+    # (a bundle honours the length too), so the bound is exact: a multishot
+    # recv keeps filling buffers until a cancel lands, and one task-work run
+    # of the kernel posts dozens (4 stalled flows held ~95 buffers each where
+    # --max-inflight allowed 16).
+    cdef uint32_t recv_quota(self, Dir *D) noexcept nogil:
+        cdef uint32_t extras
+        if D.queued_bufs == 0:
+            return 1
+        if D.queued_bufs >= self.max_queued_bufs:
+            return 0
+        extras = self.bufs_held - min(self.bufs_held, self.dirs_holding)
+        if extras >= self.readahead_budget:
+            return 0
+        return min(self.readahead_budget - extras, self.max_queued_bufs - D.queued_bufs)
+
     # Reading into the buffer pool (copy, zerocopy, auto; peek's upstream side).
     cdef void recv_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
         cdef Dir *D = &f.dir[d]
         cdef io_uring_sqe *s
-        # Reading: stop when the queue pins --max-inflight of buffers, resume
-        # at half of it, so a slow sink makes us stop reading (the kernel's
-        # window closes) instead of growing, without a cancel/re-arm pair per
-        # buffer at the boundary. A multishot recv already armed may post a
-        # few more buffers before the cancel lands; those are bounded by the
-        # socket's receive queue and the shared pool.
-        if not (D.flags & (D_RECV_ARMED | D_EOF | D_WAIT_BUF)):
-            if D.queued_bufs <= self.max_queued_bufs // 2:
-                s = self.flow_sqe(slot, f, OP_RECV, d)
-                uc_prep_recv_select(s, f.fd[d], 0, self.ms_recv, self.bundle, 0)
-                D.flags |= D_RECV_ARMED
-        elif ((D.flags & (D_RECV_ARMED | D_RECV_CANCEL)) == D_RECV_ARMED
-              and D.queued_bufs >= self.max_queued_bufs and self.ms_recv):
-            s = self.flow_sqe(slot, f, OP_CANCEL, d)
-            io_uring_prep_cancel64(s, ud_make(slot, f.gen, OP_RECV, d), 0)
-            D.flags |= D_RECV_CANCEL
-            self.st.recv_cancels += 1
-
+        cdef uint32_t quota
+        # Read again once the queue is down to half of what this direction
+        # may hold, so a sink that keeps up sees few large writes and a
+        # recv/send pair per buffer is avoided at the boundary.
+        if D.flags & (D_RECV_ARMED | D_EOF | D_WAIT_BUF):
+            return
+        quota = self.recv_quota(D)
+        if quota == 0 or quota < D.queued_bufs:
+            return
+        s = self.flow_sqe(slot, f, OP_RECV, d)
+        uc_prep_recv_select(s, f.fd[d], 0, self.bundle, 0)
+        s.len = quota * self.buf_size
+        D.flags |= D_RECV_ARMED
 
     # Peek mode's reading side (see on_poll for the traps it avoids).
     cdef void peek_step(self, uint32_t slot, Flow *f, int d) noexcept nogil:
@@ -1000,9 +1278,9 @@ cdef class Engine:
         # One peek at a time, each into one pool buffer; at --max-inflight of
         # queued buffers the bytes wait in the socket (the window closes).
         if ((D.flags & (D_READY | D_RECV_ARMED | D_EOF | D_WAIT_BUF)) == D_READY
-                and D.queued_bufs < self.max_queued_bufs):
+                and self.recv_quota(D) > 0):
             s = self.flow_sqe(slot, f, OP_RECV, d)
-            uc_prep_recv_select(s, f.fd[d], 0, 0, 0, MSG_PEEK | MSG_DONTWAIT)
+            uc_prep_recv_select(s, f.fd[d], 0, 0, MSG_PEEK | MSG_DONTWAIT)
             D.flags |= D_RECV_ARMED
         # Delivered bytes leave the socket once replay is off the table.
         if D.released and not f.replayable and not (D.flags & D_CONSUME_BUSY):
@@ -1046,12 +1324,20 @@ cdef class Engine:
 
     # --- the close path ------------------------------------------------------------
 
-    # Nothing is in flight: every queued buffer is ours to give back.
+    # Nothing but zero-copy notifications is in flight: a queued segment is
+    # ours to give back, unless a notification is still owed for its bytes
+    # (a short SEND_ZC left it at the head); then it is parked like a sent
+    # one, and its last notification frees it.
     cdef void flow_drop_queues(self, uint32_t slot, Flow *f) noexcept nogil:
         cdef int d
+        cdef int32_t si
         for d in range(2):
             while f.dir[d].q_head >= 0:
-                self.seg_free_one(self.seg_pop(&f.dir[d]))
+                si = self.seg_pop(&f.dir[d])
+                if self.segs[si].notif:
+                    self.segs[si].next = SEG_SENT
+                else:
+                    self.seg_free_one(si)
             if f.dir[d].flags & D_WAIT_BUF:
                 self.wait_remove(slot, d)
 
@@ -1073,6 +1359,7 @@ cdef class Engine:
             s = self.flow_sqe(slot, f, OP_CLOSE, side)
             io_uring_prep_close(s, f.fd[side])
             f.fd[side] = -1
+        f.t_fds_closed_ns = now_ns() if f.zc_owed else 0
         f.state = F_CLOSED_WAIT
 
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil:
@@ -1091,6 +1378,9 @@ cdef class Engine:
         else:
             self.st.log_dropped += 1
         self.st.closed += 1
+        if f.t_fds_closed_ns:
+            self.st.zc_close_waits += 1
+            self.st.zc_close_wait_ns += <uint64_t>(now_ns() - f.t_fds_closed_ns)
         self.st.c2u_bytes += f.dir[0].moved_bytes
         self.st.u2c_bytes += f.dir[1].moved_bytes
         f.gen += 1
@@ -1181,7 +1471,7 @@ cdef class Engine:
     # The bytes become segments of D's queue; with D NULL they are dropped.
     # False if a segment could not be recorded (those bytes are lost).
     cdef bint ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil:
-        cdef uint32_t mask = self.nbufs - 1
+        cdef uint32_t mask = self.ring_mask
         cdef uint32_t left = <uint32_t>res if res > 0 else 0
         cdef uint32_t b, n, touched = 0
         cdef bint ok = True
@@ -1254,6 +1544,8 @@ cdef class Engine:
         else:
             D.q_head = si
         if t < 0 or self.segs[t].bid != b:
+            if D.queued_bufs == 0:
+                self.dirs_holding += 1
             D.queued_bufs += 1
         D.q_tail = si
         return True
@@ -1266,6 +1558,8 @@ cdef class Engine:
             D.q_tail = -1
         if D.q_head < 0 or self.segs[D.q_head].bid != self.segs[si].bid:
             D.queued_bufs -= 1
+            if D.queued_bufs == 0:
+                self.dirs_holding -= 1
         self.segs[si].next = -1
         return si
 
@@ -1282,25 +1576,43 @@ cdef class Engine:
 
     # Ownership: us -> ring. Made visible to the kernel in bufs_flush().
     cdef void buf_return(self, uint32_t bid) noexcept nogil:
-        self.ring_bid[(self.ring_tail + <uint32_t>self.br_pending) & (self.nbufs - 1)] = <uint16_t>bid
+        self.bufs_held -= 1
+        self.ring_add(bid)
+
+    cdef void ring_add(self, uint32_t bid) noexcept nogil:
+        self.ring_bid[(self.ring_tail + <uint32_t>self.br_pending) & self.ring_mask] = <uint16_t>bid
         io_uring_buf_ring_add(self.br, self.buf_mem + <size_t>bid * self.buf_size,
                               self.buf_size, <unsigned short>bid,
-                              io_uring_buf_ring_mask(self.nbufs), self.br_pending)
+                              self.ring_mask, self.br_pending)
         self.br_pending += 1
-        self.bufs_held -= 1
         self.buf_fill[bid] = 0
         self.buf_kern[bid] = 1
+
+    # New buffers for the ring, from the reserved region: bids published
+    # .. published + n - 1. Their pages cost memory only once filled.
+    cdef void pool_grow(self, uint32_t n) noexcept nogil:
+        cdef uint32_t i
+        n = min(n, self.max_bufs - self.published)
+        for i in range(n):
+            self.ring_add(self.published + i)
+        self.published += n
+        if n:
+            self.st.pool_grows += 1
 
     # Once per batch: publish returned buffers, then re-arm as many waiting
     # directions as there are free buffers (each will take at least one).
     cdef void bufs_flush(self) noexcept nogil:
         cdef uint32_t free_bufs
         cdef int32_t w
+        # Grow before the ring runs dry: the SQEs prepared in this batch are
+        # submitted after this, so their recvs already find the new buffers.
+        if self.published - self.bufs_held < self.buf_reserve + self.wait_n:
+            self.pool_grow(max(self.buf_reserve + self.wait_n, self.published // 4))
         if self.br_pending:
             io_uring_buf_ring_advance(self.br, self.br_pending)
             self.ring_tail += <uint32_t>self.br_pending
             self.br_pending = 0
-        free_bufs = self.nbufs - self.bufs_held
+        free_bufs = self.published - self.bufs_held
         while self.wait_head >= 0 and free_bufs > 0:
             w = self.wait_head
             self.wait_remove(<uint32_t>(w >> 1), w & 1)
@@ -1311,6 +1623,7 @@ cdef class Engine:
         cdef Dir *D = &self.flows[slot].dir[d]
         cdef int32_t me = <int32_t>(slot * 2 + d)
         D.flags |= D_WAIT_BUF
+        self.wait_n += 1
         D.wait_next = -1
         D.wait_prev = self.wait_tail
         if self.wait_tail >= 0:
@@ -1332,6 +1645,7 @@ cdef class Engine:
         D.wait_prev = -1
         D.wait_next = -1
         D.flags &= ~D_WAIT_BUF
+        self.wait_n -= 1
 
     # --- the loop -------------------------------------------------------------------
 
@@ -1350,7 +1664,8 @@ cdef class Engine:
             if self.wake_fd >= 0 and not self.wake_armed:
                 self.wake_arm()     # single-shot: Python drained the fd
             self.bufs_flush()
-            left = deadline - now_ns()
+            self.batch_ns = now_ns()
+            left = min(deadline, self.tw_next_due()) - self.batch_ns
             if left < 0:
                 left = 0
             if self.use_ep:
@@ -1370,6 +1685,8 @@ cdef class Engine:
                     io_uring_cq_advance(&self.ring.ring, n)
                     if n < CQE_BATCH:
                         break
+            self.batch_ns = now_ns()
+            self.tw_expire(self.batch_ns)
             if ret == -EINTR or self.woken:
                 self.woken = False
                 return -EINTR
@@ -1434,15 +1751,33 @@ cdef class Engine:
         self.log_n = 0
         return out
 
+    def drain(self):
+        """Stop accepting; open flows go on (stop() ends them)."""
+        with nogil:
+            self.stopping = True
+            self.accept_step()
+
+    def close_listener(self):
+        """Forget the listener once no accept is in flight (the caller closes
+        it): the epoll backend must not keep a closed fd number in its set."""
+        if self.acc_armed or self.listen_fd < 0:
+            return False
+        if self.use_ep:
+            self.ep.forget(self.listen_fd)
+        self.listen_fd = -1
+        return True
+
     def stop(self):
-        """Stop accepting and end every flow (cause proxy_shutdown)."""
+        """Stop accepting and end every flow still open (cause proxy_shutdown)
+        with an RST to both sides: the proxy cannot know that a stream it cuts
+        was complete, so its peers must not see a clean end."""
         cdef uint32_t i
         with nogil:
             self.stopping = True
             self.accept_step()
             for i in range(self.max_conns):
                 if self.flows[i].state in (F_CONNECTING, F_OPEN, F_REDIAL):
-                    self.flow_fail(&self.flows[i], C_PROXY_SHUTDOWN, 0, 0)
+                    self.flow_fail(&self.flows[i], C_PROXY_SHUTDOWN, 0, 3)
                     self.flow_step(i)
 
     @property
@@ -1452,6 +1787,11 @@ cdef class Engine:
     @property
     def accepting(self):
         return self.acc_armed
+
+    @property
+    def listening(self):
+        """False once close_listener() has let go of the listener."""
+        return self.listen_fd >= 0
 
     def verify_ring(self):
         """With no flow left, our shadow head must be the kernel's head of the
@@ -1473,6 +1813,7 @@ cdef class Engine:
         s = dict(self.st)
         s["active"] = self.nactive
         s["bufs_held"] = self.bufs_held
+        s["pool_buffers"] = self.published
         s["segments_out"] = self.segs_live
         s["waiting_for_buffers"] = int(self.wait_head >= 0)   # 0/1: any direction on the list
         s["pipes_pooled"] = self.pipe_pool_n

@@ -9,6 +9,8 @@ cdef extern from "epoll_compat.h" nogil:
     int uc_br_peek(io_uring_buf_ring *br, uint16_t head, unsigned mask,
                    void **addr, uint32_t *len, uint16_t *bid)
     int uc_zc_completion(int fd, uint32_t *lo, uint32_t *hi, int *copied)
+    int uc_closes_with_reset(int fd)
+    int uc_disconnect(int fd)
 
 # One submitted SQE, from submit until its final CQE.
 cdef struct EOp:
@@ -31,6 +33,7 @@ cdef struct EFd:
     uint8_t reg             # in the epoll set
     uint8_t zc              # SO_ZEROCOPY: 0 not asked yet, 1 on, 2 refused
     uint8_t again           # on the again list (more to do without a new event)
+    int32_t close_op        # 1 + a CLOSE waiting for this fd's zero-copy completions, or 0
 
 cdef class Epoll:
     cdef readonly int epfd
@@ -73,5 +76,6 @@ cdef class Epoll:
     cdef void complete(self, int32_t o, int res, uint32_t flags) noexcept nogil
     cdef void wake(self, int fd, int w, uint32_t events) noexcept nogil
     cdef int zc_drain(self, int fd) noexcept nogil
+    cdef void close_now(self, int32_t o, int fd) noexcept nogil
     cdef int cancel(self, int32_t o) noexcept nogil
     cdef void fire_timers(self, int64_t now) noexcept nogil

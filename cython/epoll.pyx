@@ -187,9 +187,19 @@ cdef class Epoll:
             self.complete(o, self.cancel(o), 0)
             return
         if opc == IORING_OP_CLOSE:
-            self.forget(fd)
-            res = close(fd)
-            self.complete(o, -errno if res < 0 else 0, 0)
+            if 0 <= fd < self.fds_cap and self.fds[fd].head[W_ZC - 1] >= 0:
+                # MSG_ZEROCOPY sends still own pages, and their completions
+                # come only on this socket's error queue: closing it would
+                # lose them (io_uring's notifications outlive the fd; ours
+                # cannot). A reset is done now with the fd kept (the peer is
+                # released and the queued skbs go, so the completions come);
+                # the close itself waits for the last of them (zc_drain).
+                if uc_closes_with_reset(fd):
+                    uc_disconnect(fd)
+                self.fds[fd].close_op = o + 1
+                self.zc_drain(fd)
+                return
+            self.close_now(o, fd)
             return
         if opc == IORING_OP_SHUTDOWN:
             res = shutdown(fd, <int>p.sqe.len)
@@ -273,6 +283,8 @@ cdef class Epoll:
                                 return W_IN
                         self.complete(o, -ENOBUFS, 0)
                         return W_NONE
+                    if p.sqe.len and p.sqe.len < blen:
+                        blen = p.sqe.len          # the recv's own cap, as io_uring honours it
                 self.syscalls_io += 1
                 n = <int>recv(fd, addr, blen, <int>(fl | MSG_DONTWAIT))
                 if n < 0 and errno == EAGAIN:
@@ -522,7 +534,17 @@ cdef class Epoll:
                                   IORING_CQE_F_NOTIF)
                     found += 1
                 x = nxt
+        if self.fds[fd].close_op and self.fds[fd].head[W_ZC - 1] < 0:
+            x = self.fds[fd].close_op - 1
+            self.fds[fd].close_op = 0
+            self.close_now(x, fd)
         return found
+
+    cdef void close_now(self, int32_t o, int fd) noexcept nogil:
+        cdef int res
+        self.forget(fd)
+        res = close(fd)
+        self.complete(o, -errno if res < 0 else 0, 0)
 
     cdef void fire_timers(self, int64_t now) noexcept nogil:
         cdef int32_t k = 0, o, w
@@ -645,6 +667,7 @@ cdef class Epoll:
             self.fds[fd].reg = 0
             self.fds[fd].zc = 0
             self.fds[fd].zc_next = 0
+            self.fds[fd].close_op = 0
 
     cdef void list_add(self, int fd, int w, int32_t o) noexcept nogil:
         cdef EFd *e = &self.fds[fd]

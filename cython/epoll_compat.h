@@ -21,15 +21,103 @@
 
 #ifndef SO_ZEROCOPY
 #define SO_ZEROCOPY 60
+/*
+ * Whether closing fd resets the connection (SO_LINGER {1, 0}), and a way to
+ * do that without giving up the fd: connect() with AF_UNSPEC runs
+ * tcp_disconnect(), which sends the RST and frees the socket's queued
+ * skbs -- and with them the pages of its MSG_ZEROCOPY sends, whose
+ * completions then arrive on the error queue we can still read.
+ */
+static inline int uc_closes_with_reset(int fd)
+{
+    struct linger lg;
+    socklen_t len = sizeof(lg);
+    return getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 && lg.l_onoff && lg.l_linger == 0;
+}
+
+static inline int uc_disconnect(int fd)
+{
+    struct sockaddr sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_family = AF_UNSPEC;
+    return connect(fd, &sa, sizeof(sa)) < 0 ? -errno : 0;
+}
+
 #endif
 #ifndef MSG_ZEROCOPY
 #define MSG_ZEROCOPY 0x4000000
+/*
+ * Whether closing fd resets the connection (SO_LINGER {1, 0}), and a way to
+ * do that without giving up the fd: connect() with AF_UNSPEC runs
+ * tcp_disconnect(), which sends the RST and frees the socket's queued
+ * skbs -- and with them the pages of its MSG_ZEROCOPY sends, whose
+ * completions then arrive on the error queue we can still read.
+ */
+static inline int uc_closes_with_reset(int fd)
+{
+    struct linger lg;
+    socklen_t len = sizeof(lg);
+    return getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 && lg.l_onoff && lg.l_linger == 0;
+}
+
+static inline int uc_disconnect(int fd)
+{
+    struct sockaddr sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_family = AF_UNSPEC;
+    return connect(fd, &sa, sizeof(sa)) < 0 ? -errno : 0;
+}
+
 #endif
 #ifndef SO_EE_ORIGIN_ZEROCOPY
 #define SO_EE_ORIGIN_ZEROCOPY 5
+/*
+ * Whether closing fd resets the connection (SO_LINGER {1, 0}), and a way to
+ * do that without giving up the fd: connect() with AF_UNSPEC runs
+ * tcp_disconnect(), which sends the RST and frees the socket's queued
+ * skbs -- and with them the pages of its MSG_ZEROCOPY sends, whose
+ * completions then arrive on the error queue we can still read.
+ */
+static inline int uc_closes_with_reset(int fd)
+{
+    struct linger lg;
+    socklen_t len = sizeof(lg);
+    return getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 && lg.l_onoff && lg.l_linger == 0;
+}
+
+static inline int uc_disconnect(int fd)
+{
+    struct sockaddr sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_family = AF_UNSPEC;
+    return connect(fd, &sa, sizeof(sa)) < 0 ? -errno : 0;
+}
+
 #endif
 #ifndef SO_EE_CODE_ZEROCOPY_COPIED
 #define SO_EE_CODE_ZEROCOPY_COPIED 1
+/*
+ * Whether closing fd resets the connection (SO_LINGER {1, 0}), and a way to
+ * do that without giving up the fd: connect() with AF_UNSPEC runs
+ * tcp_disconnect(), which sends the RST and frees the socket's queued
+ * skbs -- and with them the pages of its MSG_ZEROCOPY sends, whose
+ * completions then arrive on the error queue we can still read.
+ */
+static inline int uc_closes_with_reset(int fd)
+{
+    struct linger lg;
+    socklen_t len = sizeof(lg);
+    return getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 && lg.l_onoff && lg.l_linger == 0;
+}
+
+static inline int uc_disconnect(int fd)
+{
+    struct sockaddr sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_family = AF_UNSPEC;
+    return connect(fd, &sa, sizeof(sa)) < 0 ? -errno : 0;
+}
+
 #endif
 
 static inline __u64 uc_sqe_addr(const struct io_uring_sqe *s) { return s->addr; }
@@ -89,6 +177,28 @@ static inline int uc_zc_completion(int fd, __u32 *lo, __u32 *hi, int *copied)
             return 1;
         }
     }
+}
+
+/*
+ * Whether closing fd resets the connection (SO_LINGER {1, 0}), and a way to
+ * do that without giving up the fd: connect() with AF_UNSPEC runs
+ * tcp_disconnect(), which sends the RST and frees the socket's queued
+ * skbs -- and with them the pages of its MSG_ZEROCOPY sends, whose
+ * completions then arrive on the error queue we can still read.
+ */
+static inline int uc_closes_with_reset(int fd)
+{
+    struct linger lg;
+    socklen_t len = sizeof(lg);
+    return getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 && lg.l_onoff && lg.l_linger == 0;
+}
+
+static inline int uc_disconnect(int fd)
+{
+    struct sockaddr sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_family = AF_UNSPEC;
+    return connect(fd, &sa, sizeof(sa)) < 0 ? -errno : 0;
 }
 
 #endif

@@ -139,5 +139,4 @@ cdef extern from "uring_compat.h" nogil:
                                          unsigned flags, int *err)
     int uc_buf_ring_head(io_uring *ring, int bgid, unsigned *head)
     void uc_free_buf_ring(io_uring *ring, io_uring_buf_ring *br, unsigned entries, int bgid)
-    void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle,
-                             int msg_flags)
+    void uc_prep_recv_select(io_uring_sqe *sqe, int fd, int bgid, int bundle, int msg_flags)

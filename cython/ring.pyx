@@ -179,35 +179,6 @@ cdef class Ring:
         finally:
             lsock.close()
 
-    def probe_multishot_recv(self):
-        """True if multishot recv into a provided-buffer ring works (6.0+)."""
-        cdef io_uring_buf_ring *br
-        cdef int err = 0, res
-        cdef unsigned flags
-        cdef char[64] mem
-        br = uc_setup_buf_ring(&self.ring, 2, 0x7ff0, 0, &err)
-        if br == NULL:
-            return False
-        a, b = _socket.socketpair()
-        try:
-            io_uring_buf_ring_add(br, mem, 32, 0, io_uring_buf_ring_mask(2), 0)
-            io_uring_buf_ring_add(br, &mem[32], 32, 1, io_uring_buf_ring_mask(2), 1)
-            io_uring_buf_ring_advance(br, 2)
-            s = self.sqe()
-            uc_prep_recv_select(s, a.fileno(), 0x7ff0, 1, 0, 0)
-            io_uring_sqe_set_data64(s, 2)
-            io_uring_submit(&self.ring)
-            b.send(b"x")
-            res, flags = self._wait_one(2)
-            ok = res == 1 and (flags & IORING_CQE_F_MORE) != 0
-            if flags & IORING_CQE_F_MORE:
-                self._cancel_and_drain(2)
-            return ok
-        finally:
-            a.close()
-            b.close()
-            uc_free_buf_ring(&self.ring, br, 2, 0x7ff0)
-
     def probe_buf_ring(self):
         """True if provided-buffer rings can be registered (5.19+): every
         recv of the engine picks its buffer from one."""

@@ -15,7 +15,7 @@ cdef extern from "<sys/socket.h>" nogil:
         int l_onoff
         int l_linger
     int AF_INET, AF_INET6, SOCK_STREAM, SOCK_CLOEXEC, SOCK_NONBLOCK
-    int SOL_SOCKET, SO_LINGER, SO_ERROR, SO_PEERNAME
+    int SOL_SOCKET, SO_LINGER, SO_ERROR, SO_PEERNAME, SO_KEEPALIVE
     int SHUT_WR, SHUT_RDWR
     int MSG_NOSIGNAL, MSG_WAITALL, MSG_PEEK, MSG_TRUNC, MSG_DONTWAIT
     int SO_PEEK_OFF, SO_RCVBUF
@@ -61,7 +61,7 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t ntohs(uint16_t)
 
 cdef extern from "<netinet/tcp.h>" nogil:
-    int TCP_NODELAY
+    int TCP_NODELAY, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
@@ -118,8 +118,18 @@ cdef extern from "<errno.h>" nogil:
     int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP, EBUSY, EIO
     int EINPROGRESS, EISCONN, ECONNABORTED, EEXIST
 
+cdef extern from "<stdint.h>" nogil:
+    const long long INT64_MAX
+
 cdef extern from "<stdlib.h>" nogil:
+    void *malloc(size_t size)
     int posix_memalign(void **memptr, size_t alignment, size_t size)
     void free(void *p)
     void *calloc(size_t n, size_t size)
     void *realloc(void *p, size_t size)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE

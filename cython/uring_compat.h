@@ -131,13 +131,9 @@ uc_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br,
  * only the first (io_uring_prep_recv(3), "bundle"). `msg_flags` go to the
  * recv as they would to recv(2) (MSG_PEEK for the peek mode). */
 static inline void
-uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int multishot, int bundle,
-                    int msg_flags)
+uc_prep_recv_select(struct io_uring_sqe *sqe, int fd, int bgid, int bundle, int msg_flags)
 {
-    if (multishot)
-        io_uring_prep_recv_multishot(sqe, fd, NULL, 0, msg_flags);
-    else
-        io_uring_prep_recv(sqe, fd, NULL, 0, msg_flags);
+    io_uring_prep_recv(sqe, fd, NULL, 0, msg_flags);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = (unsigned short)bgid;
     if (bundle)

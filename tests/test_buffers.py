@@ -56,7 +56,9 @@ def test_many_small_flows_through_a_tiny_pool(proxy, echo_server, mode, buffers,
     the batching, unlike the default of 8, which needed 17 recvs to land between two
     sends and failed on a loaded machine."""
     monkeypatch.setenv("URING_NET_TEST_SEGS_PER_BUF", "1")
-    p = proxy(echo_server.addr, "--buffers", str(buffers), "--buffer-size", str(buffer_kib * KiB))
+    # --max-buffers: the pool must stay this small (it would grow for 300 flows).
+    p = proxy(echo_server.addr, "--buffers", str(buffers), "--max-buffers", str(buffers),
+              "--buffer-size", str(buffer_kib * KiB))
     sizes = [1 + (i * 7919) % (6 * KiB) for i in range(300)]
     lc = LoadClient(p.listen_addr, sizes, seed_base=40_000, max_connecting=300)
     lc.run(90)

@@ -17,9 +17,10 @@ LOG_FORMATS = ("text", "json")
 
 # Features a user (or a test) may declare missing, to force the named fallback.
 DISABLE_ENV = "URING_NET_DISABLE"
-DISABLEABLE = ("multishot_accept", "multishot_recv", "recv_bundle", "incremental_buffers", "send_zc",
+DISABLEABLE = ("multishot_accept", "recv_bundle", "incremental_buffers", "send_zc",
                "registered_buffers", "splice", "iowq_cap", "peek_off")
 MAX_UPSTREAMS = 8
+MAX_POOL_BUFFERS = 32768       # the kernel's limit on a provided-buffer ring's entries
 
 
 class ConfigError(Exception):
@@ -44,9 +45,15 @@ class Config:
     backend: str = "auto"
     buffer_size: int = 65536
     buffers: int = 512
+    max_buffers: int | None = None    # None = --buffers + 2 x --max-conns, at most 32768
     max_inflight: int = 1 << 20
     max_conns: int = 4096
     connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0      # 0 = off
+    client_fin_timeout: float = 60.0  # 0 = off
+    server_fin_timeout: float = 60.0  # 0 = off
+    tcp_keepalive: tuple | None = (300, 30, 5)   # (idle, interval, count); None = off
+    drain_timeout: float = 30.0
     zc_threshold: int = 16384
     pipe_size: int | None = None      # splice: None = --max-inflight, capped by the system
     iowq_workers: int | None = None   # splice: None = one per CPU
@@ -106,14 +113,38 @@ def _positive_int(name, lo=1, hi=None):
     return conv
 
 
-def _seconds(text):
+def _seconds(name="--connect-timeout", lo=0.001, hi=3600.0, off_ok=False):
+    """A number of seconds in [lo, hi]; with off_ok, 0 (or 'off') turns the timeout off."""
+    def conv(text):
+        if off_ok and text.strip().lower() == "off":
+            return 0.0
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds, not {text!r}") from None
+        if off_ok and v == 0:
+            return 0.0
+        if not lo <= v <= hi:
+            rng = f"between {lo:g} and {hi:g} seconds" + (", or 0 for off" if off_ok else "")
+            raise argparse.ArgumentTypeError(f"{name} must be {rng}, not {text}")
+        return v
+    return conv
+
+
+def _keepalive(text):
+    """IDLE,INTVL,CNT in seconds, seconds and probes, or 'off'."""
+    if text.strip().lower() == "off":
+        return None
+    parts = text.split(",")
     try:
-        v = float(text)
+        vals = tuple(int(x, 10) for x in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--connect-timeout must be a number of seconds, not {text!r}") from None
-    if not 0.001 <= v <= 3600:
-        raise argparse.ArgumentTypeError("--connect-timeout must be between 0.001 and 3600 seconds")
-    return v
+        vals = ()
+    if len(vals) != 3 or not (1 <= vals[0] <= 32767 and 1 <= vals[1] <= 32767 and 1 <= vals[2] <= 127):
+        raise argparse.ArgumentTypeError(
+            f"--tcp-keepalive must be IDLE,INTVL,CNT (seconds 1..32767, seconds 1..32767, "
+            f"probes 1..127) or 'off', not {text!r}")
+    return vals
 
 
 def _choice(name, choices, later=()):
@@ -178,17 +209,48 @@ def build_parser() -> argparse.ArgumentParser:
                         "`--probe` shows what auto would pick here")
     p.add_argument("--buffer-size", type=_positive_int("--buffer-size", 512, 1 << 24), default=65536,
                    metavar="BYTES", help="size of each provided receive buffer")
-    p.add_argument("--buffers", type=_positive_int("--buffers", 2, 32768), default=512, metavar="N",
-                   help="number of receive buffers shared by all connections (a power of two); "
-                        "the pool is --buffers x --buffer-size bytes")
+    p.add_argument("--buffers", type=_positive_int("--buffers", 2, MAX_POOL_BUFFERS), default=512, metavar="N",
+                   help="receive buffers the shared pool starts with (a power of two), and the "
+                        "read-ahead budget: buffers that all connections together may hold beyond "
+                        "the first of each direction")
+    p.add_argument("--max-buffers", type=_positive_int("--max-buffers", 2, MAX_POOL_BUFFERS), default=None,
+                   metavar="N",
+                   help="the most receive buffers the pool may grow to. It starts at --buffers and "
+                        "grows only while flows hold buffers: each direction of each connection may "
+                        "always fill one buffer, and read ahead beyond that (up to --max-inflight) out "
+                        "of a budget of --buffers shared by all, so no number of stalled connections "
+                        "can starve the others. Default: --buffers + 2 x --max-conns (at most "
+                        f"{MAX_POOL_BUFFERS}); memory is at most this many x --buffer-size")
     p.add_argument("--max-inflight", type=_positive_int("--max-inflight", 1), default=1 << 20,
                    metavar="BYTES",
                    help="per direction, bytes read but not yet sent before the proxy stops reading "
                         "(a slow reader then stalls its sender through TCP, not the proxy's memory)")
     p.add_argument("--max-conns", type=_positive_int("--max-conns", 1, 1 << 20), default=4096, metavar="N",
                    help="connections served at once; more wait in the listen backlog")
-    p.add_argument("--connect-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+    p.add_argument("--connect-timeout", type=_seconds(), default=5.0, metavar="SECONDS",
                    help="close the client if the upstream does not answer the connect in time")
+    p.add_argument("--idle-timeout", type=_seconds("--idle-timeout", 0.1, 1e6, off_ok=True),
+                   default=3600.0, metavar="SECONDS",
+                   help="end a connection in which no byte moved either way for this long: an RST "
+                        "to both sides, cause idle_timeout (term cD); 0 turns it off (HAProxy's "
+                        "timeout client/server)")
+    p.add_argument("--client-fin-timeout", type=_seconds("--client-fin-timeout", 0.1, 1e6, off_ok=True),
+                   default=60.0, metavar="SECONDS",
+                   help="once the client has sent its FIN, end the connection if no byte moved "
+                        "for this long (cause client_fin_timeout, term cD); 0 turns it off")
+    p.add_argument("--server-fin-timeout", type=_seconds("--server-fin-timeout", 0.1, 1e6, off_ok=True),
+                   default=60.0, metavar="SECONDS",
+                   help="once the upstream has sent its FIN, end the connection if no byte moved "
+                        "for this long (cause server_fin_timeout, term sD); 0 turns it off")
+    p.add_argument("--tcp-keepalive", type=_keepalive, default="300,30,5", metavar="IDLE,INTVL,CNT",
+                   help="TCP keep-alive on both sockets of every connection (SO_KEEPALIVE with "
+                        "TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT), so a peer that vanished without a "
+                        "FIN or RST is found even with --idle-timeout 0; 'off' disables it")
+    p.add_argument("--drain-timeout", type=_seconds("--drain-timeout", 0, 3600), default=30.0,
+                   metavar="SECONDS",
+                   help="on SIGTERM or SIGINT, stop accepting at once and let open connections "
+                        "finish for up to this long; then (or at a second signal) every one still "
+                        "open is reset on both sides (cause proxy_shutdown), never closed as if complete")
     p.add_argument("--zc-threshold", type=_positive_int("--zc-threshold", 1), default=16384,
                    metavar="BYTES",
                    help="zerocopy mode: smaller sends are copied (zero-copy costs more than it saves "
@@ -233,6 +295,8 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         raise ConfigError("--listen and --upstream are both required (or use --probe, or 'uring-proxy demo')")
     if ns.buffers & (ns.buffers - 1):
         raise ConfigError(f"--buffers must be a power of two (the provided-buffer ring's size), not {ns.buffers}")
+    if ns.max_buffers is not None and ns.max_buffers < ns.buffers:
+        raise ConfigError(f"--max-buffers ({ns.max_buffers}) must be at least --buffers ({ns.buffers})")
     if len(ns.upstream) > MAX_UPSTREAMS:
         raise ConfigError(f"--upstream may be given at most {MAX_UPSTREAMS} times, not {len(ns.upstream)}")
     for opt, modes in (("pipe_size", ("splice",)), ("iowq_workers", ("splice",))):
@@ -249,8 +313,12 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         upstreams=tuple(parse_endpoint(u, "--upstream", allow_port_zero=False) for u in ns.upstream),
         mode=ns.mode, pipe_size=ns.pipe_size, iowq_workers=ns.iowq_workers,
         replay_window=ns.replay_window, backend=ns.backend, buffer_size=ns.buffer_size, buffers=ns.buffers,
+        max_buffers=ns.max_buffers,
         max_inflight=ns.max_inflight, max_conns=ns.max_conns,
         connect_timeout=ns.connect_timeout, zc_threshold=ns.zc_threshold,
+        idle_timeout=ns.idle_timeout, client_fin_timeout=ns.client_fin_timeout,
+        server_fin_timeout=ns.server_fin_timeout, tcp_keepalive=ns.tcp_keepalive,
+        drain_timeout=ns.drain_timeout,
         backlog=ns.backlog, verbose=ns.verbose,
         log_format=ns.log_format, disabled=disabled_features(),
     )

@@ -16,7 +16,7 @@ import threading
 import time
 
 from . import backend
-from .config import Config, ConfigError
+from .config import MAX_POOL_BUFFERS, Config, ConfigError
 from .log import Log
 
 BATCH_TIMEOUT = 0.5      # seconds the engine may run without returning
@@ -36,7 +36,6 @@ class StartupError(Exception):
 # The optional io_uring features the engine uses, and what it does without each.
 FEATURE_FALLBACKS = {
     "multishot_accept": "single-shot accept, re-armed per connection",
-    "multishot_recv": "single-shot recv with buffer select, re-armed per completion",
     "recv_bundle": "one buffer per recv completion",
     "incremental_buffers": "a recv takes a whole buffer, however short the read",
 }
@@ -48,7 +47,6 @@ def probe_ring_features(ring, disabled=frozenset()):
     Returns {feature: (present, used, fallback_text)}. A feature named in
     `disabled` is reported present but not used (forced fallback)."""
     present = {"multishot_accept": ring.probe_multishot_accept(),
-               "multishot_recv": ring.probe_multishot_recv(),
                "recv_bundle": dict(ring.feature_names())["recvsend_bundle"],
                "incremental_buffers": ring.probe_buf_ring_inc()}
     return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name])
@@ -60,7 +58,7 @@ def epoll_features(disabled=frozenset()):
     accept and recv itself (one CQE per syscall that got something); bundles
     and incremental buffers belong to the kernel's ring and have no epoll
     counterpart, so they are absent without being a fallback."""
-    present = {"multishot_accept": True, "multishot_recv": True,
+    present = {"multishot_accept": True,
                "recv_bundle": False, "incremental_buffers": False}
     return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name])
             for name, ok in present.items()}
@@ -162,6 +160,7 @@ class Proxy:
         self.engine = None
         self.address = None
         self._stop = threading.Event()
+        self._signals = 0         # stop requests so far: a second one ends the drain
         self._accept_pauses_logged = 0
         self._log_dropped_logged = 0
         self._zc_off_logged = False
@@ -221,14 +220,18 @@ class Proxy:
             buffer_size=cfg.buffer_size, max_inflight=cfg.max_inflight,
             connect_timeout=cfg.connect_timeout,
             multishot_accept=feats["multishot_accept"][1],
-            multishot_recv=feats["multishot_recv"][1],
             zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
             zc_registered="registered_buffers" not in cfg.disabled,
             zc_backoff=cfg.mode in ("auto", "peek"),
             recv_bundle=feats["recv_bundle"][1],
             recv_inc=feats["incremental_buffers"][1],
             peek=cfg.mode == "peek", replay_window=cfg.replay_window,
-            segs_per_buf=_segs_per_buf(), **splice)
+            segs_per_buf=_segs_per_buf(), max_buffers=self.max_buffers(),
+            idle_timeout=cfg.idle_timeout, client_fin_timeout=cfg.client_fin_timeout,
+            server_fin_timeout=cfg.server_fin_timeout,
+            **dict(zip(("keepalive_idle", "keepalive_interval", "keepalive_count"),
+                       cfg.tcp_keepalive or (0, 0, 0))),
+            **splice)
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
@@ -244,6 +247,21 @@ class Proxy:
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode)
         return self.address
+
+    def max_buffers(self) -> int:
+        """The pool's cap: --max-buffers, or enough for every direction's first buffer
+        (2 x --max-conns) on top of the read-ahead budget (--buffers). Said once when
+        the kernel's ring limit makes the default smaller than that."""
+        cfg = self.cfg
+        if cfg.max_buffers is not None:
+            return cfg.max_buffers
+        want = cfg.buffers + 2 * cfg.max_conns
+        if want > MAX_POOL_BUFFERS:
+            self.log.event("pool_cap", max_buffers=MAX_POOL_BUFFERS, wanted=want,
+                           note=f"a ring holds at most {MAX_POOL_BUFFERS} buffers: beyond "
+                                f"{(MAX_POOL_BUFFERS - cfg.buffers) // 2} connections holding "
+                                "data in both directions, a connection may wait its turn for a buffer")
+        return min(want, MAX_POOL_BUFFERS)
 
     def _splice_setup(self) -> dict:
         """Check splice mode can run, size its pipes, cap io-wq: the engine's kwargs."""
@@ -306,6 +324,7 @@ class Proxy:
         return True
 
     def request_stop(self, *_):
+        self._signals += 1
         self._stop.set()
         try:                    # wake the engine, when called from another thread
             self.wakeup_w.send(b"\0")
@@ -323,6 +342,7 @@ class Proxy:
             if self.cfg.verbose >= 2 and time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + STATS_EVERY
                 self.log.event("stats", level=2, **eng.stats())
+        self._drain_flows()
         eng.stop()
         deadline = time.monotonic() + STOP_GRACE
         while (eng.active or eng.accepting) and time.monotonic() < deadline:
@@ -333,8 +353,16 @@ class Proxy:
         eng.verify_ring()
         stats = eng.stats()
         self.log.event("stats", level=2, **stats)
+        # The pool's size at the end: it grows past --buffers only while flows
+        # hold buffers (splice mode reads into pipes, not the pool).
+        pool = {} if self.cfg.mode == "splice" else {"pool_buffers": stats["pool_buffers"]}
         extra = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
             if self.cfg.mode in ("zerocopy", "auto", "peek") else {}
+        if extra:
+            # Flows whose sockets were closed while notifications were owed
+            # (a peer that never read), and how long their slots then waited.
+            extra["zc_close_waits"] = stats["zc_close_waits"]
+            extra["zc_close_wait_ms"] = round(stats["zc_close_wait_ns"] / 1e6)
         if self.cfg.mode != "splice":
             extra["segment_grows"] = stats["seg_grows"]
         if self.cfg.mode == "peek":
@@ -350,8 +378,35 @@ class Proxy:
                        bytes_u2c=stats["u2c_bytes"], active=stats["active"],
                        buffers_out=stats["bufs_held"], segments_out=stats["segments_out"],
                        ring_order_errors=stats["ring_order_errors"],
-                       **extra)
+                       **pool, **extra)
         return stats
+
+    def _drain_flows(self):
+        """Stop accepting at once (the listener is closed, so new clients are
+        refused by the kernel rather than left in a backlog nobody reads), then let
+        open flows finish for up to --drain-timeout, or until a second signal."""
+        eng = self.engine
+        eng.drain()
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        if self.cfg.drain_timeout <= 0:
+            return
+        # The accept's cancel completes within a turn or two of the loop.
+        while not eng.close_listener() and time.monotonic() < deadline:
+            eng.run(0.01)
+            self._drain_wakeup()
+            self._drain()
+        if self.listener is not None and eng.listening is False:
+            self.listener.close()
+            self.listener = None
+        if eng.active:
+            self.log.event("draining", connections=eng.active, timeout=self.cfg.drain_timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if not eng.active or left <= 0 or self._signals >= 2:
+                return
+            eng.run(min(left, BATCH_TIMEOUT))
+            self._drain_wakeup()
+            self._drain()
 
     def _drain_wakeup(self):
         # Empty before the engine polls again (its poll is single-shot, and
