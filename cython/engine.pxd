@@ -134,6 +134,7 @@ cdef struct Stats:
     uint64_t rejected_full      # accepted while the table was full (closed at once)
     uint64_t accept_pauses      # EMFILE/ENFILE/ENOMEM pauses
     int32_t accept_last_err
+    uint32_t accept_pause_ms    # the last pause's length
     uint64_t c2u_bytes
     uint64_t u2c_bytes
     uint64_t enobufs            # recvs that found the buffer pool empty
@@ -157,6 +158,8 @@ cdef struct Stats:
     uint64_t seg_grows          # the segment table was full and doubled
     uint64_t zc_close_waits     # flows whose fds closed with zero-copy notifications owed
     uint64_t zc_close_wait_ns   # ... and the time they then waited for them, summed
+    uint64_t unknown_cqes       # CQEs whose user_data names no op of ours: dropped
+    uint64_t accept_errors      # accept failures other than running out of fds or memory
     uint64_t timeouts           # flows ended by an idle or fin timeout
     uint64_t tw_visits          # wheel entries looked at (expired or moved on)
     uint64_t paused_errors      # errors seen by a side's error watch (or peek's poll)
@@ -221,6 +224,7 @@ cdef class Engine:
     cdef bint acc_cancel
     cdef bint acc_paused       # resource error: a timer re-arms accept
     cdef bint acc_timer        # ... and that timer is in flight
+    cdef uint32_t acc_backoff_ms  # the next pause after an accept error (doubles)
     cdef uint64_t *fdw         # FIFO of flows (slot | gen << 32) waiting for an fd
     cdef uint32_t fdw_head     # to create their upstream socket
     cdef uint32_t fdw_n
@@ -271,7 +275,7 @@ cdef class Engine:
     cdef void flow_open(self, int cfd) noexcept nogil
     cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void fdw_retry(self) noexcept nogil
-    cdef void accept_pause(self, int err) noexcept nogil
+    cdef void accept_pause(self, int err, uint32_t pause_ms) noexcept nogil
     cdef void on_connect(self, Flow *f, int res) noexcept nogil
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
@@ -314,7 +318,7 @@ cdef class Engine:
     cdef void buf_return(self, uint32_t bid) noexcept nogil
     cdef void ring_add(self, uint32_t bid) noexcept nogil
     cdef void pool_grow(self, uint32_t n) noexcept nogil
-    cdef bint ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil
+    cdef int ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil
     cdef bint seg_push(self, Dir *D, uint32_t bid, uint32_t off, uint32_t n) noexcept nogil
     cdef int32_t seg_pop(self, Dir *D) noexcept nogil
     cdef void seg_free_one(self, int32_t si) noexcept nogil

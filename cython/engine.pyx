@@ -45,6 +45,7 @@ cdef enum Op:
     OP_SPLICE_OUT       # splice: pipe -> sink socket
     OP_WAKE             # poll on the signal wakeup fd: return to Python
     OP_ERRWATCH         # multishot poll for an error on a side nothing else watches
+    OP_LAST = OP_ERRWATCH
 
 cdef enum:
     SLOT_BITS = 20           # --max-conns is capped at 2**20
@@ -54,7 +55,11 @@ cdef enum:
     SEG_SENT = -2            # Seg.next: fully sent, waiting for its notifications
     SEGS_PER_BUF = 8         # initial segment table, per buffer (it doubles when full)
     CQE_BATCH = 256          # CQEs harvested per peek
+    TAKE_OK = 0              # ring_take: the bytes are queued (or dropped as asked)
+    TAKE_NO_SEG = 1          # ... no segment could record them: lost
+    TAKE_ORDER = 2           # ... the CQE's buffer is not the ring's head entry: untrusted
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
+    ACCEPT_BACKOFF_MAX_MS = 3200   # longest pause after repeated other accept errors
     LOG_CAP = 4096           # closed-flow records between two drains
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
     PIPE_POOL = 32           # idle pipes kept for the next flows (splice), as passt does
@@ -157,8 +162,7 @@ cdef class Engine:
         self.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         self.connect_ts.tv_sec = <int64_t>connect_timeout
         self.connect_ts.tv_nsec = <long long>((connect_timeout - <int64_t>connect_timeout) * 1e9)
-        self.pause_ts.tv_sec = 0
-        self.pause_ts.tv_nsec = ACCEPT_PAUSE_MS * 1000000
+        self.acc_backoff_ms = ACCEPT_PAUSE_MS
         self.wait_head = -1
         self.wait_tail = -1
         self.splice = splice
@@ -346,6 +350,12 @@ cdef class Engine:
         cdef int res = cqe.res
         cdef uint32_t cflags = cqe.flags
 
+        if op < OP_ACCEPT or op > OP_LAST:
+            # Not an op we prepare: a corrupted or foreign user_data. Counted
+            # and dropped; above all it must not decrement a flow's inflight
+            # (that would close fds under operations still using them).
+            self.st.unknown_cqes += 1
+            return
         if op == OP_ACCEPT:
             self.on_accept(res, cflags)
             return
@@ -423,20 +433,32 @@ cdef class Engine:
                 self.st.rejected_full += 1
             else:
                 self.st.accepted += 1
+                self.acc_backoff_ms = ACCEPT_PAUSE_MS
                 self.flow_open(res)
         elif res == -EMFILE or res == -ENFILE or res == -ENOMEM or res == -ENOBUFS:
             # Out of fds or memory: the connection stays in the backlog.
-            self.accept_pause(-res)
+            self.accept_pause(-res, ACCEPT_PAUSE_MS)
+        elif res == -ECONNABORTED or res == -EAGAIN or res == -EINTR:
+            pass                # that client went first, or a spurious wake: accept on
         elif res != -ECANCELED:
-            self.st.accept_last_err = -res
+            # Anything else (EPERM from a firewall hook, EPROTO, ...) would
+            # fail again at once if re-armed at once: back off, doubling the
+            # pause up to ACCEPT_BACKOFF_MAX_MS until an accept succeeds.
+            self.st.accept_errors += 1
+            self.accept_pause(-res, self.acc_backoff_ms)
+            self.acc_backoff_ms = min(self.acc_backoff_ms * 2, <uint32_t>ACCEPT_BACKOFF_MAX_MS)
         self.accept_step()
 
-    # Re-arming at once would fail again, so wait ACCEPT_PAUSE_MS; the
-    # timer's CQE retries (never a spin).
-    cdef void accept_pause(self, int err) noexcept nogil:
+    # Re-arming at once would fail again, so wait pause_ms; the timer's CQE
+    # retries (never a spin). The pause's length is read when the timer is
+    # submitted, so pause_ts may be changed for the next one.
+    cdef void accept_pause(self, int err, uint32_t pause_ms) noexcept nogil:
         cdef io_uring_sqe *s
         self.st.accept_pauses += 1
         self.st.accept_last_err = err
+        self.st.accept_pause_ms = pause_ms
+        self.pause_ts.tv_sec = pause_ms // 1000
+        self.pause_ts.tv_nsec = (pause_ms % 1000) * 1000000
         self.acc_paused = True
         if not self.acc_timer and not self.stopping:
             self.acc_timer = True
@@ -547,7 +569,7 @@ cdef class Engine:
                 return
             self.fdw[(self.fdw_head + self.fdw_n) % self.fdw_cap] = slot | (<uint64_t>f.gen << 32)
             self.fdw_n += 1
-            self.accept_pause(EMFILE)
+            self.accept_pause(EMFILE, ACCEPT_PAUSE_MS)
 
     # Create the upstream socket and submit connect + linked timeout.
     # False when the socket cannot be created for lack of fds (try later).
@@ -602,7 +624,7 @@ cdef class Engine:
                 self.flow_fail(f, C_RESOURCE, EMFILE, 0)
                 self.flow_step(slot)
             elif not self.flow_connect(slot, f):
-                self.accept_pause(EMFILE)
+                self.accept_pause(EMFILE, ACCEPT_PAUSE_MS)
                 return
             self.fdw_head = (self.fdw_head + 1) % self.fdw_cap
             self.fdw_n -= 1
@@ -658,16 +680,19 @@ cdef class Engine:
 
     cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
         cdef Dir *D = &f.dir[d]
+        cdef int taken
         if not (cflags & IORING_CQE_F_MORE):
             D.flags &= ~D_RECV_ARMED
         if cflags & IORING_CQE_F_BUFFER:
             # Ownership: kernel -> this direction's send queue (dropped if
             # the flow is ending or nothing was read).
-            if not self.ring_take(D if res > 0 and f.state == F_OPEN else NULL,
-                                  cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags):
-                # No room to record the bytes: they are lost, so the flow
-                # must not go on as if they were sent (reset both sides).
-                self.flow_fail(f, C_RESOURCE, ENOMEM, 3)
+            taken = self.ring_take(D if res > 0 and f.state == F_OPEN else NULL,
+                                   cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags)
+            if taken != TAKE_OK:
+                # The bytes are lost (no room to record them), or cannot be
+                # trusted (the CQE's buffer is not the one the ring order
+                # says): the flow must not go on as if they were sent.
+                self.flow_fail(f, C_RESOURCE, ENOMEM if taken == TAKE_NO_SEG else EPROTO, 3)
                 return
         if res > 0 and self.peek and f.state == F_OPEN:
             if d == 0:
@@ -1470,14 +1495,21 @@ cdef class Engine:
     #
     # The bytes become segments of D's queue; with D NULL they are dropped.
     # False if a segment could not be recorded (those bytes are lost).
-    cdef bint ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil:
+    cdef int ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil:
         cdef uint32_t mask = self.ring_mask
         cdef uint32_t left = <uint32_t>res if res > 0 else 0
         cdef uint32_t b, n, touched = 0
         cdef bint ok = True
+        cdef int order = TAKE_OK
         if self.ring_bid[self.ring_head & mask] != bid:
+            # Our shadow and the kernel disagree, so which buffers (or which
+            # part of a bundle) hold these bytes is unknown: take the
+            # kernel's word for the entry, keep the accounting, and drop the
+            # bytes (the caller resets the flow).
             self.st.ring_order_errors += 1
             self.ring_bid[self.ring_head & mask] = <uint16_t>bid
+            D = NULL
+            order = TAKE_ORDER
         while True:
             b = self.ring_bid[self.ring_head & mask]
             n = min(left, self.buf_size - self.buf_fill[b])
@@ -1498,7 +1530,9 @@ cdef class Engine:
                 break
         if touched > 1:
             self.st.bundles += 1
-        return ok
+        if order != TAKE_OK:
+            return order
+        return TAKE_OK if ok else TAKE_NO_SEG
 
     # Append bytes [off, off + n) of buffer b to D's send queue. Bytes that
     # continue the tail segment extend it (one flow reading alone fills a
@@ -1808,6 +1842,31 @@ cdef class Engine:
         if (head & 0xFFFF) != (self.ring_head & 0xFFFF):
             self.st.ring_order_errors += 1
         return head
+
+    # --- test hooks: drive the dispatcher with a CQE the kernel did not post ----
+
+    def _test_inject_cqe(self, uint32_t slot, str op, int d, int res, uint32_t flags):
+        """Hand handle() a CQE for `slot`'s current generation. `op` is a name
+        (recv, send, close...) or 'unknown' (an op code no SQE ever carries)."""
+        cdef io_uring_cqe c
+        codes = {"recv": OP_RECV, "send": OP_SEND, "close": OP_CLOSE, "accept": OP_ACCEPT,
+                 "unknown": OP_LAST + 1}
+        if slot >= self.max_conns:
+            raise ValueError("no such slot")
+        memset(&c, 0, sizeof(c))
+        c.user_data = ud_make(slot, self.flows[slot].gen, codes[op], d) if op != "accept" \
+            else ud_make(0, 0, OP_ACCEPT, 0)
+        c.res = res
+        c.flags = flags
+        with nogil:
+            self.handle(&c)
+            self.bufs_flush()
+
+    def _test_flow(self, uint32_t slot):
+        """A flow's state, inflight count and the ring's shadow head entry."""
+        cdef Flow *f = &self.flows[slot]
+        return {"state": f.state, "inflight": f.inflight,
+                "head_bid": self.ring_bid[self.ring_head & self.ring_mask]}
 
     def stats(self):
         s = dict(self.st)

@@ -70,10 +70,10 @@ def rows():
                         "the kernel copies on loopback and veth: zero-copy cannot win there"
                         if copied else ""))
         disabled = disabled_features()
-        for name, (present, used, fallback) in probe_ring_features(ring, disabled).items():
+        for name, (present, used, fallback, why) in probe_ring_features(ring, disabled).items():
             status = "yes" if present else "no"
             if present and not used:
-                status = "yes (disabled)"
+                status = f"yes ({why})"
             out.append((name.replace("_", " "), status, "used" if used else f"fallback: {fallback}"))
     finally:
         ring.close()

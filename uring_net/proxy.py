@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import signal
 import socket
 import sys
@@ -25,6 +26,7 @@ BATCH_TIMEOUT = 0.5      # seconds the engine may run without returning
 # incremental buffers do, so a test can require growth without depending on
 # how many completions happen to land in one batch.
 SEGS_PER_BUF_ENV = "URING_NET_TEST_SEGS_PER_BUF"
+NOFILE_SPARE = 128       # fds beside the flows': listener, ring, pipe pool, wakeup, logs
 STOP_GRACE = 5.0         # seconds to let flows finish closing on shutdown
 STATS_EVERY = 10.0
 
@@ -44,13 +46,31 @@ FEATURE_FALLBACKS = {
 def probe_ring_features(ring, disabled=frozenset()):
     """What the engine can use on this kernel, and the fallback when not.
 
-    Returns {feature: (present, used, fallback_text)}. A feature named in
-    `disabled` is reported present but not used (forced fallback)."""
+    Returns {feature: (present, used, fallback_text, why_not_used)}. A feature
+    named in `disabled` is reported present but not used (forced fallback).
+
+    Recv bundles and incremental buffers name a completion's bytes by the ring's
+    order (the engine's shadow of the buffer ring), which holds only when
+    completions are posted in the order recvs take buffers: DEFER_TASKRUN runs
+    them one after another in the engine's thread. On a ring without it they are
+    not used, and the fallback line says so."""
     present = {"multishot_accept": ring.probe_multishot_accept(),
                "recv_bundle": dict(ring.feature_names())["recvsend_bundle"],
                "incremental_buffers": ring.probe_buf_ring_inc()}
-    return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name])
-            for name, ok in present.items()}
+    ordered = "defer_taskrun" in ring.setup_mode
+    out = {}
+    for name, ok in present.items():
+        if name in disabled:
+            why = "forced off by URING_NET_DISABLE"
+        elif not ok:
+            why = "not supported by this kernel"
+        elif name in ("recv_bundle", "incremental_buffers") and not ordered:
+            why = (f"the ring was set up {ring.setup_mode}, without DEFER_TASKRUN, so completions "
+                   "need not come in buffer-ring order")
+        else:
+            why = None
+        out[name] = (ok, why is None, FEATURE_FALLBACKS[name], why)
+    return out
 
 
 def epoll_features(disabled=frozenset()):
@@ -60,7 +80,8 @@ def epoll_features(disabled=frozenset()):
     counterpart, so they are absent without being a fallback."""
     present = {"multishot_accept": True,
                "recv_bundle": False, "incremental_buffers": False}
-    return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name])
+    return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name],
+                   "forced off by URING_NET_DISABLE" if name in disabled else None)
             for name, ok in present.items()}
 
 
@@ -162,6 +183,8 @@ class Proxy:
         self._stop = threading.Event()
         self._signals = 0         # stop requests so far: a second one ends the drain
         self._accept_pauses_logged = 0
+        self._counted = {}        # engine counters already reported, by name
+        self._last_said = {}      # rate limit: when each kind of line was last written
         self._log_dropped_logged = 0
         self._zc_off_logged = False
         # Python's C-level signal handler writes the signal number here
@@ -189,13 +212,9 @@ class Proxy:
             feats = probe_ring_features(self.ring, cfg.disabled)
         else:
             feats = epoll_features(cfg.disabled)
-        for name, (present, used, fallback) in feats.items():
-            if name in cfg.disabled:
-                self.log.event("fallback", feature=name, reason="forced off by URING_NET_DISABLE",
-                               using=fallback)
-            elif not used and self.backend == "uring":
-                self.log.event("fallback", feature=name, reason="not supported by this kernel",
-                               using=fallback)
+        for name, (present, used, fallback, why) in feats.items():
+            if why is not None and (self.backend == "uring" or name in cfg.disabled):
+                self.log.event("fallback", feature=name, reason=why, using=fallback)
         if self.ring is not None:
             self.log.event("ring", level=1, setup=self.ring.setup_mode,
                            features=hex(self.ring.features),
@@ -215,6 +234,7 @@ class Proxy:
             self.log.event("auto", choice=(
                 f"copy, with zero-copy sends >= {cfg.zc_threshold} bytes until a socket's usage "
                 "reports show the kernel copying" if zerocopy else "copy (no SEND_ZC)"))
+        self._raise_nofile()      # the mode is settled: how many fds a flow needs is known
         self.engine = _core.Engine(
             self.driver, max_conns=cfg.max_conns, buffers=cfg.buffers,
             buffer_size=cfg.buffer_size, max_inflight=cfg.max_inflight,
@@ -247,6 +267,32 @@ class Proxy:
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode)
         return self.address
+
+    def _raise_nofile(self):
+        """Each flow holds two sockets (and two pipes in splice mode): raise the soft
+        RLIMIT_NOFILE to what --max-conns needs, up to the hard limit, and say so in
+        one line; if the hard limit is short, say how many flows fit."""
+        cfg = self.cfg
+        per_flow = 6 if cfg.mode == "splice" else 2
+        need = cfg.max_conns * per_flow + NOFILE_SPARE
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= need:
+            return
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError) as e:
+                self.log.event("rlimit", nofile=soft, wanted=need, error=type(e).__name__,
+                               note="could not be raised")
+                target = soft
+        if target >= need:
+            self.log.event("rlimit", nofile=target, was=soft, wanted=need)
+        else:
+            fit = max(0, (target - NOFILE_SPARE) // per_flow)
+            self.log.event("rlimit", nofile=target, was=soft, wanted=need, hard=hard,
+                           note=f"the hard limit fits {fit} of --max-conns {cfg.max_conns} "
+                                "flows; past that, accepts pause until fds come back")
 
     def max_buffers(self) -> int:
         """The pool's cap: --max-buffers, or enough for every direction's first buffer
@@ -408,6 +454,15 @@ class Proxy:
             self._drain_wakeup()
             self._drain()
 
+    def _rate_ok(self, kind: str, every: float = 10.0) -> bool:
+        """At most one line of a kind per `every` seconds: a flood of one error
+        (a client hammering, an fd shortage) must not become a flood of lines."""
+        now = time.monotonic()
+        if now - self._last_said.get(kind, -every) < every:
+            return False
+        self._last_said[kind] = now
+        return True
+
     def _drain_wakeup(self):
         # Empty before the engine polls again (its poll is single-shot, and
         # an fd left readable would end every wait at once).
@@ -429,11 +484,20 @@ class Proxy:
             self.log.event("close", upstream=up, **rec)
         st = self.engine.stats()
         if st["accept_pauses"] != self._accept_pauses_logged:
-            n = st["accept_pauses"] - self._accept_pauses_logged
-            self._accept_pauses_logged = st["accept_pauses"]
             code = errno.errorcode.get(st["accept_last_err"], str(st["accept_last_err"]))
-            self.log.event("accept_paused", reason=code, times=n,
-                           action="accepting again in 100 ms")
+            if self._rate_ok(f"accept:{code}"):
+                n = st["accept_pauses"] - self._accept_pauses_logged
+                self._accept_pauses_logged = st["accept_pauses"]
+                self.log.event("accept_paused", reason=code, times=n,
+                               action=f"accepting again in {st['accept_pause_ms']} ms")
+        # Never expected, never silent: a recv completion naming a buffer that is not
+        # the ring's head entry (its flow is reset, its bytes dropped), or a completion
+        # whose user_data names no operation of ours (dropped).
+        for key, action in (("ring_order_errors", "flow_reset"), ("unknown_cqes", "dropped")):
+            if st[key] != self._counted.get(key, 0) and self._rate_ok(key):
+                self.log.event("engine_error", kind=key, times=st[key] - self._counted.get(key, 0),
+                               action=action)
+                self._counted[key] = st[key]
         if st["zc_eopnotsupp"] and not self._zc_off_logged:
             self._zc_off_logged = True
             self.log.event("fallback", feature="send_zc", reason="EOPNOTSUPP at run time",
