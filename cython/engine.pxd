@@ -70,6 +70,9 @@ cdef struct Dir:
     int32_t q_tail
     uint32_t head_off       # bytes of the head segment already sent
     uint32_t flags          # DirFlag
+    uint32_t parked         # segments sent zero-copy, waiting for their notifications:
+                            # the kernel's socket buffer holds our pages, so they
+                            # count against the direction's quota like queued ones
     uint32_t queued_bufs    # distinct buffers the queue's segments pin (the memory
                             # bound counts these: a short read pins its buffer)
     uint64_t moved_bytes    # accepted by the sink's socket
@@ -160,6 +163,7 @@ cdef struct Stats:
     uint64_t zc_close_wait_ns   # ... and the time they then waited for them, summed
     uint64_t unknown_cqes       # CQEs whose user_data names no op of ours: dropped
     uint64_t accept_errors      # accept failures other than running out of fds or memory
+    uint64_t cancel_fallbacks   # failing flows whose exact cancels missed an op (must stay 0)
     uint64_t timeouts           # flows ended by an idle or fin timeout
     uint64_t tw_visits          # wheel entries looked at (expired or moved on)
     uint64_t paused_errors      # errors seen by a side's error watch (or peek's poll)
@@ -290,6 +294,8 @@ cdef class Engine:
     cdef void tw_add(self, uint32_t slot, Flow *f, int64_t deadline) noexcept nogil
     cdef void tw_remove(self, Flow *f) noexcept nogil
     cdef void tw_half_closed(self, Flow *f) noexcept nogil
+    cdef void cancel_op(self, uint32_t slot, Flow *f, int op, int d, int fd, int32_t si) noexcept nogil
+    cdef void cancel_fallback(self, uint32_t slot, Flow *f) noexcept nogil
     cdef int64_t flow_deadline(self, Flow *f, uint8_t *cause) noexcept nogil
     cdef void tw_expire(self, int64_t now) noexcept nogil
     cdef int64_t tw_next_due(self) noexcept nogil
@@ -324,6 +330,7 @@ cdef class Engine:
     cdef void seg_free_one(self, int32_t si) noexcept nogil
     cdef void bufs_flush(self) noexcept nogil
     cdef uint32_t recv_quota(self, Dir *D) noexcept nogil
+    cdef void dir_hold(self, Dir *D, int dq, int dp) noexcept nogil
     cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
     cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil
     cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil

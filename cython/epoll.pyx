@@ -433,6 +433,23 @@ cdef class Epoll:
                         return 0
                     x = nxt
             return n if n > 0 else -ENOENT
+        if s.fd >= 0:
+            # The engine names the fd the target works on (io_uring ignores
+            # it here): look only at that fd's waiting operations, not at
+            # every op (a linear scan per cancel made a storm of failing
+            # flows quadratic).
+            if s.fd >= self.fds_cap:
+                return -ENOENT
+            for w in range(W_IN, W_OUT + 1):
+                x = self.fds[s.fd].head[w - 1]
+                while x >= 0:
+                    nxt = self.ops[x].next
+                    if self.ops[x].sqe.user_data == target and self.ops[x].sqe.opcode != IORING_OP_LINK_TIMEOUT:
+                        self.list_remove(x)
+                        self.complete(x, -ECANCELED, 0)
+                        return 0
+                    x = nxt
+            return -ENOENT
         for i in range(self.ops_cap):
             if (self.ops[i].live and i != o and self.ops[i].sqe.user_data == target
                     and (self.ops[i].where == W_IN or self.ops[i].where == W_OUT

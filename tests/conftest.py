@@ -566,6 +566,10 @@ def proxy(backend, mode, disabled_features):
             # elsewhere than the kernel's, would break bundles and incremental buffers.
             if st.get("ring_order_errors") != 0:
                 failures.append(f"ring_order_errors={st.get('ring_order_errors')}: {st}")
+            # A failing flow cancels each of its operations by user_data; one the
+            # engine's list missed would hold the flow until the fallback cancel by fd.
+            if st.get("cancel_fallbacks") != 0:
+                failures.append(f"cancel_fallbacks={st.get('cancel_fallbacks')}: {st}")
             # Splice mode: a pipe whose byte count said empty while the kernel said
             # otherwise (checked before every pooling) would leak bytes across flows.
             if st.get("pipe_errors", 0) != 0:

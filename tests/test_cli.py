@@ -175,3 +175,48 @@ def test_json_log_format(proxy, upstream):
     assert stopped["connections"] == 1, stopped
     # The contract names the JSON totals like the close event's: bytes_c2u, bytes_u2c.
     assert (stopped["bytes_c2u"], stopped["bytes_u2c"]) == (1234, 5678), stopped
+
+
+# Mode-independent: the ring's set-up decides, before any flow exists.
+@pytest.mark.parametrize("backend", ["uring"])
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
+def test_bundles_and_incremental_buffers_need_defer_taskrun(proxy, echo_server, monkeypatch):
+    """Both name a completion's buffers by the ring's order, which only a DEFER_TASKRUN
+    ring guarantees: on a ring set up without it (forced here) neither is used, and a
+    fallback line says why (or, on a kernel without them, that it lacks them)."""
+    monkeypatch.setenv("URING_NET_FORCE_SETUP", "coop_taskrun")
+    p = proxy(echo_server.addr)
+    text = p.stderr_text()
+    for feature in ("recv_bundle", "incremental_buffers"):
+        m = re.search(rf"^fallback feature={feature} reason=(.*) using=", text, re.M)
+        assert m, f"no fallback line for {feature}:\n{text}"
+        assert "without DEFER_TASKRUN" in m[1] or m[1] == "not supported by this kernel", m[0]
+    with connect(p.listen_addr) as c:
+        send_stream(c, 5, 300_000)
+        recv_stream(c, 5, 300_000, what="echo on a coop_taskrun ring")
+
+
+def test_nofile_limit_is_raised_for_max_conns():
+    """A soft RLIMIT_NOFILE below what --max-conns needs (two fds a flow, plus 128) is
+    raised at start, and one line says so."""
+    import resource
+    import signal
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    p = subprocess.Popen([sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
+                          "--upstream", "127.0.0.1:9", "--mode", "copy", "--max-conns", "1000"],
+                         cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=low_limit)
+    try:
+        lines = []
+        for line in p.stderr:
+            lines.append(line.rstrip())
+            if line.startswith("listening"):
+                break
+        assert "rlimit nofile=2128 was=512 wanted=2128" in lines, lines
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0

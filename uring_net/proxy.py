@@ -424,6 +424,7 @@ class Proxy:
                        bytes_u2c=stats["u2c_bytes"], active=stats["active"],
                        buffers_out=stats["bufs_held"], segments_out=stats["segments_out"],
                        ring_order_errors=stats["ring_order_errors"],
+                       cancel_fallbacks=stats["cancel_fallbacks"],
                        **pool, **extra)
         return stats
 
