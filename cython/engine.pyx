@@ -132,7 +132,7 @@ cdef class Engine:
         if isinstance(driver, Epoll):
             self.ep = driver
             self.use_ep = True
-            recv_bundle = recv_inc = False        # kernel ring features only
+            recv_inc = False        # the kernel ring's feature (the driver does bundles)
         else:
             self.ring = <Ring?>driver
         self.listen_fd = -1

@@ -73,6 +73,7 @@ cdef class Epoll:
     cdef void again_add(self, int fd) noexcept nogil
     cdef void start(self, int32_t o) noexcept nogil
     cdef int attempt(self, int32_t o, uint32_t events) noexcept nogil
+    cdef int recv_bundle(self, int32_t o) noexcept nogil
     cdef void complete(self, int32_t o, int res, uint32_t flags) noexcept nogil
     cdef void wake(self, int fd, int w, uint32_t events) noexcept nogil
     cdef int zc_drain(self, int fd) noexcept nogil

@@ -52,6 +52,7 @@ cdef enum:
 cdef enum:
     EP_EVENTS = 256         # epoll events harvested per wait
     TURN_CAP = 16           # accepts/recvs one op does per turn before the others
+    BUNDLE_IOV = 16         # buffers one recv bundle may fill
 
 cdef inline int64_t ep_now_ns() noexcept nogil:
     cdef timespec ts
@@ -265,6 +266,9 @@ cdef class Epoll:
         cdef EFd *e
         if opc == IORING_OP_RECV:
             multi = (p.sqe.ioprio & IORING_RECV_MULTISHOT) != 0
+            if (p.sqe.flags & IOSQE_BUFFER_SELECT and p.sqe.ioprio & IORING_RECVSEND_BUNDLE
+                    and not multi and not (fl & MSG_DONTWAIT)):
+                return self.recv_bundle(o)
             for turn in range(TURN_CAP):
                 addr = <void *>uc_sqe_addr(&p.sqe)
                 blen = p.sqe.len
@@ -381,6 +385,54 @@ cdef class Epoll:
             self.complete(o, <int>revents, 0)
             return W_NONE
         self.complete(o, -EINVAL, 0)            # an op this driver does not carry out
+        return W_NONE
+
+    # A recv bundle as the kernel does it (6.10+): one recvmsg into the ring's
+    # entries from the head, up to the SQE's length, and one CQE naming the
+    # first buffer; the head moves past every buffer the bytes touched. The
+    # engine takes them in ring order, as it does the kernel's bundles.
+    cdef int recv_bundle(self, int32_t o) noexcept nogil:
+        cdef EOp *p = &self.ops[o]
+        cdef iovec iov[BUNDLE_IOV]
+        cdef msghdr msg
+        cdef void *addr
+        cdef uint32_t blen, cap = p.sqe.len if p.sqe.len else 0xFFFFFFFF
+        cdef uint16_t bid, first = 0
+        cdef int k = 0, n, got, used
+        cdef char probe
+        while k < BUNDLE_IOV and cap > 0 and uc_br_peek(self.br, <uint16_t>(self.br_head + k),
+                                                         self.br_mask, &addr, &blen, &bid):
+            if k == 0:
+                first = bid
+            iov[k].iov_base = addr
+            iov[k].iov_len = min(blen, cap)
+            cap -= <uint32_t>iov[k].iov_len
+            k += 1
+        if k == 0:
+            # No buffer: as for a plain recv, only a socket with bytes waiting
+            # ends its recv for that; an idle one keeps waiting.
+            n = <int>recv(p.sqe.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+            if n < 0 and errno == EAGAIN:
+                return W_IN
+            self.complete(o, -ENOBUFS, 0)
+            return W_NONE
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = iov
+        msg.msg_iovlen = k
+        self.syscalls_io += 1
+        n = <int>recvmsg(p.sqe.fd, &msg, <int>(uc_sqe_opflags(&p.sqe) | MSG_DONTWAIT))
+        if n < 0 and errno == EAGAIN:
+            return W_IN
+        if n <= 0:
+            self.complete(o, -errno if n < 0 else 0, 0)
+            return W_NONE
+        got = n
+        used = 0
+        while n > 0 and used < k:
+            n -= <int>min(<size_t>n, iov[used].iov_len)
+            used += 1
+        self.br_head += <uint16_t>used
+        self.complete(o, got, IORING_CQE_F_BUFFER | (<uint32_t>first << IORING_CQE_BUFFER_SHIFT))
         return W_NONE
 
     # Post an op's CQE. Without F_MORE it is the op's last: its linked

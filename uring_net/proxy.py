@@ -75,11 +75,12 @@ def probe_ring_features(ring, disabled=frozenset()):
 
 def epoll_features(disabled=frozenset()):
     """The same table for the epoll backend. Its driver carries out multishot
-    accept and recv itself (one CQE per syscall that got something); bundles
-    and incremental buffers belong to the kernel's ring and have no epoll
-    counterpart, so they are absent without being a fallback."""
+    accept itself (one CQE per syscall that got something) and recv bundles (one
+    recvmsg into several ring buffers); incremental buffers belong to the
+    kernel's ring and have no epoll counterpart, so they are absent without
+    being a fallback."""
     present = {"multishot_accept": True,
-               "recv_bundle": False, "incremental_buffers": False}
+               "recv_bundle": True, "incremental_buffers": False}
     return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name],
                    "forced off by URING_NET_DISABLE" if name in disabled else None)
             for name, ok in present.items()}
