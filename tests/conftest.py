@@ -265,6 +265,8 @@ class ProxyProcess:
         self._cond = threading.Condition()
         self._eof = False
         self._claimed: set[int] = set()
+        self._stderr_open = threading.Event()   # cleared: stop reading (hold_stderr)
+        self._stderr_open.set()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("URING_NET_DISABLE", None)
         if disabled:
@@ -293,8 +295,16 @@ class ProxyProcess:
                             f"fallback for {feature}; stderr:\n{self._tail()}", pytrace=False)
 
     # -- output readers
+    def hold_stderr(self):
+        """Stop reading the proxy's stderr: the pipe fills, as behind a stuck log shipper."""
+        self._stderr_open.clear()
+
+    def release_stderr(self):
+        self._stderr_open.set()
+
     def _read_stderr(self):
         for raw in iter(self.proc.stderr.readline, b""):
+            self._stderr_open.wait()
             if self._signal_on_listening and raw.startswith((b"listening", b'{"event": "listening"')):
                 self.proc.send_signal(self._signal_on_listening)
                 self._signal_on_listening = None
@@ -417,6 +427,7 @@ class ProxyProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send ``sig`` and wait for the exit; returns the exit status. Idempotent."""
+        self.release_stderr()
         if self.returncode is None and self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.wait_exit(timeout)

@@ -398,6 +398,61 @@ def test_stalled_downloads_do_not_starve_fresh_flows(proxy):
     assert (st.get("active"), st.get("buffers_out")) == (0, 0), st
 
 
+N_SILENT = 2000
+
+
+@pytest.mark.parametrize("mode,disabled_features", [("copy", "")], ids=["copy"])
+@pytest.mark.time_limit(120)
+def test_departing_clients_are_closed_while_downloads_stall(proxy):
+    """64 stalled downloads hold the proxy, and 2,000 clients that never said a word
+    leave (FIN) at once, while nobody reads the proxy's stderr (a stuck log shipper: the
+    pipe fills after a few hundred close lines). Every departure must still go through:
+    the FIN reaches the upstream, which closes, and the client sees EOF, within 20 s.
+    A fresh flow is served, and once stderr is read again every close line is there."""
+    srv = RoleUpstream(64)
+    stalled: list[socket.socket] = []
+    silent: list[socket.socket] = []
+    fresh: list[socket.socket] = []
+    p = None
+    try:
+        p = proxy(srv.addr)
+        for _ in range(64):
+            s = connect(p.listen_addr)
+            stalled.append(s)
+            s.sendall(RoleUpstream.PUSH)
+        if not srv.all_stalled.wait(30):
+            raise AssertionError(f"the 64 downloads did not all stall within 30 s: {srv.progress()}")
+        p.hold_stderr()
+        silent = [connect(p.listen_addr) for _ in range(N_SILENT)]
+        for s in silent:
+            s.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 20
+        for i, s in enumerate(silent):
+            left = deadline - time.monotonic()
+            try:
+                how = expect_closed(s, max(left, 0.01))
+            except AssertionError as e:
+                raise AssertionError(
+                    f"silent client {i} of {N_SILENT} left but its flow was not closed "
+                    f"within 20 s ({srv.no_role} upstreams saw the FIN): {e}") from None
+            assert how == "eof", f"silent client {i}: {how}"
+        fresh, _addrs, status = serve_fresh_flows(p.listen_addr, 5, FRESH_SIZE, 0xF100, FRESH_BUDGET)
+        assert all(isinstance(t, float) for t in status), status
+        p.release_stderr()
+        closes = p.wait_for_close(N_SILENT, 30)
+        assert not [e for e in p.lines if e["event"] == "log_dropped"], p._tail()
+        assert len(closes) >= N_SILENT, len(closes)
+    finally:
+        if p is not None:
+            p.release_stderr()
+        for s in stalled + silent + fresh:
+            s.close()
+        server_errors = srv.close()
+    assert not server_errors, server_errors
+    st = stopped_line(p)
+    assert (st.get("active"), st.get("buffers_out")) == (0, 0), st
+
+
 # --------------------------------------------------------------------------- tests 2, 3
 
 

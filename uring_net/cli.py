@@ -23,7 +23,12 @@ def main(argv=None) -> int:
             return probe.main()
         cfg = config_from_args(ns)
         from .proxy import serve
-        return serve(cfg, Log(cfg.log_format, cfg.verbose))
+        log = Log(cfg.log_format, cfg.verbose)
+        log.start_writer()
+        try:
+            return serve(cfg, log)
+        finally:
+            log.close()
     except ConfigError as e:
         print(f"uring-proxy: error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,20 @@
 """Log lines: one event per line on stderr, as text or JSON.
 
 The formats are a contract (docs/cli-contract.md): scripts parse them.
+
+stderr may be a pipe nobody drains for a while (a stuck log shipper, a
+parent that reads only at exit). A write there blocks, and a proxy
+blocked in a write serves nobody: 2,000 departing clients once sat in
+CLOSE-WAIT behind a full 64 KiB pipe. So the proxy writes through a
+thread (start_writer) that holds at most MAX_PENDING characters; beyond
+that lines are dropped, counted, and the count is written once the
+stream takes lines again.
 """
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 # Text rendering of the events whose shape the contract fixes.
@@ -17,16 +26,79 @@ _TEXT = {
 }
 
 
+MAX_PENDING = 1 << 20
+
+
 class Log:
     def __init__(self, fmt: str = "text", verbose: int = 0, stream=None):
         self.fmt = fmt
         self.verbose = verbose
         self.stream = stream if stream is not None else sys.stderr
+        self._writer = None
+        self._cv = threading.Condition()
+        self._queue: list[str] = []
+        self._pending = 0        # characters queued or being written
+        self._dropped = 0
+        self._closing = False
 
     def event(self, event: str, level: int = 0, **fields) -> None:
         """Write one line if `level` <= the verbosity (0: always)."""
         if level > self.verbose:
             return
+        self.raw(self._render(event, fields))
+
+    def raw(self, line: str) -> None:
+        """Write one line as it is (error messages), in order with the events."""
+        if self._writer is None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            return
+        with self._cv:
+            if self._pending + len(line) + 1 > MAX_PENDING:
+                self._dropped += 1
+                return
+            self._queue.append(line + "\n")
+            self._pending += len(line) + 1
+            self._cv.notify()
+
+    def start_writer(self) -> None:
+        """From now on lines go through a thread: a blocked stream no longer blocks the caller."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="uring-proxy-log", daemon=True)
+            self._writer.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (waiting at most `timeout` for the stream), then stop the thread."""
+        if self._writer is None:
+            return
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._writer.join(timeout)
+        self._writer = None
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._dropped and not self._closing:
+                    self._cv.wait()
+                if not self._queue and not self._dropped:
+                    return
+                lines, self._queue = self._queue, []
+                dropped, self._dropped = self._dropped, 0
+            queued = sum(map(len, lines))
+            if dropped:
+                lines.append(self._render("log_dropped", {"stderr_lines": dropped}) + "\n")
+            text = "".join(lines)
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass     # stderr gone (EPIPE, closed): nothing is left to tell
+            with self._cv:
+                self._pending -= queued
+
+    def _render(self, event: str, fields: dict) -> str:
         if self.fmt == "json":
             line = json.dumps({"event": event, "ts": round(time.time(), 6), **fields})
         elif event in _TEXT:
@@ -37,5 +109,4 @@ class Log:
         else:
             parts = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{event} {parts}" if parts else event
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        return line

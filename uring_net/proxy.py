@@ -12,7 +12,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -534,11 +533,11 @@ def serve(cfg: Config, log: Log) -> int:
         proxy.start()
         proxy.run()
     except StartupError as e:
-        print(f"uring-proxy: error: {e}", file=sys.stderr)
+        log.raw(f"uring-proxy: error: {e}")
         return 1
     except OSError as e:
         # io_uring_enter failed in a way the engine cannot ride out.
-        print(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}", file=sys.stderr)
+        log.raw(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}")
         return 1
     finally:
         for sig, h in old.items():
