@@ -149,7 +149,7 @@ static inline int uc_br_peek(struct io_uring_buf_ring *br, __u16 head, unsigned 
 /*
  * One MSG_ZEROCOPY completion from fd's error queue: the inclusive range
  * [*lo, *hi] of send calls the kernel has let go of, and whether it copied
- * them after all (msg_zerocopy.rst). 1 when one was read, 0 when the queue
+ * them after all (docs/kernel-notes.md, Zero-copy sends). 1 when one was read, 0 when the queue
  * is empty, -errno on error. Other error-queue messages are skipped.
  */
 static inline int uc_zc_completion(int fd, __u32 *lo, __u32 *hi, int *copied)
