@@ -26,6 +26,8 @@ Usage (from the repository root)
     .venv/bin/python bench/http_rate.py --paths haproxy,uring-proxy-copy,uring-proxy-epoll-copy
     .venv/bin/python bench/http_rate.py --connections 400 --seconds 8
     .venv/bin/python bench/http_rate.py --json bench/results/http.json --write-docs
+    .venv/bin/python bench/http_rate.py --close      # connection rate: a new connection
+                                                     # per request (Connection: close)
 
     ``--write-docs`` rewrites the HTTP section of docs/benchmarks.md (and only that
     section; bench/throughput.py keeps it when it rewrites the rest).
@@ -114,8 +116,12 @@ def parse_wrk(out: str) -> dict:
     return r
 
 
-def run_wrk(children: tp.Children, port: int, seconds: int, connections: int) -> dict:
-    argv = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"]
+def run_wrk(children: tp.Children, port: int, seconds: int, connections: int,
+            close: bool = False) -> dict:
+    # --close: "Connection: close" on every request, so nginx closes after each answer
+    # and wrk opens a new connection for the next: one request = one connection.
+    argv = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", *(["-H", "Connection: close"] if close else []),
+            f"http://127.0.0.1:{port}/"]
     proc = children.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
     try:
@@ -132,17 +138,17 @@ def run_wrk(children: tp.Children, port: int, seconds: int, connections: int) ->
 
 
 def measure(children: tp.Children, server: HttpServer, path: tp.Path_, seconds: int,
-            connections: int, proxy_args: list[str], workdir: Path) -> dict:
+            connections: int, proxy_args: list[str], workdir: Path, close: bool = False) -> dict:
     result: dict = {"path": path.name}
     before = tp.others_snapshot()
     if not path.is_proxy:
-        result.update(run_wrk(children, server.port, seconds, connections))
+        result.update(run_wrk(children, server.port, seconds, connections, close))
     else:
         proxy = tp.Proxy(children, path, server.port, proxy_args, workdir)
         result["argv"] = proxy.argv
         try:
             cpu0 = proxy.cpu_seconds()
-            result.update(run_wrk(children, proxy.port, seconds, connections))
+            result.update(run_wrk(children, proxy.port, seconds, connections, close))
             tp.wait_no_descendants(proxy.proc.pid)
             cpu1 = proxy.cpu_seconds()
             if proxy.proc.poll() is not None:
@@ -189,6 +195,9 @@ def summarize(paths: list[tp.Path_], runs: list[dict]) -> list[dict]:
 
 HEAD = ["path", "median req/s", "min", "max", "vs HAProxy", "proxy CPU us/req", "proxy CPU %",
         "runs ok"]
+# With --close every request is a connection: the same columns, named for that.
+HEAD_CLOSE = ["path", "median conn/s", "min", "max", "vs HAProxy", "proxy CPU us/conn",
+              "proxy CPU %", "runs ok"]
 
 
 def cells(rows: list[dict]) -> list[list[str]]:
@@ -200,31 +209,39 @@ def cells(rows: list[dict]) -> list[list[str]]:
              f"{r['runs_ok']}/{r['runs']}"] for r in rows]
 
 
-def text_table(rows: list[dict]) -> str:
-    c = [HEAD] + cells(rows)
-    w = [max(len(x[i]) for x in c) for i in range(len(HEAD))]
+def text_table(rows: list[dict], head: list[str] = HEAD) -> str:
+    c = [head] + cells(rows)
+    w = [max(len(x[i]) for x in c) for i in range(len(head))]
     lines = ["  ".join([x[0].ljust(w[0])] + [x[i].rjust(w[i]) for i in range(1, len(x))]) for x in c]
     lines.insert(1, "  ".join("-" * n for n in w))
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    return "\n".join(["| " + " | ".join(HEAD) + " |", "|---|" + "---:|" * (len(HEAD) - 1)]
+def markdown_table(rows: list[dict], head: list[str] = HEAD) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
                      + ["| " + " | ".join(x) + " |" for x in cells(rows)])
 
 
-def backend_ratios(rows: list[dict]) -> str:
+def backend_ratios(rows: list[dict], close: bool = False) -> str:
     """Per mode: io_uring's req/s over epoll's, and CPU per request likewise."""
-    return tp.backend_table(rows, ("median", "req/s", ",.0f", "request rate"),
-                            ("cpu_us_per_request", "CPU us/req", ".1f", "CPU per request"))
+    unit = "conn" if close else "req"
+    return tp.backend_table(rows, ("median", f"{unit}/s", ",.0f", "connection rate" if close else "request rate"),
+                            ("cpu_us_per_request", f"CPU us/{unit}", ".1f",
+                             "CPU per connection" if close else "CPU per request"))
 
 
 def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
     m, cfg = meta["machine"], meta["config"]
+    close = cfg.get("close", False)
     failures = [r for r in runs if "error" in r]
-    begin, end = tp.HTTP_SECTION
+    markers = tp.CONN_SECTION if close else tp.HTTP_SECTION
+    begin, end = markers
+    head = HEAD_CLOSE if close else HEAD
+    title = ("Connection rate: a new connection per request (wrk, `Connection: close`, loopback)"
+             if close else "HTTP requests through the proxy (wrk, keep-alive, loopback)")
+    unit = "connection" if close else "request"
     section = f"""{begin}
-## HTTP requests through the proxy (wrk, keep-alive, loopback)
+## {title}
 
 - Date: {meta['date']}
 - Machine: Linux {m['kernel']}, {m['nproc']} CPUs, {m['cpu_model']}
@@ -232,26 +249,26 @@ def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
 - CPU busy in the second before the run: {meta['busy_percent_before']:.0f}%
 - Command (from the repository root): `{meta['command']}`
 - {cfg['rounds']} rounds x {cfg['seconds']} s per path, paths interleaved round-robin;
-  load `wrk -t1 -c{cfg['connections']} -d{cfg['seconds']}s`; proxy extra arguments:
+  load `wrk -t1 -c{cfg['connections']} -d{cfg['seconds']}s{' -H "Connection: close"' if close else ''}`; proxy extra arguments:
   {('`' + shlex.join(cfg['proxy_args']) + '`') if cfg['proxy_args'] else 'none'}
 
-{markdown_table(rows)}
+{markdown_table(rows, head)}
 
-- **median req/s**: median over the rounds of wrk's `Requests/sec`; a run with any
+- **median {'conn' if close else 'req'}/s**: median over the rounds of wrk's `Requests/sec`{' (each request on its own connection: nginx closes after answering)' if close else ''}; a run with any
   socket error or non-2xx answer counts as failed.
 - **vs HAProxy**: the path's median over HAProxy's, same run.
-- **proxy CPU us/req**: the proxy's CPU time (user + system, every thread and child)
-  during the wrk run, in microseconds per request; lower is better.
+- **proxy CPU us/{'conn' if close else 'req'}**: the proxy's CPU time (user + system, every thread and child)
+  during the wrk run, in microseconds per {unit}; lower is better.
 - {tp.others_note(runs) or 'No run finished.'}
 {('- Failed runs: ' + '; '.join(f"{r['path']} round {r['round']}: {r['error'].splitlines()[0]}" for r in failures) + chr(10)) if failures else ''}
 ### io_uring against epoll, mode by mode (same run)
 
-{backend_ratios(rows) or 'Not measured in this run (select both backends to see it).'}
+{backend_ratios(rows, close) or 'Not measured in this run (select both backends to see it).'}
 
 ### How to reproduce
 
     make bench
-    .venv/bin/python bench/http_rate.py --rounds 5 --seconds 4 --write-docs
+    .venv/bin/python bench/http_rate.py --rounds {cfg['rounds']} --seconds {cfg['seconds']}{' --close' if close else ''} --write-docs
 
 The upstream is nginx, run as `nginx -e stderr -p DIR -c nginx-http.conf` with:
 
@@ -263,7 +280,7 @@ The peers run with the configurations above.
 {end}
 """
     text = tp.DOCS_FILE.read_text() if tp.DOCS_FILE.exists() else "# Benchmarks\n\n"
-    old = tp.docs_section(tp.HTTP_SECTION)
+    old = tp.docs_section(markers)
     tp.write_docs_file(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section)
 
 
@@ -278,11 +295,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5, help="rounds over all paths (default 5)")
     ap.add_argument("--seconds", type=int, default=4, help="wrk -d per run (default 4)")
     ap.add_argument("--connections", type=int, default=100, help="wrk -c (default 100)")
+    ap.add_argument("--close", action="store_true",
+                    help="connection rate: every request on a new connection (Connection: close); "
+                         "reports conn/s and proxy CPU us per connection, in its own docs section")
     ap.add_argument("--paths", help="comma-separated paths to run (default: all)")
     ap.add_argument("--proxy-args", default="", help="extra uring-proxy arguments, one string")
     ap.add_argument("--json", metavar="FILE", help="write every run's raw results here")
     ap.add_argument("--write-docs", action="store_true",
-                    help="rewrite the HTTP section of docs/benchmarks.md from this run")
+                    help="rewrite the HTTP section (with --close: the connection-rate section) "
+                         "of docs/benchmarks.md from this run")
     a = ap.parse_args(argv)
     if a.rounds < 1 or a.seconds < 1 or a.connections < 1:
         ap.error("--rounds, --seconds and --connections must be at least 1")
@@ -311,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": tp.machine_info(), "versions": versions,
         "busy_percent_before": round(tp.busy_percent(), 1),
         "config": {"rounds": args.rounds, "seconds": args.seconds, "connections": args.connections,
+                   "close": args.close,
                    "paths": [p.name for p in paths], "proxy_args": proxy_args},
     }
+    unit = "conn" if args.close else "req"
     runs: list[dict] = []
     children = tp.Children()
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -326,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             interrupted = tp.run_rounds(
                 paths, args.rounds, args.seconds, runs,
                 lambda path: measure(children, server, path, args.seconds, args.connections,
-                                     proxy_args, workdir),
-                lambda r: f"{r['req_per_s']:9,.0f} req/s" + (
-                    f", proxy {r['cpu_us_per_request']:.1f} us CPU/request ({r['cpu_percent']:.0f}% CPU)"
+                                     proxy_args, workdir, args.close),
+                lambda r: f"{r['req_per_s']:9,.0f} {unit}/s" + (
+                    f", proxy {r['cpu_us_per_request']:.1f} us CPU/{unit} ({r['cpu_percent']:.0f}% CPU)"
                     if "cpu_us_per_request" in r else ""))
         except KeyboardInterrupt:
             interrupted = True
@@ -339,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             tp.stop_everything(children)
 
     rows = summarize(paths, runs)
-    print(f"\nHTTP keep-alive req/s, wrk -t1 -c{args.connections}, {args.rounds} rounds x "
+    what = "connections/s (Connection: close)" if args.close else "keep-alive req/s"
+    print(f"\nHTTP {what}, wrk -t1 -c{args.connections}, {args.rounds} rounds x "
           f"{args.seconds} s, {meta['date']}, Linux {meta['machine']['kernel']}, "
           f"{meta['machine']['nproc']} CPUs")
-    print(text_table(rows))
+    print(text_table(rows, HEAD_CLOSE if args.close else HEAD))
     if tp.others_note(runs):
         print(tp.others_note(runs))
     if args.json:
@@ -353,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.write_docs:
         write_docs(meta, rows, runs)
-        tp.log(f"wrote the HTTP section of {tp.DOCS_FILE}")
+        tp.log(f"wrote the {'connection-rate' if args.close else 'HTTP'} section of {tp.DOCS_FILE}")
     return 1 if any("error" in r for r in runs) else 0
 
 
