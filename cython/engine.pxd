@@ -286,7 +286,7 @@ cdef class Engine:
     cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t si) noexcept nogil
     cdef void seg_sent(self, Flow *f, int d, int32_t si) noexcept nogil
     cdef void zc_judge(self, Dir *D, bint copied) noexcept nogil
-    cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil
+    cdef void shut_wr(self, Flow *f, int d) noexcept nogil
     cdef void on_poll(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
     cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil
     cdef void watch_step(self, uint32_t slot, Flow *f) noexcept nogil

@@ -34,7 +34,6 @@ cdef enum Op:
     OP_RECV
     OP_SEND
     OP_SEND_ZC
-    OP_SHUTDOWN
     OP_CANCEL
     OP_CLOSE
     OP_ENGINE_CANCEL    # a cancel not tied to a flow (the accept); CQE ignored
@@ -406,8 +405,6 @@ cdef class Engine:
             self.on_send_zc(f, d, res, cflags, si)
         elif op == OP_CONNECT:
             self.on_connect(f, res)
-        elif op == OP_SHUTDOWN:
-            self.on_shutdown(f, d, res)
         elif op == OP_SPLICE_IN:
             self.on_splice_in(f, d, res)
         elif op == OP_SPLICE_OUT:
@@ -534,7 +531,7 @@ cdef class Engine:
         self.keepalive(cfd)
         if self.splice:
             # Splices run in io-wq workers; a blocking socket would park one
-            # per idle flow (kernel-facts.md). Non-blocking, a splice that
+            # per idle flow (docs/kernel-notes.md, Splice). Non-blocking, a splice that
             # cannot move anything ends at once with EAGAIN.
             fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK)
         f.replayable = self.peek
@@ -818,16 +815,24 @@ cdef class Engine:
                 # that reads everything before it answers: give up replay.
                 f.replayable = 0
 
-    cdef void on_shutdown(self, Flow *f, int d, int res) noexcept nogil:
-        f.dir[d].flags |= D_SHUT_DONE
-        if f.state == F_OPEN and res < 0 and res != -ECANCELED:
-            self.side_failed(f, 1 - d, res)
+    # Forward direction d's FIN, now. shutdown(SHUT_WR) on a TCP socket
+    # queues the FIN behind the bytes already sent and returns; it never
+    # blocks. io_uring's SHUTDOWN op cannot complete inline: the kernel hands
+    # every one to an io-wq worker, and waking it cost 16% of the proxy's CPU
+    # with a new connection per request (perf, wrk -H "Connection: close").
+    # So it is a plain syscall, on both backends. A failure (the peer reset
+    # meanwhile) fails the flow; flow_step stops stepping a flow that failed.
+    cdef void shut_wr(self, Flow *f, int d) noexcept nogil:
+        cdef int res = shutdown(f.fd[1 - d], SHUT_WR)
+        f.dir[d].flags |= D_SHUT_SENT | D_SHUT_DONE
+        if res != 0 and f.state == F_OPEN:
+            self.side_failed(f, 1 - d, -errno)
 
     # --- peek mode: the client's bytes stay in its socket until delivered -------
     #
     # Direction 0 peeks (MSG_PEEK at SO_PEEK_OFF) into pool buffers, sends
     # them as copy mode does, and drops them from the socket (MSG_TRUNC) only
-    # once delivered. The two traps of kernel-facts.md decide the shape:
+    # once delivered. The two traps in docs/kernel-notes.md (Peeking) decide the shape:
     # - a peek that finds nothing past the offset must not wait in the kernel
     #   (io_uring hands it to an io-wq thread, one per stalled flow), so every
     #   peek is MSG_DONTWAIT and ends with EAGAIN instead;
@@ -1225,7 +1230,9 @@ cdef class Engine:
         cdef Flow *f = &self.flows[slot]
         if f.state == F_OPEN:
             self.dir_step(slot, f, 0)
+        if f.state == F_OPEN:
             self.dir_step(slot, f, 1)
+        if f.state == F_OPEN:
             self.watch_step(slot, f)
             if (f.dir[0].flags & D_SHUT_DONE) and (f.dir[1].flags & D_SHUT_DONE):
                 if self.peek and f.dir[0].consumed < f.dir[0].peeked:
@@ -1254,6 +1261,8 @@ cdef class Engine:
             self.splice_step(slot, f, d)
             return
         self.send_step(slot, f, d)
+        if f.state != F_OPEN:
+            return
         if self.peek and d == 0:
             self.peek_step(slot, f, d)
         else:
@@ -1308,9 +1317,7 @@ cdef class Engine:
                     io_uring_prep_sendmsg(s, f.fd[1 - d], &D.msg, MSG_NOSIGNAL)
                 D.flags |= D_SEND_BUSY
             elif (D.flags & D_EOF) and not (D.flags & D_SHUT_SENT):
-                s = self.flow_sqe(slot, f, OP_SHUTDOWN, d)
-                io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
-                D.flags |= D_SHUT_SENT
+                self.shut_wr(f, d)
 
     # How many more buffers direction D may fill with its next recv: the
     # fairness rule of the shared pool.
@@ -1423,9 +1430,7 @@ cdef class Engine:
                                      SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
                 D.flags |= D_SEND_BUSY
             elif (D.flags & D_EOF) and not (D.flags & D_SHUT_SENT):
-                s = self.flow_sqe(slot, f, OP_SHUTDOWN, d)
-                io_uring_prep_shutdown(s, f.fd[1 - d], SHUT_WR)
-                D.flags |= D_SHUT_SENT
+                self.shut_wr(f, d)
         # Always ask for the pipe's free space: the kernel moves what fits.
         if not (D.flags & (D_RECV_ARMED | D_EOF | D_IN_STUCK)) and D.pipe_bytes < D.pipe_cap:
             self.reserve(2)

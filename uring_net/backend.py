@@ -8,10 +8,26 @@ otherwise epoll, with one `fallback` line naming the reason.
 """
 from __future__ import annotations
 
-# What every mode submits, and what one mode adds (io_uring opcodes).
-BASE_OPS = ("ACCEPT", "CONNECT", "LINK_TIMEOUT", "TIMEOUT", "RECV", "SEND", "SENDMSG",
-            "SHUTDOWN", "CLOSE", "ASYNC_CANCEL")
-MODE_OPS = {"splice": ("SPLICE", "POLL_ADD"), "peek": ("POLL_ADD",), "zerocopy": ("SEND_ZC",)}
+# Every io_uring operation the engine submits: what it is for, and the one mode that
+# needs it (None: every mode). The one list behind --probe, --backend auto and the
+# mode checks. (A FIN is forwarded with shutdown(2), not the SHUTDOWN op: see
+# Engine.shut_wr.)
+OPS = (
+    ("ACCEPT", "accepting connections", None),
+    ("CONNECT", "connecting upstream", None),
+    ("LINK_TIMEOUT", "--connect-timeout", None),
+    ("TIMEOUT", "pausing accept after errors", None),
+    ("RECV", "receiving", None),
+    ("SEND", "sending", None),
+    ("SENDMSG", "sending a queue of segments in one call", None),
+    ("CLOSE", "closing flows", None),
+    ("ASYNC_CANCEL", "backpressure and teardown", None),
+    ("POLL_ADD", "errors on paused sides, signals; readiness in splice and peek modes", None),
+    ("SEND_ZC", "zerocopy mode (else copy-mode sends)", "zerocopy"),
+    ("SPLICE", "splice mode (refused without it)", "splice"),
+)
+BASE_OPS = tuple(op for op, _, mode in OPS if mode is None)
+MODE_OPS = {m: tuple(op for op, _, mode in OPS if mode == m) for _, _, m in OPS if m}
 
 
 class BackendUnavailable(Exception):

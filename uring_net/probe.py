@@ -8,24 +8,10 @@ from . import backend
 from .config import MODES, disabled_features
 from .proxy import pipe_max_size, probe_peek_off, probe_ring_features
 
-# opcode -> what needs it. All are required by the copy data path.
-REQUIRED_OPS = (
-    ("ACCEPT", "accepting connections"),
-    ("CONNECT", "connecting upstream"),
-    ("LINK_TIMEOUT", "--connect-timeout"),
-    ("TIMEOUT", "pausing accept on EMFILE/ENFILE"),
-    ("RECV", "copy mode: receiving"),
-    ("SEND", "copy mode: sending"),
-    ("SHUTDOWN", "forwarding FIN"),
-    ("CLOSE", "closing flows"),
-    ("ASYNC_CANCEL", "backpressure and teardown"),
-)
-# Needed by one mode each; without them that mode is refused (or falls back, said once).
-MODE_OPS = (
-    ("SEND_ZC", "zerocopy mode (else copy-mode sends)"),
-    ("SPLICE", "splice mode (refused without it)"),
-    ("POLL_ADD", "splice and peek modes: readiness (refused without it)"),
-)
+# opcode -> what needs it: backend.OPS, the one list. Those of every mode are
+# required; a mode's own are needed by that mode (refused, or a fallback said once).
+REQUIRED_OPS = tuple((op, use) for op, use, mode in backend.OPS if mode is None)
+MODE_OPS = tuple((op, use) for op, use, mode in backend.OPS if mode is not None)
 
 
 def rows():

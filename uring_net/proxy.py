@@ -313,7 +313,7 @@ class Proxy:
         """Check splice mode can run, size its pipes, cap io-wq: the engine's kwargs."""
         cfg = self.cfg
         missing = [] if self.ring is None else \
-            [op for op in ("SPLICE", "POLL_ADD") if not self.ring.supports(op)]
+            [op for op in backend.MODE_OPS["splice"] + ("POLL_ADD",) if not self.ring.supports(op)]
         if "splice" in cfg.disabled and self.ring is not None:
             missing.append("SPLICE (forced off by URING_NET_DISABLE)")
         if missing:
