@@ -146,6 +146,9 @@ cdef struct Stats:
     uint64_t zc_sends           # SEND_ZC whose first CQE promised a notification
     uint64_t zc_notifs          # ... notifications received
     uint64_t zc_copied          # ... of which the kernel reported it copied anyway
+    uint64_t zc_registered_bufs  # buffers registered for SEND_ZC_FIXED (on first use)
+    uint64_t zc_register_fails   # a registration refused: registered sends off
+    int32_t zc_register_last_err
     uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
     uint64_t zc_backoffs        # auto mode: directions that went back to copying sends
     uint64_t bundles            # recv completions that filled more than one buffer
@@ -170,6 +173,7 @@ cdef struct Stats:
     uint64_t pool_grows         # buffers added to the ring beyond --buffers (batches)
     uint64_t cqes
     uint64_t batches
+    uint64_t cq_overflows       # turns that found completions in the kernel's overflow list
     uint64_t log_dropped
 
 cdef class Engine:
@@ -177,8 +181,10 @@ cdef class Engine:
     cdef Epoll ep                  # ... or epoll (then use_ep)
     cdef bint use_ep
     cdef Flow *flows
+    cdef size_t flows_bytes
     cdef uint32_t max_conns
-    cdef int32_t free_head
+    cdef int32_t free_head         # recycled slots, a list through next_free
+    cdef uint32_t slots_used       # slots ever handed out (the rest are untouched)
     cdef uint32_t nactive
 
     # provided-buffer pool: one group shared by every flow. The memory is
@@ -248,7 +254,7 @@ cdef class Engine:
     cdef bint ms_accept
     cdef bint zc               # --mode zerocopy, while the kernel takes it
     cdef bint zc_fixed         # ... from the registered pool (SEND_ZC_FIXED)
-    cdef uint32_t zc_fixed_bufs  # buffers below this bid are registered
+    cdef uint8_t *buf_reg       # per buffer id: 1 once registered (buf_fixed)
     cdef readonly int zc_register_err
     cdef uint32_t zc_threshold
     cdef bint zc_backoff       # auto mode: stop zero-copy on a socket the kernel copies for
@@ -270,12 +276,15 @@ cdef class Engine:
     cdef CloseRec *log
     cdef uint32_t log_n
     cdef uint32_t log_cap
+    cdef int64_t log_first_ns     # batch_ns when the oldest waiting record was written
     cdef Stats st
 
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil
     cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil
     cdef void accept_step(self) noexcept nogil
     cdef void wake_arm(self) noexcept nogil
+    cdef bint slot_available(self) noexcept nogil
+    cdef uint32_t slot_take(self) noexcept nogil
     cdef void flow_open(self, int cfd) noexcept nogil
     cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void fdw_retry(self) noexcept nogil
@@ -329,6 +338,7 @@ cdef class Engine:
     cdef int32_t seg_pop(self, Dir *D) noexcept nogil
     cdef void seg_free_one(self, int32_t si) noexcept nogil
     cdef void bufs_flush(self) noexcept nogil
+    cdef bint buf_fixed(self, uint32_t bid) noexcept nogil
     cdef uint32_t recv_quota(self, Dir *D) noexcept nogil
     cdef void dir_hold(self, Dir *D, int dq, int dp) noexcept nogil
     cdef void wait_push(self, uint32_t slot, int d) noexcept nogil

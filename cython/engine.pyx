@@ -61,6 +61,9 @@ cdef enum:
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     ACCEPT_BACKOFF_MAX_MS = 3200   # longest pause after repeated other accept errors
     LOG_CAP = 4096           # closed-flow records between two drains
+    LOG_BATCH = 512          # ... run_c returns to Python once this many wait
+    LOG_DELAY_NS = 5000000   # ... or once the oldest has waited 5 ms: a close line is
+                             # prompt, and Python runs at most 200 times a second for them
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
     PIPE_POOL = 32           # idle pipes kept for the next flows (splice), as passt does
     TW_SLOTS = 8192          # timer wheel: slots, one tick each ...
@@ -124,7 +127,6 @@ cdef class Engine:
                   int keepalive_idle=0, int keepalive_interval=0, int keepalive_count=0):
         cdef int err = 0
         cdef uint32_t i
-        cdef iovec pool
         cdef Dir tmp
         # The driver: a Ring (io_uring) or an Epoll carrying out the same
         # SQEs with syscalls. Everything below this line is the same for both.
@@ -171,7 +173,15 @@ cdef class Engine:
         self.peek = peek
         self.replay_window = replay_window
 
-        self.flows = <Flow *>calloc(max_conns, sizeof(Flow))
+        # Reserved, not committed (MAP_NORESERVE, zero pages): a slot's page
+        # costs memory once a flow first uses it (slot_take), so the table
+        # follows the most flows open at once, not --max-conns. (calloc
+        # would memset a chunk it took from the heap.)
+        self.flows_bytes = <size_t>max(1, max_conns) * sizeof(Flow)
+        self.flows = <Flow *>mmap(NULL, self.flows_bytes, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if <void *>self.flows == MAP_FAILED:
+            self.flows = NULL
         self.buf_fill = <uint32_t *>calloc(self.max_bufs, sizeof(uint32_t))
         self.buf_refs = <uint32_t *>calloc(self.max_bufs, sizeof(uint32_t))
         self.buf_kern = <uint8_t *>calloc(self.max_bufs, sizeof(uint8_t))
@@ -207,12 +217,11 @@ cdef class Engine:
         if <void *>self.buf_mem == MAP_FAILED:
             self.buf_mem = NULL
             raise MemoryError(f"cannot reserve {self.pool_bytes} bytes for the buffer pool")
-        for i in range(max_conns):
-            self.flows[i].next_free = <int32_t>i + 1 if i + 1 < max_conns else -1
-            self.flows[i].fd[0] = -1
-            self.flows[i].fd[1] = -1
-            self.flows[i].tw_slot = -1
-        self.free_head = 0 if max_conns > 0 else -1
+        # Slots are handed out in order and initialised on first use, so the
+        # table costs memory for the most flows ever open at once, not for
+        # --max-conns: calloc's pages stay untouched until then.
+        self.free_head = -1
+        self.slots_used = 0
         for i in range(self.nsegs):
             self.segs[i].next = <int32_t>i + 1 if i + 1 < self.nsegs else -1
         self.seg_free = 0
@@ -234,21 +243,23 @@ cdef class Engine:
         self.ring_tail = <uint32_t>self.br_pending
         self.br_pending = 0
 
-        # Zero-copy sends from the registered pool save pinning pages per send.
-        # Registering pins the whole pool (RLIMIT_MEMLOCK for non-root); when
-        # that is refused, SEND_ZC still works on plain addresses.
+        # Zero-copy sends from registered buffers save pinning pages per send.
+        # Registering pins (and so touches) every page it covers, so the
+        # table starts empty, one slot per buffer id, and a buffer is
+        # registered when it is first sent zero-copy (buf_fixed): pinned
+        # memory follows the buffers in use, not the pool's reservation
+        # (registering the initial pool at start cost 32 MiB of RSS idle).
+        # Where registering is refused (RLIMIT_MEMLOCK for non-root), SEND_ZC
+        # works on plain addresses.
         self.zc = zerocopy
         self.zc_threshold = zc_threshold
         self.zc_backoff = zc_backoff
-        # Only the initial pool is registered: registering pins (and so
-        # touches) every page, and the growth region must cost nothing until
-        # used. Buffers above it are sent zero-copy from plain addresses.
         if zerocopy and zc_registered and not self.use_ep:
-            pool.iov_base = self.buf_mem
-            pool.iov_len = <size_t>buffers * buffer_size
-            self.zc_register_err = -io_uring_register_buffers(&self.ring.ring, &pool, 1)
+            self.buf_reg = <uint8_t *>calloc(self.max_bufs, sizeof(uint8_t))
+            if self.buf_reg == NULL:
+                raise MemoryError()
+            self.zc_register_err = -io_uring_register_buffers_sparse(&self.ring.ring, self.max_bufs)
             self.zc_fixed = self.zc_register_err == 0
-            self.zc_fixed_bufs = buffers if self.zc_fixed else 0
 
         # The pipe pool is filled now and kept full, so an idle proxy always
         # holds the same fds and a new flow rarely pays for pipe2 + fcntl.
@@ -277,10 +288,12 @@ cdef class Engine:
                 close(self.pipe_pool[3 * i + 1])
         free(self.pipe_pool)
         free(self.tw_head)
-        free(self.flows)
+        if self.flows != NULL:
+            munmap(self.flows, self.flows_bytes)
         free(self.buf_fill)
         free(self.buf_refs)
         free(self.buf_kern)
+        free(self.buf_reg)
         free(self.segs)
         free(self.ring_bid)
         free(self.log)
@@ -426,7 +439,7 @@ cdef class Engine:
             self.acc_armed = False
             self.acc_cancel = False
         if res >= 0:
-            if self.stopping or self.free_head < 0:
+            if self.stopping or not self.slot_available():
                 # Raced with our cancel of the multishot accept.
                 self.close_fd(res)
                 self.st.rejected_full += 1
@@ -472,7 +485,7 @@ cdef class Engine:
     cdef void accept_step(self) noexcept nogil:
         cdef io_uring_sqe *s
         cdef bint want = (self.listen_fd >= 0 and not self.stopping and not self.acc_paused
-                          and self.fdw_n == 0 and self.free_head >= 0)
+                          and self.fdw_n == 0 and self.slot_available())
         if want and not self.acc_armed:
             s = self.sqe()
             if self.ms_accept:
@@ -489,13 +502,28 @@ cdef class Engine:
 
     # --- flow set-up -------------------------------------------------------------
 
+    cdef bint slot_available(self) noexcept nogil:
+        return self.free_head >= 0 or self.slots_used < self.max_conns
+
+    # A free slot: a recycled one (its generation moved on at release), or
+    # the next never-used one, whose zeroed page is touched only now.
+    cdef uint32_t slot_take(self) noexcept nogil:
+        cdef uint32_t slot
+        if self.free_head >= 0:
+            slot = <uint32_t>self.free_head
+            self.free_head = self.flows[slot].next_free
+            return slot
+        slot = self.slots_used
+        self.slots_used += 1
+        self.flows[slot].tw_slot = -1
+        return slot
+
     cdef void flow_open(self, int cfd) noexcept nogil:
-        cdef uint32_t slot = <uint32_t>self.free_head
+        cdef uint32_t slot = self.slot_take()
         cdef Flow *f = &self.flows[slot]
         cdef int one = 1, zero = 0, rcvbuf = 0
         cdef socklen_t optlen = sizeof(int)
         cdef int d
-        self.free_head = f.next_free
         self.nactive += 1
         f.state = F_CONNECTING
         f.cause = C_NONE
@@ -1298,9 +1326,10 @@ cdef class Engine:
                     D.send_len = <uint32_t>D.iov[0].iov_len
                     s = self.flow_sqe(slot, f, OP_SEND_ZC, d)
                     io_uring_sqe_set_data64(s, ud_with_seg(ud_make(slot, f.gen, OP_SEND_ZC, d), si))
-                    if self.segs[si].bid < self.zc_fixed_bufs:
+                    if self.zc_fixed and self.buf_fixed(self.segs[si].bid):
                         io_uring_prep_send_zc_fixed(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
-                                                    MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE, 0)
+                                                    MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE,
+                                                    self.segs[si].bid)
                     else:
                         io_uring_prep_send_zc(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
                                               MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE)
@@ -1488,6 +1517,8 @@ cdef class Engine:
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil:
         cdef CloseRec *r
         if self.log_n < self.log_cap:
+            if self.log_n == 0:
+                self.log_first_ns = self.batch_ns
             r = &self.log[self.log_n]
             self.log_n += 1
             memcpy(&r.client, &f.peer, sizeof(sockaddr_storage))
@@ -1702,6 +1733,27 @@ cdef class Engine:
         if self.buf_refs[b] == 0 and not self.buf_kern[b]:
             self.buf_return(b)
 
+    # Buffer bid is in the registered table (registered now if it was not:
+    # once per buffer for the proxy's life). A refusal (RLIMIT_MEMLOCK,
+    # ENOMEM) turns registered sends off for good, counted; SEND_ZC then
+    # pins pages per send, as without registration.
+    cdef bint buf_fixed(self, uint32_t bid) noexcept nogil:
+        cdef iovec iov
+        cdef int ret
+        if self.buf_reg[bid]:
+            return True
+        iov.iov_base = self.buf_mem + <size_t>bid * self.buf_size
+        iov.iov_len = self.buf_size
+        ret = io_uring_register_buffers_update_tag(&self.ring.ring, bid, &iov, NULL, 1)
+        if ret == 1:
+            self.buf_reg[bid] = 1
+            self.st.zc_registered_bufs += 1
+            return True
+        self.zc_fixed = False
+        self.st.zc_register_fails += 1
+        self.st.zc_register_last_err = -ret if ret < 0 else EIO
+        return False
+
     # Ownership: us -> ring. Made visible to the kernel in bufs_flush().
     cdef void buf_return(self, uint32_t bid) noexcept nogil:
         self.bufs_held -= 1
@@ -1778,8 +1830,9 @@ cdef class Engine:
     # --- the loop -------------------------------------------------------------------
 
     # Submit everything prepared, wait for at least one CQE, handle whole
-    # batches. Returns to Python when a flow closed (its log line is due),
-    # when timeout_ns passed, or on a signal (-EINTR), whichever is first.
+    # batches. Returns to Python when LOG_BATCH close records wait or the
+    # oldest has waited LOG_DELAY_NS, when timeout_ns passed, or on a
+    # signal or wakeup (-EINTR), whichever is first.
     cdef int run_c(self, int64_t timeout_ns) noexcept nogil:
         cdef io_uring_cqe *cqes[CQE_BATCH]
         cdef io_uring_cqe *cqe
@@ -1794,6 +1847,8 @@ cdef class Engine:
             self.bufs_flush()
             self.batch_ns = now_ns()
             left = min(deadline, self.tw_next_due()) - self.batch_ns
+            if self.log_n > 0:
+                left = min(left, self.log_first_ns + LOG_DELAY_NS - self.batch_ns)
             if left < 0:
                 left = 0
             if self.use_ep:
@@ -1813,12 +1868,22 @@ cdef class Engine:
                     io_uring_cq_advance(&self.ring.ring, n)
                     if n < CQE_BATCH:
                         break
+                # More completions than the CQ holds went to the kernel's
+                # overflow list (NODROP); they come back as the CQ drains,
+                # more slowly. Counted: a CQ too small for the load.
+                if self.ring.ring.sq.kflags[0] & IORING_SQ_CQ_OVERFLOW:
+                    self.st.cq_overflows += 1
             self.batch_ns = now_ns()
             self.tw_expire(self.batch_ns)
             if ret == -EINTR or self.woken:
                 self.woken = False
                 return -EINTR
-            if self.log_n > 0 or now_ns() >= deadline:
+            # Python formats close lines once per batch of them, never once
+            # per flow: at one return per closed flow, a connection storm
+            # spent more in the return (stats, a line, a write) than in
+            # the flow.
+            if (self.log_n >= LOG_BATCH or self.batch_ns >= deadline
+                    or (self.log_n > 0 and self.batch_ns >= self.log_first_ns + LOG_DELAY_NS)):
                 return 0
             # -ETIME: nothing came in time. -EBUSY/-EAGAIN: the CQ was
             # overflowing or the kernel was short of memory for the
@@ -1903,7 +1968,7 @@ cdef class Engine:
         with nogil:
             self.stopping = True
             self.accept_step()
-            for i in range(self.max_conns):
+            for i in range(self.slots_used):
                 if self.flows[i].state in (F_CONNECTING, F_OPEN, F_REDIAL):
                     self.flow_fail(&self.flows[i], C_PROXY_SHUTDOWN, 0, 3)
                     self.flow_step(i)
@@ -1962,6 +2027,19 @@ cdef class Engine:
         return {"state": f.state, "inflight": f.inflight,
                 "head_bid": self.ring_bid[self.ring_head & self.ring_mask]}
 
+    def alerts(self):
+        """The counters Python turns into log lines after each return: a few,
+        not the whole stats() dict, which is built only when asked for."""
+        return {"accept_pauses": self.st.accept_pauses,
+                "accept_last_err": self.st.accept_last_err,
+                "accept_pause_ms": self.st.accept_pause_ms,
+                "ring_order_errors": self.st.ring_order_errors,
+                "unknown_cqes": self.st.unknown_cqes,
+                "zc_eopnotsupp": self.st.zc_eopnotsupp,
+                "zc_register_fails": self.st.zc_register_fails,
+                "zc_register_last_err": self.st.zc_register_last_err,
+                "log_dropped": self.st.log_dropped}
+
     def stats(self):
         s = dict(self.st)
         s["active"] = self.nactive
@@ -1970,4 +2048,6 @@ cdef class Engine:
         s["segments_out"] = self.segs_live
         s["waiting_for_buffers"] = int(self.wait_head >= 0)   # 0/1: any direction on the list
         s["pipes_pooled"] = self.pipe_pool_n
+        # Completions the kernel lost for want of memory even with NODROP.
+        s["cq_dropped"] = 0 if self.ring is None else self.ring.ring.cq.koverflow[0]
         return s

@@ -21,11 +21,11 @@
 # - SEND_ZC: send(MSG_ZEROCOPY) on a socket with SO_ZEROCOPY; the first CQE
 #   carries F_MORE, the notification (F_NOTIF, with the usage report) comes
 #   when the socket's error queue says the kernel let go of that send
-#   (msg_zerocopy.rst): the same lifetime rule the engine already obeys.
+#   (docs/kernel-notes.md, Zero-copy sends): the same lifetime rule the engine already obeys.
 # - CONNECT + LINK_TIMEOUT, TIMEOUT: connect() then EPOLLOUT; timers here.
 # - POLL_ADD (single or multishot): readiness now (poll(2)) at arm, then
 #   one CQE per epoll edge -- never level-triggered, which would spin on a
-#   socket holding unconsumed peeked bytes (kernel-facts.md).
+#   socket holding unconsumed peeked bytes (docs/kernel-notes.md, Peeking).
 # - SPLICE, SHUTDOWN, CLOSE: the syscall, at once (splices are always
 #   SPLICE_F_NONBLOCK here as there).
 # - ASYNC_CANCEL by user_data or by fd (CANCEL_ALL): ops still waiting end

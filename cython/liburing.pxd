@@ -36,8 +36,10 @@ cdef extern from "uring_compat.h" nogil:
 
     struct io_uring_sq:
         unsigned ring_entries
+        unsigned *kflags
     struct io_uring_cq:
         unsigned ring_entries
+        unsigned *koverflow
 
     struct io_uring:
         io_uring_sq sq
@@ -60,6 +62,7 @@ cdef extern from "uring_compat.h" nogil:
     unsigned IORING_SETUP_CQSIZE, IORING_SETUP_CLAMP, IORING_SETUP_SUBMIT_ALL
     unsigned IORING_SETUP_COOP_TASKRUN, IORING_SETUP_TASKRUN_FLAG
     unsigned IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_DEFER_TASKRUN
+    unsigned IORING_SQ_CQ_OVERFLOW     # sq flags: completions wait in the kernel's overflow list
     # feature flags
     unsigned IORING_FEAT_SINGLE_MMAP, IORING_FEAT_NODROP, IORING_FEAT_SUBMIT_STABLE
     unsigned IORING_FEAT_RW_CUR_POS, IORING_FEAT_CUR_PERSONALITY, IORING_FEAT_FAST_POLL
@@ -118,6 +121,9 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_prep_send_zc_fixed(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
                                      int flags, unsigned zc_flags, unsigned buf_index)
     int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
+    int io_uring_register_buffers_sparse(io_uring *ring, unsigned nr)
+    int io_uring_register_buffers_update_tag(io_uring *ring, unsigned off, const iovec *iovecs,
+                                             const uint64_t *tags, unsigned nr)
     void io_uring_prep_recv(io_uring_sqe *sqe, int sockfd, void *buf, size_t len, int flags)
     void io_uring_prep_poll_add(io_uring_sqe *sqe, int fd, unsigned poll_mask)
     void io_uring_prep_poll_multishot(io_uring_sqe *sqe, int fd, unsigned poll_mask)

@@ -63,7 +63,8 @@ def io_uring_disabled_sysctl():
 
 
 cdef class Ring:
-    def __cinit__(self, unsigned entries=1024, unsigned cq_factor=8, str force_setup=None):
+    def __cinit__(self, unsigned entries=1024, unsigned cq_factor=8, str force_setup=None,
+                  unsigned cq_entries=0):
         cdef io_uring_params p
         cdef int ret = -EINVAL
         self.closed = True
@@ -75,10 +76,13 @@ cdef class Ring:
             raise ValueError(f"unknown set-up mode {force_setup!r}")
         for name, flags in chain:
             memset(&p, 0, sizeof(p))
-            # A CQ larger than the SQ: multishot recv and accept post many CQEs
-            # per SQE. NODROP would keep overflowed CQEs, but slowly.
+            # A CQ larger than the SQ: one SQE may post several CQEs (multishot
+            # accept and polls, zero-copy notifications), and every open flow
+            # may complete in one turn. The caller sizes it for its flows
+            # (cq_entries; CLAMP caps it at the kernel's maximum). Beyond it
+            # NODROP keeps completions in a slower overflow list (counted).
             p.flags = flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL
-            p.cq_entries = entries * cq_factor
+            p.cq_entries = cq_entries if cq_entries else entries * cq_factor
             ret = io_uring_queue_init_params(entries, &self.ring, &p)
             if ret == 0:
                 self.setup_mode = name

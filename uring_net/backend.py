@@ -48,16 +48,26 @@ def uring_unusable(ring, mode: str, disabled=frozenset()) -> str | None:
     return None
 
 
-def open_uring():
+def cq_entries_for(max_conns: int) -> int:
+    """CQ size for up to `max_conns` flows: two completions per flow in one
+    turn before the kernel's overflow list is used; at least 8,192, and at
+    most the kernel's limit of 65,536 (memory: 16 bytes each)."""
+    want = 8192
+    while want < 2 * max_conns and want < 65536:
+        want *= 2
+    return want
+
+
+def open_uring(max_conns: int = 4096):
     """(ring, None), or (None, why io_uring cannot be set up here)."""
     from . import _core
     try:
-        return _core.Ring(entries=1024), None
+        return _core.Ring(entries=1024, cq_entries=cq_entries_for(max_conns)), None
     except _core.RingUnavailable as e:
         return None, e.strerror
 
 
-def choose(backend: str, mode: str, disabled=frozenset()):
+def choose(backend: str, mode: str, disabled=frozenset(), max_conns: int = 4096):
     """(name, driver, fallback_reason) for --backend `backend` and --mode `mode`.
 
     `fallback_reason` is set when auto chose epoll (the caller logs it once).
@@ -67,7 +77,7 @@ def choose(backend: str, mode: str, disabled=frozenset()):
     from . import _core
     if backend == "epoll":
         return "epoll", _core.Epoll(), None
-    ring, why = open_uring()
+    ring, why = open_uring(max_conns)
     if ring is None:
         if backend == "uring":
             raise BackendUnavailable(f"io_uring is unavailable: {why}")

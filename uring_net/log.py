@@ -59,7 +59,8 @@ class Log:
                 return
             self._queue.append(line + "\n")
             self._pending += len(line) + 1
-            self._cv.notify()
+            if len(self._queue) == 1:   # the writer waits only on an empty queue
+                self._cv.notify()
 
     def start_writer(self) -> None:
         """From now on lines go through a thread: a blocked stream no longer blocks the caller."""

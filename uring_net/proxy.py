@@ -186,6 +186,7 @@ class Proxy:
         self._counted = {}        # engine counters already reported, by name
         self._last_said = {}      # rate limit: when each kind of line was last written
         self._log_dropped_logged = 0
+        self._zc_reg_off_logged = False
         self._zc_off_logged = False
         # Python's C-level signal handler writes the signal number here
         # (serve() calls signal.set_wakeup_fd); the engine polls the other
@@ -200,7 +201,8 @@ class Proxy:
         cfg = self.cfg
         self.listener = open_listener(cfg)
         try:
-            self.backend, self.driver, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled)
+            self.backend, self.driver, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled,
+                                                               cfg.max_conns)
         except backend.BackendUnavailable as e:
             self.listener.close()
             raise StartupError(str(e)) from None
@@ -409,6 +411,8 @@ class Proxy:
             # (a peer that never read), and how long their slots then waited.
             extra["zc_close_waits"] = stats["zc_close_waits"]
             extra["zc_close_wait_ms"] = round(stats["zc_close_wait_ns"] / 1e6)
+            # Buffers registered for SEND_ZC_FIXED, each on its first zero-copy send.
+            extra["zc_registered_bufs"] = stats["zc_registered_bufs"]
         if self.cfg.mode != "splice":
             extra["segment_grows"] = stats["seg_grows"]
         if self.cfg.mode == "peek":
@@ -483,7 +487,7 @@ class Proxy:
             if err:
                 rec["error"] = errno.errorcode.get(err, str(err))
             self.log.event("close", upstream=up, **rec)
-        st = self.engine.stats()
+        st = self.engine.alerts()
         if st["accept_pauses"] != self._accept_pauses_logged:
             code = errno.errorcode.get(st["accept_last_err"], str(st["accept_last_err"]))
             if self._rate_ok(f"accept:{code}"):
@@ -499,6 +503,12 @@ class Proxy:
                 self.log.event("engine_error", kind=key, times=st[key] - self._counted.get(key, 0),
                                action=action)
                 self._counted[key] = st[key]
+        if st["zc_register_fails"] and not self._zc_reg_off_logged:
+            # Buffers are registered on first zero-copy use; one was refused.
+            self._zc_reg_off_logged = True
+            self.log.event("fallback", feature="registered_buffers",
+                           reason=errno.errorcode.get(st["zc_register_last_err"], "?"),
+                           using="SEND_ZC on plain addresses (pages pinned per send)")
         if st["zc_eopnotsupp"] and not self._zc_off_logged:
             self._zc_off_logged = True
             self.log.event("fallback", feature="send_zc", reason="EOPNOTSUPP at run time",
