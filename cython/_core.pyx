@@ -7,4 +7,6 @@ from libc.string cimport memset, memcpy, memmove
 
 include "ring.pyx"
 include "epoll.pyx"
+include "timers.pyx"
+include "pipes.pyx"
 include "engine.pyx"

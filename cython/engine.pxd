@@ -113,9 +113,6 @@ cdef struct Flow:
     int32_t next_free
     int64_t t_start_ns
     int64_t t_active_ns     # the batch in which a byte last moved (either way)
-    int32_t tw_slot         # timer wheel: the slot its entry is in, or -1
-    int32_t tw_next         # ... and the slot list's links (flow slots)
-    int32_t tw_prev
     int64_t t_fds_closed_ns # when its fds were closed with notifications owed, or 0
     Dir dir[2]
     sockaddr_storage peer
@@ -157,8 +154,6 @@ cdef struct Stats:
     uint64_t peek_eagain        # peek: peeks that found nothing past the offset
     uint64_t consumed_bytes     # peek: bytes dropped from client sockets after delivery
     uint64_t splice_eagain      # splice: splices that found nothing to move
-    uint64_t pipes_created      # splice: pipes made (the rest came from the pool)
-    uint64_t pipe_errors        # splice: a pipe our count called empty was not (must stay 0)
     uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry, or our head
                                 # not the kernel's at the end (must stay 0)
     uint64_t seg_grows          # the segment table was full and doubled
@@ -223,8 +218,7 @@ cdef class Engine:
     cdef bint splice           # splice: socket -> pipe -> socket, no user-space buffers
     cdef bint peek             # peek: client bytes stay in its socket until delivered
     cdef uint32_t pipe_size
-    cdef int *pipe_pool        # idle pipes, (read end, write end) pairs
-    cdef uint32_t pipe_pool_n
+    cdef PipePool pipes        # splice mode's idle pipes (pipes.pyx); None otherwise
     cdef uint32_t replay_window
 
     # listener and upstreams
@@ -266,11 +260,7 @@ cdef class Engine:
     cdef int64_t idle_ns
     cdef int64_t cfin_ns
     cdef int64_t sfin_ns
-    cdef int32_t *tw_head      # TW_SLOTS lists of flow slots
-    cdef int64_t tw_origin_ns  # tick 0 starts here
-    cdef uint64_t tw_tick      # the next tick to expire
-    cdef uint64_t tw_hint      # no entry is due before this tick
-    cdef uint32_t tw_n         # flows in the wheel
+    cdef TimerWheel tw         # open flows' deadlines, by slot (timers.pyx)
     cdef int64_t batch_ns      # now, read once per batch
 
     cdef CloseRec *log
@@ -300,14 +290,11 @@ cdef class Engine:
     cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil
     cdef void watch_step(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void keepalive(self, int fd) noexcept nogil
-    cdef void tw_add(self, uint32_t slot, Flow *f, int64_t deadline) noexcept nogil
-    cdef void tw_remove(self, Flow *f) noexcept nogil
     cdef void tw_half_closed(self, Flow *f) noexcept nogil
     cdef void cancel_op(self, uint32_t slot, Flow *f, int op, int d, int fd, int32_t si) noexcept nogil
     cdef void cancel_fallback(self, uint32_t slot, Flow *f) noexcept nogil
     cdef int64_t flow_deadline(self, Flow *f, uint8_t *cause) noexcept nogil
     cdef void tw_expire(self, int64_t now) noexcept nogil
-    cdef int64_t tw_next_due(self) noexcept nogil
     cdef void on_errwatch(self, Flow *f, int side, int res, uint32_t cflags) noexcept nogil
     cdef void side_error(self, Flow *f, int side, int res) noexcept nogil
     cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil
@@ -325,9 +312,6 @@ cdef class Engine:
     cdef void recv_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
     cdef void peek_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
     cdef void splice_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
-    cdef int pipe_get(self, Dir *D) noexcept nogil
-    cdef int pipe_new(self, Dir *D) noexcept nogil
-    cdef void pipe_put(self, Dir *D) noexcept nogil
     cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
     cdef void buf_return(self, uint32_t bid) noexcept nogil

@@ -65,9 +65,6 @@ cdef enum:
     LOG_DELAY_NS = 5000000   # ... or once the oldest has waited 5 ms: a close line is
                              # prompt, and Python runs at most 200 times a second for them
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
-    PIPE_POOL = 32           # idle pipes kept for the next flows (splice), as passt does
-    TW_SLOTS = 8192          # timer wheel: slots, one tick each ...
-    TW_TICK_NS = 50000000    # ... of 50 ms: a horizon of 409.6 s (later deadlines wait a lap)
     CANCEL_CHECK_NS = 2000000000   # a failing flow's cancels looked at again after 2 s
 
 cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
@@ -127,7 +124,8 @@ cdef class Engine:
                   int keepalive_idle=0, int keepalive_interval=0, int keepalive_count=0):
         cdef int err = 0
         cdef uint32_t i
-        cdef Dir tmp
+        cdef int pr, pw
+        cdef uint32_t pcap
         # The driver: a Ring (io_uring) or an Epoll carrying out the same
         # SQEs with syscalls. Everything below this line is the same for both.
         if isinstance(driver, Epoll):
@@ -144,8 +142,7 @@ cdef class Engine:
         self.idle_ns = <int64_t>(idle_timeout * 1e9)
         self.cfin_ns = <int64_t>(client_fin_timeout * 1e9)
         self.sfin_ns = <int64_t>(server_fin_timeout * 1e9)
-        self.tw_origin_ns = now_ns()
-        self.tw_hint = <uint64_t>-1
+        self.tw = TimerWheel(max_conns, now_ns())
         self.max_conns = max_conns
         self.max_bufs = max(buffers, max_buffers)
         if self.max_bufs > 32768:
@@ -197,13 +194,7 @@ cdef class Engine:
         self.fdw_cap = max_conns
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.log_cap = LOG_CAP
-        self.pipe_pool = <int *>calloc(PIPE_POOL * 3, sizeof(int))
-        self.tw_head = <int32_t *>malloc(TW_SLOTS * sizeof(int32_t))
-        if self.tw_head == NULL:
-            raise MemoryError()
-        for i in range(TW_SLOTS):
-            self.tw_head[i] = -1
-        if (self.pipe_pool == NULL or self.flows == NULL or self.buf_fill == NULL
+        if (self.flows == NULL or self.buf_fill == NULL
                 or self.buf_refs == NULL or self.buf_kern == NULL or self.ring_bid == NULL
                 or self.segs == NULL
                 or self.log == NULL or self.fdw == NULL):
@@ -264,11 +255,12 @@ cdef class Engine:
         # The pipe pool is filled now and kept full, so an idle proxy always
         # holds the same fds and a new flow rarely pays for pipe2 + fcntl.
         if splice:
-            while self.pipe_pool_n < PIPE_POOL:
-                err = self.pipe_new(&tmp)
+            self.pipes = PipePool(pipe_size)
+            while self.pipes.n < PIPE_POOL:
+                err = self.pipes.make(&pr, &pw, &pcap)
                 if err < 0:
                     raise OSError(-err, f"creating the splice pipe pool failed: {os.strerror(-err)}")
-                self.pipe_put(&tmp)
+                self.pipes.put(pr, pw, pcap, 0)
 
     def __dealloc__(self):
         # The ring must go before the pool: in-flight requests may point into
@@ -281,13 +273,7 @@ cdef class Engine:
             self.ep.br = NULL
             free(self.br)
             self.ep.close()
-        cdef uint32_t i
-        if self.pipe_pool != NULL:
-            for i in range(self.pipe_pool_n):
-                close(self.pipe_pool[3 * i])
-                close(self.pipe_pool[3 * i + 1])
-        free(self.pipe_pool)
-        free(self.tw_head)
+        # The pipe pool closes its pipes when it goes (PipePool.__dealloc__).
         if self.flows != NULL:
             munmap(self.flows, self.flows_bytes)
         free(self.buf_fill)
@@ -515,7 +501,6 @@ cdef class Engine:
             return slot
         slot = self.slots_used
         self.slots_used += 1
-        self.flows[slot].tw_slot = -1
         return slot
 
     cdef void flow_open(self, int cfd) noexcept nogil:
@@ -608,7 +593,8 @@ cdef class Engine:
         if self.splice:
             for d in range(2):
                 if f.dir[d].pipe_r < 0:
-                    err = self.pipe_get(&f.dir[d])
+                    err = self.pipes.get(&f.dir[d].pipe_r, &f.dir[d].pipe_w, &f.dir[d].pipe_cap)
+                    f.dir[d].pipe_bytes = 0
                     if err == -EMFILE or err == -ENFILE:
                         return False
                     if err < 0:
@@ -692,7 +678,7 @@ cdef class Engine:
         if res == 0:
             f.state = F_OPEN
             f.t_active_ns = self.batch_ns
-            self.tw_add(<uint32_t>(f - self.flows), f, self.flow_deadline(f, NULL))
+            self.tw.add(<uint32_t>(f - self.flows), self.flow_deadline(f, NULL))
             if self.splice:
                 # Only now: a non-blocking connect would not be waited for.
                 fcntl(f.fd[1], F_SETFL, fcntl(f.fd[1], F_GETFL) | O_NONBLOCK)
@@ -945,7 +931,7 @@ cdef class Engine:
             # 0 with bytes in the pipe cannot happen; do not retry it forever.
             self.side_failed(f, 1 - d, res if res < 0 else -EPIPE)
 
-    # --- timeouts: idle and half-closed flows, on a timer wheel ----------------------
+    # --- timeouts: idle and half-closed flows, on a timer wheel (timers.pyx) ----------
     #
     # HAProxy's `timeout client/server` and `client-fin/server-fin`: a flow
     # in which no byte moved for --idle-timeout, or, once one side sent its
@@ -974,29 +960,6 @@ cdef class Engine:
             cause[0] = c
         return t
 
-    # Place f's entry at the tick of `deadline` (rounded up, never before the
-    # next tick, at most a lap ahead: a later one is looked at and placed
-    # again). With every timeout off the entry still laps, so a FIN that
-    # makes a fin timeout apply is seen within a lap at most.
-    cdef void tw_add(self, uint32_t slot, Flow *f, int64_t deadline) noexcept nogil:
-        cdef uint64_t tick
-        cdef int32_t i
-        if deadline == INT64_MAX or deadline - self.tw_origin_ns >= <int64_t>TW_SLOTS * TW_TICK_NS:
-            tick = self.tw_tick + TW_SLOTS - 1
-        else:
-            tick = <uint64_t>max(<int64_t>0, (deadline - self.tw_origin_ns + TW_TICK_NS - 1) // TW_TICK_NS)
-            tick = min(max(tick, self.tw_tick), self.tw_tick + TW_SLOTS - 1)
-        i = <int32_t>(tick % TW_SLOTS)
-        f.tw_slot = i
-        f.tw_prev = -1
-        f.tw_next = self.tw_head[i]
-        if f.tw_next >= 0:
-            self.flows[f.tw_next].tw_prev = <int32_t>slot
-        self.tw_head[i] = <int32_t>slot
-        self.tw_n += 1
-        if tick < self.tw_hint:
-            self.tw_hint = tick
-
     cdef void cancel_fallback(self, uint32_t slot, Flow *f) noexcept nogil:
         cdef io_uring_sqe *s
         cdef int side
@@ -1009,76 +972,36 @@ cdef class Engine:
     # A FIN makes the side's fin timeout apply, which may come well before
     # the deadline the entry was placed at: place it again.
     cdef void tw_half_closed(self, Flow *f) noexcept nogil:
-        if f.tw_slot >= 0:
-            self.tw_remove(f)
-            self.tw_add(<uint32_t>(f - self.flows), f, self.flow_deadline(f, NULL))
+        cdef uint32_t slot = <uint32_t>(f - self.flows)
+        if self.tw.holds(slot):
+            self.tw.add(slot, self.flow_deadline(f, NULL))
 
-    cdef void tw_remove(self, Flow *f) noexcept nogil:
-        if f.tw_slot < 0:
-            return
-        if f.tw_prev >= 0:
-            self.flows[f.tw_prev].tw_next = f.tw_next
-        else:
-            self.tw_head[f.tw_slot] = f.tw_next
-        if f.tw_next >= 0:
-            self.flows[f.tw_next].tw_prev = f.tw_prev
-        f.tw_slot = -1
-        self.tw_n -= 1
-
-    # Look at every tick up to now. The ticked list is taken whole first:
-    # an entry placed again lands on a later tick, never back in it.
+    # Every flow whose tick has come: expired, or placed again at the
+    # deadline it has now (it moved, or its deadline is more than a lap
+    # away). A closing flow is in the wheel only for its cancel check.
     cdef void tw_expire(self, int64_t now) noexcept nogil:
-        cdef uint64_t last
-        cdef int32_t x, nxt
+        cdef int32_t x
         cdef Flow *f
         cdef int64_t dl
         cdef uint8_t cause = C_NONE
-        if now < self.tw_origin_ns or self.tw_n == 0:
-            if self.tw_n == 0:
-                self.tw_tick = max(self.tw_tick, <uint64_t>((now - self.tw_origin_ns) // TW_TICK_NS))
-            return
-        last = <uint64_t>((now - self.tw_origin_ns) // TW_TICK_NS)
-        if self.tw_hint > last:
-            return
-        while self.tw_tick <= last and self.tw_n > 0:
-            x = self.tw_head[self.tw_tick % TW_SLOTS]
-            self.tw_head[self.tw_tick % TW_SLOTS] = -1
-            self.tw_tick += 1
-            while x >= 0:
-                f = &self.flows[x]
-                nxt = f.tw_next
-                f.tw_slot = -1
-                self.tw_n -= 1
-                self.st.tw_visits += 1
-                if f.state != F_OPEN:
-                    # A closing flow's cancels were looked at again (flow_fail).
-                    if f.inflight > f.zc_owed and (f.state == F_CLOSING or f.state == F_REDIAL):
-                        self.cancel_fallback(<uint32_t>x, f)
-                    x = nxt
-                    continue
-                dl = self.flow_deadline(f, &cause)
-                if dl <= now:
-                    self.st.timeouts += 1
-                    self.flow_fail(f, cause, ETIMEDOUT, 3)
-                    self.flow_step(<uint32_t>x)
-                else:
-                    self.tw_add(<uint32_t>x, f, dl)
-                x = nxt
-        self.tw_tick = max(self.tw_tick, last + 1)
-        self.tw_hint = <uint64_t>-1           # found again by tw_next_due
-
-    # When the loop's wait must end for the wheel: the start of the first
-    # non-empty tick (INT64_MAX when the wheel is empty).
-    cdef int64_t tw_next_due(self) noexcept nogil:
-        cdef uint64_t t
-        if self.tw_n == 0:
-            return INT64_MAX
-        if self.tw_hint == <uint64_t>-1:
-            t = self.tw_tick
-            while self.tw_head[t % TW_SLOTS] < 0 and t < self.tw_tick + TW_SLOTS:
-                t += 1
-            self.tw_hint = t
-        return self.tw_origin_ns + <int64_t>self.tw_hint * TW_TICK_NS
+        while True:
+            x = self.tw.pop_due(now)
+            if x < 0:
+                return
+            f = &self.flows[x]
+            self.st.tw_visits += 1
+            if f.state != F_OPEN:
+                # A closing flow's cancels were looked at again (flow_fail).
+                if f.inflight > f.zc_owed and (f.state == F_CLOSING or f.state == F_REDIAL):
+                    self.cancel_fallback(<uint32_t>x, f)
+                continue
+            dl = self.flow_deadline(f, &cause)
+            if dl <= now:
+                self.st.timeouts += 1
+                self.flow_fail(f, cause, ETIMEDOUT, 3)
+                self.flow_step(<uint32_t>x)
+            else:
+                self.tw.add(<uint32_t>x, dl)
 
     # --- errors on a side nothing else is watching -------------------------------
     #
@@ -1142,7 +1065,7 @@ cdef class Engine:
         cdef Dir *D
         if f.state >= F_CLOSING:
             return
-        self.tw_remove(f)
+        self.tw.remove(<uint32_t>(f - self.flows))
         f.cause = cause
         f.err = err
         if self.can_redial(f, cause):
@@ -1186,7 +1109,7 @@ cdef class Engine:
         # for ever. The wheel looks again in CANCEL_CHECK_NS and, if anything
         # but notifications is still in flight, cancels by fd (counted in
         # cancel_fallbacks, which the tests require to stay 0).
-        self.tw_add(slot, f, self.batch_ns + CANCEL_CHECK_NS)
+        self.tw.add(slot, self.batch_ns + CANCEL_CHECK_NS)
 
     # A cancel of one operation by its user_data. The fd it works on goes in
     # the SQE too: io_uring ignores it without IORING_ASYNC_CANCEL_FD, and the
@@ -1225,7 +1148,7 @@ cdef class Engine:
         cdef Dir *D
         cdef int pr, pw
         cdef uint32_t pc, pb, parked
-        self.tw_remove(f)
+        self.tw.remove(<uint32_t>(f - self.flows))
         self.flow_drop_queues(slot, f)
         self.close_fd(f.fd[1])
         f.fd[1] = -1
@@ -1496,10 +1419,15 @@ cdef class Engine:
         cdef linger lg
         cdef io_uring_sqe *s
         cdef int side
-        self.tw_remove(f)
+        self.tw.remove(<uint32_t>(f - self.flows))
         self.flow_drop_queues(slot, f)
         for side in range(2):
-            self.pipe_put(&f.dir[side])
+            if f.dir[side].pipe_r >= 0:
+                self.pipes.put(f.dir[side].pipe_r, f.dir[side].pipe_w, f.dir[side].pipe_cap,
+                               f.dir[side].pipe_bytes)
+                f.dir[side].pipe_r = -1
+                f.dir[side].pipe_w = -1
+                f.dir[side].pipe_bytes = 0
         lg.l_onoff = 1
         lg.l_linger = 0
         for side in range(2):
@@ -1544,67 +1472,6 @@ cdef class Engine:
         self.nactive -= 1
         self.fdw_retry()      # its two fds are closed now
         self.accept_step()
-
-    # --- the pipe pool (splice) -------------------------------------------------------
-
-    # A pipe for one direction: an idle one, or a new one.
-    # Returns 0 or -errno (EMFILE/ENFILE: the flow waits for fds).
-    cdef int pipe_get(self, Dir *D) noexcept nogil:
-        if self.pipe_pool_n > 0:
-            self.pipe_pool_n -= 1
-            D.pipe_r = self.pipe_pool[3 * self.pipe_pool_n]
-            D.pipe_w = self.pipe_pool[3 * self.pipe_pool_n + 1]
-            D.pipe_cap = <uint32_t>self.pipe_pool[3 * self.pipe_pool_n + 2]
-            D.pipe_bytes = 0
-            return 0
-        return self.pipe_new(D)
-
-    # A new non-blocking pipe sized to --pipe-size.
-    cdef int pipe_new(self, Dir *D) noexcept nogil:
-        cdef int fds[2]
-        cdef int cap
-        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
-            return -errno
-        # The size was probed at start-up; past the per-user pipe limits
-        # (fs.pipe-user-pages-*) the kernel may refuse it, and the pipe
-        # keeps what it has: pipe_cap is what the kernel says.
-        cap = fcntl(fds[1], F_SETPIPE_SZ, <int>self.pipe_size)
-        if cap < 0:
-            cap = fcntl(fds[1], F_GETPIPE_SZ)
-        D.pipe_r = fds[0]
-        D.pipe_w = fds[1]
-        D.pipe_cap = <uint32_t>cap
-        D.pipe_bytes = 0
-        self.st.pipes_created += 1
-        return 0
-
-    # Called with nothing in flight. An empty pipe goes back to the pool if
-    # it has room; one still holding bytes (the flow was reset) is closed
-    # with them, and a new one takes its place in the pool.
-    cdef void pipe_put(self, Dir *D) noexcept nogil:
-        cdef int queued = 0
-        if D.pipe_r < 0:
-            return
-        # The kernel's word before pooling: a pipe that is not empty must never
-        # reach another flow, and a count that drifted must show (tests: 0).
-        if D.pipe_bytes == 0 and ioctl(D.pipe_r, FIONREAD, &queued) == 0 and queued != 0:
-            self.st.pipe_errors += 1
-            D.pipe_bytes = <uint32_t>queued
-        if D.pipe_bytes != 0 or self.pipe_pool_n == PIPE_POOL:
-            close(D.pipe_r)
-            close(D.pipe_w)
-            D.pipe_r = -1
-            D.pipe_w = -1
-            D.pipe_bytes = 0
-            if self.pipe_pool_n == PIPE_POOL or self.pipe_new(D) < 0:
-                return
-        self.pipe_pool[3 * self.pipe_pool_n] = D.pipe_r
-        self.pipe_pool[3 * self.pipe_pool_n + 1] = D.pipe_w
-        self.pipe_pool[3 * self.pipe_pool_n + 2] = <int>D.pipe_cap
-        self.pipe_pool_n += 1
-        D.pipe_r = -1
-        D.pipe_w = -1
-        D.pipe_bytes = 0
 
     # --- the buffer pool ---------------------------------------------------------------
 
@@ -1846,7 +1713,7 @@ cdef class Engine:
                 self.wake_arm()     # single-shot: Python drained the fd
             self.bufs_flush()
             self.batch_ns = now_ns()
-            left = min(deadline, self.tw_next_due()) - self.batch_ns
+            left = min(deadline, self.tw.next_due()) - self.batch_ns
             if self.log_n > 0:
                 left = min(left, self.log_first_ns + LOG_DELAY_NS - self.batch_ns)
             if left < 0:
@@ -2047,7 +1914,9 @@ cdef class Engine:
         s["pool_buffers"] = self.published
         s["segments_out"] = self.segs_live
         s["waiting_for_buffers"] = int(self.wait_head >= 0)   # 0/1: any direction on the list
-        s["pipes_pooled"] = self.pipe_pool_n
+        s["pipes_pooled"] = self.pipes.n if self.pipes is not None else 0
+        s["pipes_created"] = self.pipes.created if self.pipes is not None else 0
+        s["pipe_errors"] = self.pipes.errors if self.pipes is not None else 0
         # Completions the kernel lost for want of memory even with NODROP.
         s["cq_dropped"] = 0 if self.ring is None else self.ring.ring.cq.koverflow[0]
         return s
