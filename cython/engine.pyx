@@ -1716,6 +1716,16 @@ cdef class Engine:
             left = min(deadline, self.tw.next_due()) - self.batch_ns
             if self.log_n > 0:
                 left = min(left, self.log_first_ns + LOG_DELAY_NS - self.batch_ns)
+            if self.wait_head >= 0 and self.published > self.bufs_held:
+                # bufs_flush re-armed as many waiting directions as there are
+                # free buffers, and more wait. A re-armed recv whose socket
+                # is empty takes no buffer and posts nothing until bytes come,
+                # so a blocking wait here would leave the rest of the list,
+                # and bytes waiting in their sockets, until the next timeout:
+                # 300 flows through a 2-buffer pool stalled for up to 30 s,
+                # two re-arms per 0.5 s. Go round at once; each turn takes
+                # directions off the list, so this ends.
+                left = 0
             if left < 0:
                 left = 0
             if self.use_ep:
