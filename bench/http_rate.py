@@ -268,7 +268,7 @@ def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
 ### How to reproduce
 
     make bench
-    .venv/bin/python bench/http_rate.py --rounds {cfg['rounds']} --seconds {cfg['seconds']}{' --close' if close else ''} --write-docs
+    .venv/bin/python bench/http_rate.py --rounds {cfg['rounds']} --seconds {cfg['seconds']}{'' if cfg['connections'] == 100 else f" --connections {cfg['connections']}"}{' --close' if close else ''} --write-docs
 
 The upstream is nginx, run as `nginx -e stderr -p DIR -c nginx-http.conf` with:
 
