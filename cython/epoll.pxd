@@ -21,7 +21,7 @@ cdef struct EOp:
     int32_t link            # op started when this one completes (IOSQE_IO_LINK)
     int32_t ltimeout        # this op's LINK_TIMEOUT, or -1
     int32_t owner           # a LINK_TIMEOUT's guarded op
-    int32_t tm_idx          # place in the timer array, or -1
+    int32_t tm_idx          # place in the timer heap, or -1
     uint8_t where           # W_*: which list holds it
     uint8_t live
 
@@ -70,6 +70,9 @@ cdef class Epoll:
     cdef void list_remove(self, int32_t o) noexcept nogil
     cdef void tm_add(self, int32_t o, int64_t deadline) noexcept nogil
     cdef void tm_remove(self, int32_t o) noexcept nogil
+    cdef void tm_swap(self, int32_t a, int32_t b) noexcept nogil
+    cdef void tm_up(self, int32_t k) noexcept nogil
+    cdef void tm_down(self, int32_t k) noexcept nogil
     cdef void again_add(self, int fd) noexcept nogil
     cdef void start(self, int32_t o) noexcept nogil
     cdef int attempt(self, int32_t o, uint32_t events) noexcept nogil

@@ -531,8 +531,8 @@ cdef class Epoll:
         if self.cq_head == self.cq_n and self.nagain == 0:
             now = ep_now_ns()
             until = now + timeout_ns
-            for k in range(self.ntm):
-                until = min(until, self.ops[self.tm[k]].deadline)
+            if self.ntm > 0:
+                until = min(until, self.ops[self.tm[0]].deadline)   # the heap's top
             # Round up: waking before the deadline would spin until it.
             ms = <int>((until - now + 999999) // 1000000) if until > now else 0
         n = epoll_wait(self.epfd, evs, EP_EVENTS, ms)
@@ -615,14 +615,13 @@ cdef class Epoll:
         res = close(fd)
         self.complete(o, -errno if res < 0 else 0, 0)
 
+    # Every timer due by now, earliest first; one that completing an op
+    # adds, already due, fires in the same call.
     cdef void fire_timers(self, int64_t now) noexcept nogil:
-        cdef int32_t k = 0, o, w
-        while k < self.ntm:
-            o = self.tm[k]
-            if self.ops[o].deadline > now:
-                k += 1
-                continue
-            self.tm_remove(o)                    # moves the last timer to k
+        cdef int32_t o, w
+        while self.ntm > 0 and self.ops[self.tm[0]].deadline <= now:
+            o = self.tm[0]
+            self.tm_remove(o)
             if self.ops[o].sqe.opcode == IORING_OP_LINK_TIMEOUT:
                 # The guarded op is cancelled; the timeout itself says -ETIME.
                 w = self.ops[o].owner
@@ -780,20 +779,56 @@ cdef class Epoll:
             self.tm = grown
             self.tm_cap *= 2
         self.ops[o].deadline = deadline
-        self.ops[o].tm_idx = self.ntm
         self.ops[o].where = W_TIMER
         self.tm[self.ntm] = o
+        self.ops[o].tm_idx = self.ntm
         self.ntm += 1
+        self.tm_up(self.ntm - 1)
 
+    # The timers are a binary min-heap on deadline (tm[0] is the next one),
+    # each op knowing its place (tm_idx): add, remove and the next deadline
+    # are O(log n) or better. A plain array scanned on every wait was O(n)
+    # per wait with many connects pending.
     cdef void tm_remove(self, int32_t o) noexcept nogil:
         cdef int32_t k = self.ops[o].tm_idx
         if k < 0:
             return
         self.ntm -= 1
-        self.tm[k] = self.tm[self.ntm]
-        self.ops[self.tm[k]].tm_idx = k
         self.ops[o].tm_idx = -1
         self.ops[o].where = W_NONE
+        if k == self.ntm:
+            return
+        self.tm[k] = self.tm[self.ntm]
+        self.ops[self.tm[k]].tm_idx = k
+        if k > 0 and self.ops[self.tm[k]].deadline < self.ops[self.tm[(k - 1) // 2]].deadline:
+            self.tm_up(k)
+        else:
+            self.tm_down(k)
+
+    cdef void tm_swap(self, int32_t a, int32_t b) noexcept nogil:
+        cdef int32_t t = self.tm[a]
+        self.tm[a] = self.tm[b]
+        self.tm[b] = t
+        self.ops[self.tm[a]].tm_idx = a
+        self.ops[self.tm[b]].tm_idx = b
+
+    cdef void tm_up(self, int32_t k) noexcept nogil:
+        while k > 0 and self.ops[self.tm[k]].deadline < self.ops[self.tm[(k - 1) // 2]].deadline:
+            self.tm_swap(k, (k - 1) // 2)
+            k = (k - 1) // 2
+
+    cdef void tm_down(self, int32_t k) noexcept nogil:
+        cdef int32_t c
+        while True:
+            c = 2 * k + 1
+            if c >= self.ntm:
+                return
+            if c + 1 < self.ntm and self.ops[self.tm[c + 1]].deadline < self.ops[self.tm[c]].deadline:
+                c += 1
+            if self.ops[self.tm[c]].deadline >= self.ops[self.tm[k]].deadline:
+                return
+            self.tm_swap(k, c)
+            k = c
 
     cdef void again_add(self, int fd) noexcept nogil:
         cdef int32_t *grown
