@@ -31,6 +31,8 @@ test: $(CORE_SO)
 bench: $(CORE_SO) deps-bench
 	$(VPY) bench/throughput.py
 	$(VPY) bench/http_rate.py
+	$(VPY) bench/http_rate.py --close
+	$(VPY) bench/idle.py
 
 probe: $(CORE_SO)
 	$(VENV)/bin/uring-proxy --probe
