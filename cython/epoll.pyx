@@ -26,7 +26,7 @@
 # - POLL_ADD (single or multishot): readiness now (poll(2)) at arm, then
 #   one CQE per epoll edge -- never level-triggered, which would spin on a
 #   socket holding unconsumed peeked bytes (docs/kernel-notes.md, Peeking).
-# - SPLICE, SHUTDOWN, CLOSE: the syscall, at once (splices are always
+# - SPLICE, CLOSE: the syscall, at once (splices are always
 #   SPLICE_F_NONBLOCK here as there).
 # - ASYNC_CANCEL by user_data or by fd (CANCEL_ALL): ops still waiting end
 #   with -ECANCELED; a zero-copy notification cannot be cancelled.
@@ -201,10 +201,6 @@ cdef class Epoll:
                 self.zc_drain(fd)
                 return
             self.close_now(o, fd)
-            return
-        if opc == IORING_OP_SHUTDOWN:
-            res = shutdown(fd, <int>p.sqe.len)
-            self.complete(o, -errno if res < 0 else 0, 0)
             return
         if opc == IORING_OP_SPLICE:
             self.syscalls_io += 1
