@@ -391,6 +391,21 @@ class TcpServer:
         return self.errors
 
 
+def stop_selector_thread(server, what: str) -> None:
+    """Stop a server's selector thread (its _stop flag, a byte on its wake socket), then
+    close every socket it watched and the selector; a thread that would not stop is
+    recorded in server.errors."""
+    server._stop = True
+    server._wake_w.send(b"x")
+    server._thread.join(10)
+    if server._thread.is_alive():
+        server.errors.append(f"{what} thread did not stop")
+    for key in list(server._sel.get_map().values()):
+        key.fileobj.close()
+    server._sel.close()
+    server._wake_w.close()
+
+
 class EchoServer:
     """A single-threaded selector echo upstream for many connections.
 
@@ -491,15 +506,7 @@ class EchoServer:
                     self._drop(c)
 
     def close(self) -> list[str]:
-        self._stop = True
-        self._wake_w.send(b"x")
-        self._thread.join(10)
-        if self._thread.is_alive():
-            self.errors.append("echo server thread did not stop")
-        for key in list(self._sel.get_map().values()):
-            key.fileobj.close()
-        self._sel.close()
-        self._wake_w.close()
+        stop_selector_thread(self, "echo server")
         return self.errors
 
 

@@ -29,7 +29,7 @@ import time
 import pytest
 
 from netutil import (BULK, BgThread, Pattern, Verifier, connect, expect_closed,
-                     expect_reset, fmt_addr, reset_close)
+                     expect_reset, fmt_addr, reset_close, stop_selector_thread)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -251,17 +251,9 @@ class RoleUpstream:
             self.errors.append(f"upstream loop: {e!r}")
 
     def close(self) -> list[str]:
-        self._stop = True
-        self._wake_w.send(b"x")
-        self._thread.join(10)
-        if self._thread.is_alive():
-            self.errors.append("role upstream thread did not stop")
-        for key in list(self._sel.get_map().values()):
-            key.fileobj.close()
-        for c in self._held:
+        stop_selector_thread(self, "role upstream")
+        for c in self._held:      # pushers not yet registered with the selector
             c.sock.close()
-        self._sel.close()
-        self._wake_w.close()
         return self.errors
 
 
