@@ -412,6 +412,20 @@ class ProxyProcess:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def wait_cpu_quiet(self, timeout: float = 30.0, window: float = 0.5,
+                       quiet: float = 0.02) -> float:
+        """Wait until the proxy spends less than ``quiet`` s of CPU in a ``window``,
+        which is how a test knows work it caused (bytes it queued) is done before it
+        measures an idle state. Returns the CPU spent in the last window; a busy loop
+        never gets quiet and the caller's own measurement then fails."""
+        deadline = time.monotonic() + timeout
+        while True:
+            c0 = self.cpu_seconds()
+            time.sleep(window)
+            used = self.cpu_seconds() - c0
+            if used < quiet or time.monotonic() > deadline:
+                return used
+
     def wait_fd_count(self, target: int, timeout: float) -> int:
         """Poll until the fd count is ``target`` (fds may close just after the log line)."""
         deadline = time.monotonic() + timeout
