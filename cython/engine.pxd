@@ -1,4 +1,5 @@
-# The flow table and the per-flow state machine (see engine.pyx).
+# The flow table and the per-flow state machine (engine.pyx and the data
+# paths it includes: connect, copy, zerocopy, peek, splice, flow_end).
 
 # A flow is two sockets; side 0 is the client, side 1 the upstream.
 # Direction d carries bytes read from side d and written to side 1 - d.
@@ -51,33 +52,13 @@ cdef enum:
 cdef enum:
     MAX_UPSTREAMS = 8
 
-# A run of received bytes inside one pool buffer. Without incremental
-# buffers a segment is a whole buffer's fill; with them (6.12+) the kernel
-# packs consecutive recvs, of any flows, into one buffer, and each recv's
-# bytes are a segment of it. Send queues and zero-copy notifications work
-# on segments; a buffer goes home when the kernel is done filling it and
-# its last segment is delivered (see the buffer pool in engine.pyx).
-cdef struct Seg:
-    uint16_t bid
-    uint16_t notif          # zero-copy notifications still owed for its bytes
-    uint32_t off            # where its bytes start in the buffer
-    uint32_t len
-    int32_t next            # the send queue's next segment, the free list's next,
-                            # or SEG_SENT: sent, waiting for its notifications
-
 cdef struct Dir:
-    int32_t q_head          # segments queued for sending, FIFO through Seg.next
-    int32_t q_tail
+    SegQueue q              # segments queued for sending, and those sent zero-copy
+                            # that wait for notifications (parked: the kernel's socket
+                            # buffer holds our pages, so they count as held)
     uint32_t head_off       # bytes of the head segment already sent
     uint32_t flags          # DirFlag
-    uint32_t parked         # segments sent zero-copy, waiting for their notifications:
-                            # the kernel's socket buffer holds our pages, so they
-                            # count against the direction's quota like queued ones
-    uint32_t queued_bufs    # distinct buffers the queue's segments pin (the memory
-                            # bound counts these: a short read pins its buffer)
     uint64_t moved_bytes    # accepted by the sink's socket
-    int32_t wait_prev       # buffer-wait list links (slot * 2 + d), -1 = none
-    int32_t wait_next
     uint32_t send_len       # bytes the send in flight asked for
     uint16_t zc_notifs      # auto mode: notifications seen on this direction...
     uint16_t zc_copied      # ... and how many said the kernel copied
@@ -118,23 +99,11 @@ cdef struct Flow:
     sockaddr_storage peer
     socklen_t peer_len
 
-cdef struct CloseRec:
-    sockaddr_storage client
-    uint64_t c2u_bytes
-    uint64_t u2c_bytes
-    int64_t duration_ns
-    uint8_t cause
-    int32_t err
-    uint8_t up_idx
-    uint8_t failovers
-
 cdef struct Stats:
     uint64_t accepted
     uint64_t closed
     uint64_t rejected_full      # accepted while the table was full (closed at once)
     uint64_t accept_pauses      # EMFILE/ENFILE/ENOMEM pauses
-    int32_t accept_last_err
-    uint32_t accept_pause_ms    # the last pause's length
     uint64_t c2u_bytes
     uint64_t u2c_bytes
     uint64_t enobufs            # recvs that found the buffer pool empty
@@ -145,18 +114,13 @@ cdef struct Stats:
     uint64_t zc_copied          # ... of which the kernel reported it copied anyway
     uint64_t zc_registered_bufs  # buffers registered for SEND_ZC_FIXED (on first use)
     uint64_t zc_register_fails   # a registration refused: registered sends off
-    int32_t zc_register_last_err
     uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
     uint64_t zc_backoffs        # auto mode: directions that went back to copying sends
-    uint64_t bundles            # recv completions that filled more than one buffer
     uint64_t failovers          # upstreams given up on for the next --upstream
     uint64_t replayed_bytes     # peek: bytes sent again to the next upstream
     uint64_t peek_eagain        # peek: peeks that found nothing past the offset
     uint64_t consumed_bytes     # peek: bytes dropped from client sockets after delivery
     uint64_t splice_eagain      # splice: splices that found nothing to move
-    uint64_t ring_order_errors  # a buffer CQE not naming the ring's head entry, or our head
-                                # not the kernel's at the end (must stay 0)
-    uint64_t seg_grows          # the segment table was full and doubled
     uint64_t zc_close_waits     # flows whose fds closed with zero-copy notifications owed
     uint64_t zc_close_wait_ns   # ... and the time they then waited for them, summed
     uint64_t unknown_cqes       # CQEs whose user_data names no op of ours: dropped
@@ -165,16 +129,13 @@ cdef struct Stats:
     uint64_t timeouts           # flows ended by an idle or fin timeout
     uint64_t tw_visits          # wheel entries looked at (expired or moved on)
     uint64_t paused_errors      # errors seen by a side's error watch (or peek's poll)
-    uint64_t pool_grows         # buffers added to the ring beyond --buffers (batches)
     uint64_t cqes
     uint64_t batches
     uint64_t cq_overflows       # turns that found completions in the kernel's overflow list
-    uint64_t log_dropped
 
+@cython.final
 cdef class Engine:
-    cdef Ring ring                 # the driver: io_uring ...
-    cdef Epoll ep                  # ... or epoll (then use_ep)
-    cdef bint use_ep
+    cdef Driver drv                # io_uring or epoll: the engine never asks which
     cdef Flow *flows
     cdef size_t flows_bytes
     cdef uint32_t max_conns
@@ -182,37 +143,8 @@ cdef class Engine:
     cdef uint32_t slots_used       # slots ever handed out (the rest are untouched)
     cdef uint32_t nactive
 
-    # provided-buffer pool: one group shared by every flow. The memory is
-    # reserved for max_bufs buffers but only `published` of them were ever
-    # handed to the ring (pages are touched when the kernel first fills one);
-    # the pool grows towards max_bufs when free buffers run short.
-    cdef io_uring_buf_ring *br
-    cdef char *buf_mem
-    cdef size_t pool_bytes
-    cdef uint32_t max_bufs     # the cap: --max-buffers
-    cdef uint32_t published    # bids 0 .. published - 1 exist
-    cdef uint32_t ring_mask    # ring entries - 1 (entries: a power of two >= max_bufs)
-    cdef uint32_t buf_size
-    cdef uint32_t buf_reserve  # free buffers the ring keeps before it grows
-    cdef uint32_t readahead_budget  # buffers all flows may hold beyond their first
-    cdef uint32_t dirs_holding # directions whose queue holds at least one buffer
-    cdef uint32_t *buf_fill    # bytes the kernel wrote into each buffer since it was given
-    cdef uint32_t *buf_refs    # segments alive in each buffer (queued, or owed notifications)
-    cdef uint8_t *buf_kern     # 1 while the buffer is in the ring: the kernel may fill it
-    cdef uint16_t *ring_bid    # shadow of the buffer ring: the bid at each entry
-    cdef bint inc              # incremental consumption (IOU_PBUF_RING_INC, 6.12+)
-    cdef Seg *segs
-    cdef uint32_t nsegs
-    cdef int32_t seg_free
-    cdef uint32_t segs_live
-    cdef uint32_t ring_tail    # entries published (mirrors the shared tail)
-    cdef uint32_t ring_head    # entries the kernel has handed us, in CQE order
-    cdef bint bundle           # recv bundles (6.10+)
-    cdef int br_pending        # buffers returned since the last ring advance
-    cdef uint32_t bufs_held    # buffers delivered to flows, not yet returned
-    cdef int32_t wait_head     # flows (slot * 2 + d) waiting for buffers
-    cdef int32_t wait_tail
-    cdef uint32_t wait_n
+    cdef BufferPool pool           # the buffers every flow receives into (bufpool.pyx)
+    cdef bint bundle               # recv bundles (6.10+)
 
     # data path variants (--mode)
     cdef bint splice           # splice: socket -> pipe -> socket, no user-space buffers
@@ -244,11 +176,10 @@ cdef class Engine:
     cdef uint8_t n_up
     cdef __kernel_timespec connect_ts
     cdef __kernel_timespec pause_ts
-    cdef uint32_t max_queued_bufs  # --max-inflight in whole buffers
     cdef bint ms_accept
     cdef bint zc               # --mode zerocopy, while the kernel takes it
     cdef bint zc_fixed         # ... from the registered pool (SEND_ZC_FIXED)
-    cdef uint8_t *buf_reg       # per buffer id: 1 once registered (buf_fixed)
+    cdef uint8_t *buf_reg      # per buffer id: 1 once registered (buf_fixed)
     cdef readonly int zc_register_err
     cdef uint32_t zc_threshold
     cdef bint zc_backoff       # auto mode: stop zero-copy on a socket the kernel copies for
@@ -263,73 +194,16 @@ cdef class Engine:
     cdef TimerWheel tw         # open flows' deadlines, by slot (timers.pyx)
     cdef int64_t batch_ns      # now, read once per batch
 
-    cdef CloseRec *log
-    cdef uint32_t log_n
-    cdef uint32_t log_cap
-    cdef int64_t log_first_ns     # batch_ns when the oldest waiting record was written
+    cdef EventLog events          # what Python is told, drained between batches (events.pyx)
     cdef Stats st
 
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil
-    cdef void on_accept(self, int res, uint32_t cflags) noexcept nogil
-    cdef void accept_step(self) noexcept nogil
     cdef void wake_arm(self) noexcept nogil
-    cdef bint slot_available(self) noexcept nogil
-    cdef uint32_t slot_take(self) noexcept nogil
-    cdef void flow_open(self, int cfd) noexcept nogil
-    cdef bint flow_connect(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void fdw_retry(self) noexcept nogil
-    cdef void accept_pause(self, int err, uint32_t pause_ms) noexcept nogil
-    cdef void on_connect(self, Flow *f, int res) noexcept nogil
-    cdef void on_recv(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
-    cdef void on_send(self, Flow *f, int d, int res) noexcept nogil
-    cdef void on_send_zc(self, Flow *f, int d, int res, uint32_t cflags, uint32_t si) noexcept nogil
-    cdef void seg_sent(self, Flow *f, int d, int32_t si) noexcept nogil
-    cdef void zc_judge(self, Dir *D, bint copied) noexcept nogil
-    cdef void shut_wr(self, Flow *f, int d) noexcept nogil
-    cdef void on_poll(self, Flow *f, int d, int res, uint32_t cflags) noexcept nogil
-    cdef void on_consume(self, Flow *f, int d, int res) noexcept nogil
-    cdef void watch_step(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void keepalive(self, int fd) noexcept nogil
-    cdef void tw_half_closed(self, Flow *f) noexcept nogil
-    cdef void cancel_op(self, uint32_t slot, Flow *f, int op, int d, int fd, int32_t si) noexcept nogil
-    cdef void cancel_fallback(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef int64_t flow_deadline(self, Flow *f, uint8_t *cause) noexcept nogil
-    cdef void tw_expire(self, int64_t now) noexcept nogil
-    cdef void on_errwatch(self, Flow *f, int side, int res, uint32_t cflags) noexcept nogil
-    cdef void side_error(self, Flow *f, int side, int res) noexcept nogil
-    cdef void on_splice_in(self, Flow *f, int d, int res) noexcept nogil
-    cdef void on_splice_out(self, Flow *f, int d, int res) noexcept nogil
-    cdef void delivered(self, Flow *f, int d, int32_t si) noexcept nogil
-    cdef bint can_redial(self, Flow *f, uint8_t cause) noexcept nogil
-    cdef void redial(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void flow_dial(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void flow_drop_queues(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void flow_fail(self, Flow *f, uint8_t cause, int err, uint8_t reset_mask) noexcept nogil
-    cdef void side_failed(self, Flow *f, int side, int res) noexcept nogil
     cdef void flow_step(self, uint32_t slot) noexcept nogil
     cdef void dir_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
-    cdef void send_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
-    cdef void recv_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
-    cdef void peek_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
-    cdef void splice_step(self, uint32_t slot, Flow *f, int d) noexcept nogil
-    cdef void flow_close_fds(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void flow_release(self, uint32_t slot, Flow *f) noexcept nogil
-    cdef void buf_return(self, uint32_t bid) noexcept nogil
-    cdef void ring_add(self, uint32_t bid) noexcept nogil
-    cdef void pool_grow(self, uint32_t n) noexcept nogil
-    cdef int ring_take(self, Dir *D, uint32_t bid, int res, uint32_t cflags) noexcept nogil
-    cdef bint seg_push(self, Dir *D, uint32_t bid, uint32_t off, uint32_t n) noexcept nogil
-    cdef int32_t seg_pop(self, Dir *D) noexcept nogil
-    cdef void seg_free_one(self, int32_t si) noexcept nogil
-    cdef void bufs_flush(self) noexcept nogil
-    cdef bint buf_fixed(self, uint32_t bid) noexcept nogil
-    cdef uint32_t recv_quota(self, Dir *D) noexcept nogil
-    cdef void dir_hold(self, Dir *D, int dq, int dp) noexcept nogil
-    cdef void wait_push(self, uint32_t slot, int d) noexcept nogil
-    cdef void wait_remove(self, uint32_t slot, int d) noexcept nogil
     cdef io_uring_sqe *flow_sqe(self, uint32_t slot, Flow *f, int op, int d) noexcept nogil
     cdef io_uring_sqe *sqe(self) noexcept nogil
     cdef void reserve(self, unsigned n) noexcept nogil
     cdef void close_fd(self, int fd) noexcept nogil
-    cdef int run_epoll(self, int64_t left) noexcept nogil
+    cdef void bufs_flush(self) noexcept nogil
     cdef int run_c(self, int64_t timeout_ns) noexcept nogil

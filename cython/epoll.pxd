@@ -12,6 +12,9 @@ cdef extern from "epoll_compat.h" nogil:
     int uc_closes_with_reset(int fd)
     int uc_disconnect(int fd)
 
+cdef enum:
+    EP_HARVEST = 256        # completions one peek_batch hands out
+
 # One submitted SQE, from submit until its final CQE.
 cdef struct EOp:
     io_uring_sqe sqe        # as the engine prepared it
@@ -35,12 +38,13 @@ cdef struct EFd:
     uint8_t again           # on the again list (more to do without a new event)
     int32_t close_op        # 1 + a CLOSE waiting for this fd's zero-copy completions, or 0
 
-cdef class Epoll:
+cdef class Epoll(Driver):
     cdef readonly int epfd
     cdef io_uring_sqe *sq          # SQEs prepared since the last submit
     cdef uint32_t sq_n, sq_cap
     cdef io_uring_cqe *cq          # completions not yet handled
     cdef uint32_t cq_n, cq_head, cq_cap
+    cdef io_uring_cqe harvest[EP_HARVEST]   # peek_batch's copies: posting may move cq
     cdef EOp *ops
     cdef int32_t ops_cap, op_free
     cdef EFd *fds
@@ -58,6 +62,16 @@ cdef class Epoll:
 
     cdef io_uring_sqe *sqe(self) noexcept nogil
     cdef void reserve(self, unsigned n) noexcept nogil
+    cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil
+    cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil
+    cdef void advance(self, unsigned n) noexcept nogil
+    cdef bint cq_overflowed(self) noexcept nogil
+    cdef io_uring_buf_ring *buf_ring_setup(self, unsigned entries, bint incremental,
+                                           int *err) noexcept nogil
+    cdef void buf_ring_free(self, io_uring_buf_ring *br, unsigned entries) noexcept nogil
+    cdef int buf_ring_head(self, unsigned *head) noexcept nogil
+    cdef int buffers_sparse(self, unsigned n) noexcept nogil
+    cdef int buffer_update(self, unsigned idx, void *addr, size_t len) noexcept nogil
     cdef void submit(self) noexcept nogil
     cdef int wait(self, int64_t timeout_ns) noexcept nogil
     cdef void forget(self, int fd) noexcept nogil
@@ -74,12 +88,6 @@ cdef class Epoll:
     cdef void tm_up(self, int32_t k) noexcept nogil
     cdef void tm_down(self, int32_t k) noexcept nogil
     cdef void again_add(self, int fd) noexcept nogil
-    cdef void start(self, int32_t o) noexcept nogil
-    cdef int attempt(self, int32_t o, uint32_t events) noexcept nogil
-    cdef int recv_bundle(self, int32_t o) noexcept nogil
     cdef void complete(self, int32_t o, int res, uint32_t flags) noexcept nogil
     cdef void wake(self, int fd, int w, uint32_t events) noexcept nogil
-    cdef int zc_drain(self, int fd) noexcept nogil
-    cdef void close_now(self, int32_t o, int fd) noexcept nogil
-    cdef int cancel(self, int32_t o) noexcept nogil
     cdef void fire_timers(self, int64_t now) noexcept nogil

@@ -8,30 +8,12 @@
 # io_uring would have made, posting the CQE io_uring would have posted:
 # same res, same flags (F_MORE, F_BUFFER, F_NOTIF), same ordering rules. A
 # behaviour difference between the backends is therefore a bug in this
-# file's reading of one operation, and the test suite runs every behaviour
-# against both to find it.
+# driver's reading of one operation, and the test suite runs every
+# behaviour against both to find it.
 #
-# The operations, as io_uring defines them and as done here:
-# - ACCEPT (multishot): accept4() until EAGAIN, one CQE with F_MORE each.
-# - RECV with a provided buffer (multishot or not): the buffer the kernel
-#   would pick (the ring's head entry, uc_br_peek), recv() into it, the
-#   head moves past it only when bytes landed; an empty ring ends the recv
-#   with -ENOBUFS. EOF and errors end it without a buffer.
-# - SEND / SENDMSG: send()/sendmsg(); a short count is the result.
-# - SEND_ZC: send(MSG_ZEROCOPY) on a socket with SO_ZEROCOPY; the first CQE
-#   carries F_MORE, the notification (F_NOTIF, with the usage report) comes
-#   when the socket's error queue says the kernel let go of that send
-#   (docs/kernel-notes.md, Zero-copy sends): the same lifetime rule the engine already obeys.
-# - CONNECT + LINK_TIMEOUT, TIMEOUT: connect() then EPOLLOUT; timers here.
-# - POLL_ADD (single or multishot): readiness now (poll(2)) at arm, then
-#   one CQE per epoll edge -- never level-triggered, which would spin on a
-#   socket holding unconsumed peeked bytes (docs/kernel-notes.md, Peeking).
-# - SPLICE, CLOSE: the syscall, at once (splices are always
-#   SPLICE_F_NONBLOCK here as there).
-# - ASYNC_CANCEL by user_data or by fd (CANCEL_ALL): ops still waiting end
-#   with -ECANCELED; a zero-copy notification cannot be cancelled.
-# - IOSQE_IO_LINK: the next op starts when this one succeeds, or ends with
-#   -ECANCELED when it fails.
+# How each operation is carried out is in epoll_ops.pxi; this file holds
+# the driver contract, the submission side, the wait, and the per-fd
+# lists, timer heap and again list the operations wait on.
 #
 # Every socket the driver waits on is in the epoll set once, edge-triggered
 # for in and out, until it is closed. An op that would block waits on its
@@ -64,7 +46,7 @@ cdef inline int64_t ts_ns(uint64_t addr) noexcept nogil:
     return t.tv_sec * 1000000000 + t.tv_nsec
 
 
-cdef class Epoll:
+cdef class Epoll(Driver):
     def __cinit__(self):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
@@ -95,6 +77,7 @@ cdef class Epoll:
     def __dealloc__(self):
         if self.epfd >= 0:
             close(self.epfd)
+        free(self.br)
         free(self.sq)
         free(self.pend)
         free(self.cq)
@@ -140,6 +123,66 @@ cdef class Epoll:
         if self.sq_cap - self.sq_n < n:
             self.submit()
 
+    # Submit, wait (not at all if completions are waiting), post the CQEs
+    # io_uring would have posted.
+    cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil:
+        cdef int ret = self.wait(timeout_ns)
+        if self.oom:
+            return -ENOMEM
+        return ret
+
+    # Copies: handling a completion may post more, and the array may move.
+    cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil:
+        cdef unsigned k = 0
+        n = min(n, <unsigned>EP_HARVEST)
+        while k < n and self.cq_head < self.cq_n:
+            self.harvest[k] = self.cq[self.cq_head]
+            cqes[k] = &self.harvest[k]
+            self.cq_head += 1
+            k += 1
+        if self.cq_head == self.cq_n:
+            self.cq_head = 0
+            self.cq_n = 0
+        return k
+
+    cdef void advance(self, unsigned n) noexcept nogil:
+        pass                # peek_batch already took them off the array
+
+    cdef bint cq_overflowed(self) noexcept nogil:
+        return False        # the array grows instead
+
+    # The same ring layout in our own memory; we play the kernel's side of
+    # it (uc_br_peek). There is no incremental consumption here.
+    cdef io_uring_buf_ring *buf_ring_setup(self, unsigned entries, bint incremental,
+                                           int *err) noexcept nogil:
+        cdef io_uring_buf_ring *br = NULL
+        if incremental or self.br != NULL:
+            err[0] = -EINVAL
+            return NULL
+        if posix_memalign(<void **>&br, 4096, <size_t>entries * sizeof(io_uring_buf)) != 0:
+            err[0] = -ENOMEM
+            return NULL
+        io_uring_buf_ring_init(br)
+        self.br = br
+        self.br_mask = entries - 1
+        return br
+
+    cdef void buf_ring_free(self, io_uring_buf_ring *br, unsigned entries) noexcept nogil:
+        if br != NULL and br == self.br:
+            free(self.br)
+            self.br = NULL
+
+    cdef int buf_ring_head(self, unsigned *head) noexcept nogil:
+        head[0] = self.br_head
+        return 0
+
+    # MSG_ZEROCOPY sends from any address: there is no table to register.
+    cdef int buffers_sparse(self, unsigned n) noexcept nogil:
+        return -EOPNOTSUPP
+
+    cdef int buffer_update(self, unsigned idx, void *addr, size_t len) noexcept nogil:
+        return -EOPNOTSUPP
+
     # Turn every prepared SQE into an op, wire the links, then start each
     # chain's head in submission order (as io_uring issues them).
     cdef void submit(self) noexcept nogil:
@@ -166,270 +209,7 @@ cdef class Epoll:
                 nh += 1
             prev = o if self.sq[i].flags & IOSQE_IO_LINK else -1
         for i in range(nh):
-            self.start(self.pend[i])
-
-    # Begin an op: the ones that cannot block complete at once; the others
-    # try their syscall and wait for an edge if it would block.
-    cdef void start(self, int32_t o) noexcept nogil:
-        cdef EOp *p = &self.ops[o]
-        cdef uint8_t opc = p.sqe.opcode
-        cdef int fd = p.sqe.fd
-        cdef int res, w
-        cdef uint32_t mask
-        cdef pollfd pfd
-        cdef int64_t now = ep_now_ns()
-        p.where = W_NONE
-        if p.ltimeout >= 0:
-            self.tm_add(p.ltimeout, now + ts_ns(uc_sqe_addr(&self.ops[p.ltimeout].sqe)))
-        if opc == IORING_OP_TIMEOUT:
-            self.tm_add(o, now + ts_ns(uc_sqe_addr(&p.sqe)))
-            return
-        if opc == IORING_OP_ASYNC_CANCEL:
-            self.complete(o, self.cancel(o), 0)
-            return
-        if opc == IORING_OP_CLOSE:
-            if 0 <= fd < self.fds_cap and self.fds[fd].head[W_ZC - 1] >= 0:
-                # MSG_ZEROCOPY sends still own pages, and their completions
-                # come only on this socket's error queue: closing it would
-                # lose them (io_uring's notifications outlive the fd; ours
-                # cannot). A reset is done now with the fd kept (the peer is
-                # released and the queued skbs go, so the completions come);
-                # the close itself waits for the last of them (zc_drain).
-                if uc_closes_with_reset(fd):
-                    uc_disconnect(fd)
-                self.fds[fd].close_op = o + 1
-                self.zc_drain(fd)
-                return
-            self.close_now(o, fd)
-            return
-        if opc == IORING_OP_SPLICE:
-            self.syscalls_io += 1
-            res = <int>splice(uc_sqe_splice_fd_in(&p.sqe), NULL, fd, NULL, p.sqe.len,
-                              uc_sqe_opflags(&p.sqe) | SPLICE_F_NONBLOCK)
-            self.complete(o, -errno if res < 0 else res, 0)
-            return
-        if opc == IORING_OP_POLL_ADD:
-            # io_uring checks readiness once at arm (vfs_poll), then waits
-            # for wakeups; poll(2) is that first check.
-            mask = uc_sqe_opflags(&p.sqe)
-            pfd.fd = fd
-            pfd.events = <short>mask
-            pfd.revents = 0
-            poll(&pfd, 1, 0)
-            if pfd.revents:
-                if not (p.sqe.len & IORING_POLL_ADD_MULTI):
-                    self.complete(o, pfd.revents, 0)
-                    return
-                self.post(p.sqe.user_data, pfd.revents, IORING_CQE_F_MORE)
-        res = self.watch(fd)
-        if res < 0:
-            self.complete(o, res, 0)
-            return
-        if opc == IORING_OP_CONNECT:
-            res = connect(fd, <sockaddr *>uc_sqe_addr(&p.sqe), <socklen_t>uc_sqe_off(&p.sqe))
-            if res == 0 or errno != EINPROGRESS:
-                self.complete(o, -errno if res < 0 else 0, 0)
-                return
-        if opc == IORING_OP_POLL_ADD:
-            w = W_IN if uc_sqe_opflags(&p.sqe) & POLLIN else W_OUT
-        elif opc == IORING_OP_CONNECT:
-            w = W_OUT
-        else:
-            w = self.attempt(o, 0)
-            if w == W_AGAIN:
-                self.again_add(fd)
-                w = W_IN
-        if w != W_NONE:
-            self.list_add(fd, w, o)
-
-    # One turn of a waiting op, after an edge on its fd (events) or at
-    # start (0). Returns W_NONE when the op has ended (its final CQE is
-    # posted), else the list it waits on (W_AGAIN: more to do at once).
-    cdef int attempt(self, int32_t o, uint32_t events) noexcept nogil:
-        cdef EOp *p = &self.ops[o]
-        cdef uint8_t opc = p.sqe.opcode
-        cdef int fd = p.sqe.fd
-        cdef uint32_t fl = uc_sqe_opflags(&p.sqe)
-        cdef bint multi
-        cdef int n, turn, err = 0, copied
-        cdef socklen_t elen = sizeof(int)
-        cdef sockaddr_storage ss
-        cdef socklen_t sl = sizeof(sockaddr_storage)
-        cdef void *addr
-        cdef uint32_t blen, revents
-        cdef uint16_t bid
-        cdef char probe
-        cdef EFd *e
-        if opc == IORING_OP_RECV:
-            multi = (p.sqe.ioprio & IORING_RECV_MULTISHOT) != 0
-            if (p.sqe.flags & IOSQE_BUFFER_SELECT and p.sqe.ioprio & IORING_RECVSEND_BUNDLE
-                    and not multi and not (fl & MSG_DONTWAIT)):
-                return self.recv_bundle(o)
-            for turn in range(TURN_CAP):
-                addr = <void *>uc_sqe_addr(&p.sqe)
-                blen = p.sqe.len
-                if p.sqe.flags & IOSQE_BUFFER_SELECT:
-                    if not uc_br_peek(self.br, self.br_head, self.br_mask, &addr, &blen, &bid):
-                        # No buffer. Only a socket with something to read ends
-                        # its recv for that (-ENOBUFS, and the engine parks the
-                        # direction until buffers come back); an idle one keeps
-                        # waiting, or parked directions that have data would
-                        # wait behind ones that have none.
-                        # (Not for a caller's own MSG_DONTWAIT recv: that may be
-                        # a peek at SO_PEEK_OFF, which any peek would move.)
-                        if not (fl & MSG_DONTWAIT):
-                            n = <int>recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
-                            if n < 0 and errno == EAGAIN:
-                                return W_IN
-                        self.complete(o, -ENOBUFS, 0)
-                        return W_NONE
-                    if p.sqe.len and p.sqe.len < blen:
-                        blen = p.sqe.len          # the recv's own cap, as io_uring honours it
-                self.syscalls_io += 1
-                n = <int>recv(fd, addr, blen, <int>(fl | MSG_DONTWAIT))
-                if n < 0 and errno == EAGAIN:
-                    if fl & MSG_DONTWAIT:          # the caller asked not to wait
-                        self.complete(o, -EAGAIN, 0)
-                        return W_NONE
-                    return W_IN
-                if n <= 0:
-                    self.complete(o, -errno if n < 0 else 0, 0)
-                    return W_NONE
-                if p.sqe.flags & IOSQE_BUFFER_SELECT:
-                    # The head moves past a buffer only once bytes are in it.
-                    self.br_head += 1
-                    if not multi:
-                        self.complete(o, n, IORING_CQE_F_BUFFER | (<uint32_t>bid << IORING_CQE_BUFFER_SHIFT))
-                        return W_NONE
-                    self.post(p.sqe.user_data, n, IORING_CQE_F_MORE | IORING_CQE_F_BUFFER
-                              | (<uint32_t>bid << IORING_CQE_BUFFER_SHIFT))
-                else:
-                    self.complete(o, n, 0)
-                    return W_NONE
-                # Read on until EAGAIN, even after a short read: a FIN that
-                # came with the data makes no new edge, and the read that
-                # returns 0 for it is the only way to learn of it.
-            return W_AGAIN
-        if opc == IORING_OP_SEND or opc == IORING_OP_SENDMSG or opc == IORING_OP_SEND_ZC:
-            if opc == IORING_OP_SEND_ZC:
-                e = self.fd_get(fd)
-                if e.zc == 0:
-                    n = 1
-                    e.zc = 1 if setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &n, sizeof(n)) == 0 else 2
-                if e.zc == 2:
-                    self.complete(o, -EOPNOTSUPP, 0)
-                    return W_NONE
-            self.syscalls_io += 1
-            if opc == IORING_OP_SENDMSG:
-                n = <int>sendmsg(fd, <msghdr *>uc_sqe_addr(&p.sqe), <int>(fl | MSG_DONTWAIT))
-            elif opc == IORING_OP_SEND_ZC:
-                n = <int>send(fd, <void *>uc_sqe_addr(&p.sqe), p.sqe.len,
-                              <int>(fl | MSG_DONTWAIT | MSG_ZEROCOPY))
-                if n < 0 and errno == ENOBUFS:
-                    # Over the socket's optmem for pinned pages: the kernel
-                    # would not pin these, so copy them, and say so.
-                    n = <int>send(fd, <void *>uc_sqe_addr(&p.sqe), p.sqe.len, <int>(fl | MSG_DONTWAIT))
-                    if n >= 0:
-                        self.post(p.sqe.user_data, n, IORING_CQE_F_MORE)
-                        self.complete(o, <int>IORING_NOTIF_USAGE_ZC_COPIED, IORING_CQE_F_NOTIF)
-                        return W_NONE
-                elif n >= 0:
-                    # Numbered like the kernel numbers this socket's
-                    # MSG_ZEROCOPY sends: one per call that sent bytes.
-                    e = self.fd_get(fd)
-                    p.zc_id = e.zc_next
-                    e.zc_next += 1
-                    self.post(p.sqe.user_data, n, IORING_CQE_F_MORE)
-                    return W_ZC
-            else:
-                n = <int>send(fd, <void *>uc_sqe_addr(&p.sqe), p.sqe.len, <int>(fl | MSG_DONTWAIT))
-            if n < 0 and errno == EAGAIN:
-                return W_OUT
-            self.complete(o, -errno if n < 0 else n, 0)
-            return W_NONE
-        if opc == IORING_OP_ACCEPT:
-            multi = (p.sqe.ioprio & IORING_ACCEPT_MULTISHOT) != 0
-            for turn in range(TURN_CAP):
-                n = accept4(fd, NULL, NULL, <int>(fl | SOCK_NONBLOCK))
-                if n < 0 and (errno == EAGAIN or errno == ECONNABORTED):
-                    if errno == EAGAIN:
-                        return W_IN
-                    continue
-                if n < 0 or not multi:
-                    self.complete(o, -errno if n < 0 else n, 0)
-                    return W_NONE
-                self.post(p.sqe.user_data, n, IORING_CQE_F_MORE)
-            return W_AGAIN
-        if opc == IORING_OP_CONNECT:
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen)
-            if err != 0:
-                self.complete(o, -err, 0)
-                return W_NONE
-            if getpeername(fd, <sockaddr *>&ss, &sl) == 0:
-                self.complete(o, 0, 0)
-                return W_NONE
-            return W_OUT                        # still connecting: a spurious edge
-        if opc == IORING_OP_POLL_ADD:
-            # One CQE per edge whose events the poll asked for (error and
-            # hang-up always count, as in io_uring).
-            revents = events & (fl | POLLERR | POLLHUP)     # EPOLL* == POLL* on Linux
-            if revents == 0:
-                return W_IN if fl & POLLIN else W_OUT
-            if p.sqe.len & IORING_POLL_ADD_MULTI:
-                self.post(p.sqe.user_data, <int>revents, IORING_CQE_F_MORE)
-                return W_IN if fl & POLLIN else W_OUT
-            self.complete(o, <int>revents, 0)
-            return W_NONE
-        self.complete(o, -EINVAL, 0)            # an op this driver does not carry out
-        return W_NONE
-
-    # A recv bundle as the kernel does it (6.10+): one recvmsg into the ring's
-    # entries from the head, up to the SQE's length, and one CQE naming the
-    # first buffer; the head moves past every buffer the bytes touched. The
-    # engine takes them in ring order, as it does the kernel's bundles.
-    cdef int recv_bundle(self, int32_t o) noexcept nogil:
-        cdef EOp *p = &self.ops[o]
-        cdef iovec iov[BUNDLE_IOV]
-        cdef msghdr msg
-        cdef void *addr
-        cdef uint32_t blen, cap = p.sqe.len if p.sqe.len else 0xFFFFFFFF
-        cdef uint16_t bid, first = 0
-        cdef int k = 0, n, got, used
-        cdef char probe
-        while k < BUNDLE_IOV and cap > 0 and uc_br_peek(self.br, <uint16_t>(self.br_head + k),
-                                                         self.br_mask, &addr, &blen, &bid):
-            if k == 0:
-                first = bid
-            iov[k].iov_base = addr
-            iov[k].iov_len = min(blen, cap)
-            cap -= <uint32_t>iov[k].iov_len
-            k += 1
-        if k == 0:
-            # No buffer: as for a plain recv, only a socket with bytes waiting
-            # ends its recv for that; an idle one keeps waiting.
-            n = <int>recv(p.sqe.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
-            if n < 0 and errno == EAGAIN:
-                return W_IN
-            self.complete(o, -ENOBUFS, 0)
-            return W_NONE
-        memset(&msg, 0, sizeof(msg))
-        msg.msg_iov = iov
-        msg.msg_iovlen = k
-        self.syscalls_io += 1
-        n = <int>recvmsg(p.sqe.fd, &msg, <int>(uc_sqe_opflags(&p.sqe) | MSG_DONTWAIT))
-        if n < 0 and errno == EAGAIN:
-            return W_IN
-        if n <= 0:
-            self.complete(o, -errno if n < 0 else 0, 0)
-            return W_NONE
-        got = n
-        used = 0
-        while n > 0 and used < k:
-            n -= <int>min(<size_t>n, iov[used].iov_len)
-            used += 1
-        self.br_head += <uint16_t>used
-        self.complete(o, got, IORING_CQE_F_BUFFER | (<uint32_t>first << IORING_CQE_BUFFER_SHIFT))
-        return W_NONE
+            ep_start(self, self.pend[i])
 
     # Post an op's CQE. Without F_MORE it is the op's last: its linked
     # timeout is disarmed, the op linked behind it starts (or, if this one
@@ -448,68 +228,13 @@ cdef class Epoll:
         self.op_free_one(o)
         if nx >= 0:
             if res >= 0:
-                self.start(nx)
+                ep_start(self, nx)
             else:
                 while nx >= 0:
                     after = self.ops[nx].link
                     self.ops[nx].link = -1
                     self.complete(nx, -ECANCELED, 0)
                     nx = after
-
-    # ASYNC_CANCEL: by user_data (the first match), or every op waiting on
-    # an fd (IORING_ASYNC_CANCEL_FD | _ALL). A sent zero-copy send waiting
-    # for its notification is not cancellable (nor is it in io_uring).
-    cdef int cancel(self, int32_t o) noexcept nogil:
-        cdef io_uring_sqe *s = &self.ops[o].sqe
-        cdef uint32_t fl = uc_sqe_opflags(s)
-        cdef uint64_t target = uc_sqe_addr(s)
-        cdef int32_t i, x, nxt
-        cdef int w, n = 0
-        cdef EFd *e
-        if fl & IORING_ASYNC_CANCEL_FD:
-            e = self.fd_get(s.fd)
-            if e == NULL:
-                return -ENOENT
-            for w in range(W_IN, W_OUT + 1):
-                x = self.fds[s.fd].head[w - 1]
-                while x >= 0:
-                    nxt = self.ops[x].next
-                    self.list_remove(x)
-                    self.complete(x, -ECANCELED, 0)
-                    n += 1
-                    if not (fl & IORING_ASYNC_CANCEL_ALL):
-                        return 0
-                    x = nxt
-            return n if n > 0 else -ENOENT
-        if s.fd >= 0:
-            # The engine names the fd the target works on (io_uring ignores
-            # it here): look only at that fd's waiting operations, not at
-            # every op (a linear scan per cancel made a storm of failing
-            # flows quadratic).
-            if s.fd >= self.fds_cap:
-                return -ENOENT
-            for w in range(W_IN, W_OUT + 1):
-                x = self.fds[s.fd].head[w - 1]
-                while x >= 0:
-                    nxt = self.ops[x].next
-                    if self.ops[x].sqe.user_data == target and self.ops[x].sqe.opcode != IORING_OP_LINK_TIMEOUT:
-                        self.list_remove(x)
-                        self.complete(x, -ECANCELED, 0)
-                        return 0
-                    x = nxt
-            return -ENOENT
-        for i in range(self.ops_cap):
-            if (self.ops[i].live and i != o and self.ops[i].sqe.user_data == target
-                    and (self.ops[i].where == W_IN or self.ops[i].where == W_OUT
-                         or self.ops[i].where == W_TIMER)
-                    and self.ops[i].sqe.opcode != IORING_OP_LINK_TIMEOUT):
-                if self.ops[i].where == W_TIMER:
-                    self.tm_remove(i)
-                else:
-                    self.list_remove(i)
-                self.complete(i, -ECANCELED, 0)
-                return 0
-        return -ENOENT
 
     # --- waiting -------------------------------------------------------------
 
@@ -552,7 +277,7 @@ cdef class Epoll:
             if ev & EPOLLERR and self.fds[fd].head[W_ZC - 1] >= 0:
                 # Zero-copy completions arrive on the error queue. An edge
                 # that brought only those is not news for readers or writers.
-                if self.zc_drain(fd) > 0 and not (ev & ~EPOLLERR):
+                if ep_zc_drain(self, fd) > 0 and not (ev & ~EPOLLERR):
                     continue
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.wake(fd, W_IN, ev)
@@ -574,42 +299,13 @@ cdef class Epoll:
             nxt = self.ops[x].next
             self.ops[x].where = W_NONE
             self.ops[x].next = -1
-            r = self.attempt(x, events)
+            r = ep_attempt(self, x, events)
             if r == W_AGAIN:
                 self.again_add(fd)
                 r = W_IN
             if r != W_NONE:
                 self.list_add(fd, r, x)
             x = nxt
-
-    # Read fd's error queue: each MSG_ZEROCOPY completion names a range of
-    # sends; their ops post the notification CQE and end.
-    cdef int zc_drain(self, int fd) noexcept nogil:
-        cdef uint32_t lo, hi
-        cdef int copied, found = 0
-        cdef int32_t x, nxt
-        while uc_zc_completion(fd, &lo, &hi, &copied) > 0:
-            x = self.fds[fd].head[W_ZC - 1]
-            while x >= 0:
-                nxt = self.ops[x].next
-                if self.ops[x].zc_id - lo <= hi - lo:       # in [lo, hi], modulo 2**32
-                    self.list_remove(x)
-                    self.complete(x, <int>IORING_NOTIF_USAGE_ZC_COPIED
-                                  if copied and self.ops[x].sqe.ioprio & IORING_SEND_ZC_REPORT_USAGE else 0,
-                                  IORING_CQE_F_NOTIF)
-                    found += 1
-                x = nxt
-        if self.fds[fd].close_op and self.fds[fd].head[W_ZC - 1] < 0:
-            x = self.fds[fd].close_op - 1
-            self.fds[fd].close_op = 0
-            self.close_now(x, fd)
-        return found
-
-    cdef void close_now(self, int32_t o, int fd) noexcept nogil:
-        cdef int res
-        self.forget(fd)
-        res = close(fd)
-        self.complete(o, -errno if res < 0 else 0, 0)
 
     # Every timer due by now, earliest first; one that completing an op
     # adds, already due, fires in the same call.

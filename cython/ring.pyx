@@ -62,7 +62,7 @@ def io_uring_disabled_sysctl():
         return None
 
 
-cdef class Ring:
+cdef class Ring(Driver):
     def __cinit__(self, unsigned entries=1024, unsigned cq_factor=8, str force_setup=None,
                   unsigned cq_entries=0):
         cdef io_uring_params p
@@ -146,6 +146,52 @@ cdef class Ring:
     cdef void reserve(self, unsigned n) noexcept nogil:
         if io_uring_sq_space_left(&self.ring) < n:
             io_uring_submit(&self.ring)
+
+    # --- the rest of the driver contract (driver.pxd) ------------------------
+
+    cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil:
+        cdef io_uring_cqe *cqe
+        cdef __kernel_timespec ts
+        ts.tv_sec = timeout_ns // 1000000000
+        ts.tv_nsec = timeout_ns % 1000000000
+        return io_uring_submit_and_wait_timeout(&self.ring, &cqe, 1, &ts, NULL)
+
+    cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil:
+        return io_uring_peek_batch_cqe(&self.ring, cqes, n)
+
+    cdef void advance(self, unsigned n) noexcept nogil:
+        io_uring_cq_advance(&self.ring, n)
+
+    cdef bint cq_overflowed(self) noexcept nogil:
+        return (self.ring.sq.kflags[0] & IORING_SQ_CQ_OVERFLOW) != 0
+
+    cdef io_uring_buf_ring *buf_ring_setup(self, unsigned entries, bint incremental,
+                                           int *err) noexcept nogil:
+        return uc_setup_buf_ring(&self.ring, entries, 0, IOU_PBUF_RING_INC if incremental else 0, err)
+
+    cdef void buf_ring_free(self, io_uring_buf_ring *br, unsigned entries) noexcept nogil:
+        if br != NULL and not self.closed:
+            uc_free_buf_ring(&self.ring, br, entries, 0)
+
+    cdef int buf_ring_head(self, unsigned *head) noexcept nogil:
+        return uc_buf_ring_head(&self.ring, 0, head)
+
+    cdef int buffers_sparse(self, unsigned n) noexcept nogil:
+        return io_uring_register_buffers_sparse(&self.ring, n)
+
+    cdef int buffer_update(self, unsigned idx, void *addr, size_t len) noexcept nogil:
+        cdef iovec iov
+        iov.iov_base = addr
+        iov.iov_len = len
+        return io_uring_register_buffers_update_tag(&self.ring, idx, &iov, NULL, 1)
+
+    cdef void forget(self, int fd) noexcept nogil:
+        pass                # the kernel keeps no state for an fd we closed
+
+    @property
+    def cq_dropped(self):
+        """Completions the kernel lost for want of memory even with NODROP."""
+        return self.ring.cq.koverflow[0]
 
     def set_iowq_max_workers(self, unsigned n):
         """Cap io-wq's bounded and unbounded workers at n (5.15+); 0 or -errno."""

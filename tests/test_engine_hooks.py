@@ -35,13 +35,19 @@ class InProcess:
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.eng.add_listener(self.lsock.fileno(), socket.AF_INET)
         self.closed = []
+        self.events = []          # every record the engine pushed (closes too)
+
+    def drain(self):
+        ev = self.eng.drain_events()
+        self.events += ev
+        self.closed += [e for e in ev if e["event"] == "close"]
 
     def run_until(self, cond, what: str, timeout: float = 10.0):
         deadline = time.monotonic() + timeout
         while not cond():
             assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
             self.eng.run(0.02)
-            self.closed += self.eng.drain_closed()
+            self.drain()
 
     def open_flow(self) -> socket.socket:
         c = socket.create_connection(self.lsock.getsockname(), timeout=5)
@@ -85,6 +91,8 @@ def test_unknown_op_is_counted_and_dropped(engine):
         before = engine.eng._test_flow(0)["inflight"]
         engine.eng._test_inject_cqe(0, "unknown", 0, 0, 0)
         assert engine.eng.stats()["unknown_cqes"] == 1
+        engine.drain()
+        assert {"event": "engine_error", "kind": "unknown_cqes", "times": 1} in engine.events
         assert engine.eng._test_flow(0)["inflight"] == before
         engine.echo_round(c, b"still served after the stray completion")
         c.shutdown(socket.SHUT_WR)
@@ -102,6 +110,8 @@ def test_ring_order_mismatch_resets_the_flow(engine):
         # still in flight keeps its place in the flow's in-flight count.
         engine.eng._test_inject_cqe(0, "recv", 0, 5, F_BUFFER | F_MORE | (wrong << BUFFER_SHIFT))
         assert engine.eng.stats()["ring_order_errors"] == 1
+        engine.drain()
+        assert {"event": "engine_error", "kind": "ring_order_errors", "times": 1} in engine.events
         engine.run_until(lambda: engine.closed, "the close record")
         rec = engine.closed[0]
         assert rec["cause"] == "resource" and rec["errno"] == errno.EPROTO, rec
@@ -118,12 +128,12 @@ def test_ring_order_mismatch_resets_the_flow(engine):
 def test_unexpected_accept_errors_back_off(engine):
     for want_ms in (100, 200, 400):
         engine.eng._test_inject_cqe(0, "accept", 0, -errno.EPERM, F_MORE)
-        st = engine.eng.stats()
-        assert st["accept_last_err"] == errno.EPERM
-        assert st["accept_pause_ms"] == want_ms, st
+        ev = engine.eng.drain_events()
+        assert ev == [{"event": "accept_paused", "errno": errno.EPERM, "pause_ms": want_ms,
+                       "times": 1}], ev
     assert engine.eng.stats()["accept_errors"] == 3
     # The pause ends by itself and the engine accepts again; a success resets the backoff.
     c = engine.open_flow()
     c.close()
     engine.eng._test_inject_cqe(0, "accept", 0, -errno.EPERM, F_MORE)
-    assert engine.eng.stats()["accept_pause_ms"] == 100
+    assert [e["pause_ms"] for e in engine.eng.drain_events() if e["event"] == "accept_paused"] == [100]

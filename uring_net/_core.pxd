@@ -6,8 +6,11 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from liburing cimport *
 from system cimport *
 
+include "driver.pxd"
 include "ring.pxd"
 include "epoll.pxd"
 include "timers.pxd"
 include "pipes.pxd"
+include "bufpool.pxd"
+include "events.pxd"
 include "engine.pxd"

@@ -182,12 +182,9 @@ class Proxy:
         self.address = None
         self._stop = threading.Event()
         self._signals = 0         # stop requests so far: a second one ends the drain
-        self._accept_pauses_logged = 0
-        self._counted = {}        # engine counters already reported, by name
         self._last_said = {}      # rate limit: when each kind of line was last written
+        self._held = {}           # repeats not yet reported (see _repeat)
         self._log_dropped_logged = 0
-        self._zc_reg_off_logged = False
-        self._zc_off_logged = False
         # Python's C-level signal handler writes the signal number here
         # (serve() calls signal.set_wakeup_fd); the engine polls the other
         # end, so a signal ends the engine's wait at once.
@@ -243,7 +240,9 @@ class Proxy:
             connect_timeout=cfg.connect_timeout,
             multishot_accept=feats["multishot_accept"][1],
             zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
-            zc_registered="registered_buffers" not in cfg.disabled,
+            # A table of registered buffers is io_uring's; MSG_ZEROCOPY (epoll)
+            # sends from any address.
+            zc_registered=self.backend == "uring" and "registered_buffers" not in cfg.disabled,
             zc_backoff=cfg.mode in ("auto", "peek"),
             recv_bundle=feats["recv_bundle"][1],
             recv_inc=feats["incremental_buffers"][1],
@@ -478,46 +477,55 @@ class Proxy:
             pass
 
     def _drain(self):
+        """Log what the engine pushed since the last drain (one batch of records)."""
         ups = self.cfg.upstreams
-        for rec in self.engine.drain_closed():
-            err = rec.pop("errno")
-            up = str(ups[rec.pop("upstream_index")])
-            if not rec["failovers"]:
-                del rec["failovers"]
-            if err:
-                rec["error"] = errno.errorcode.get(err, str(err))
-            self.log.event("close", upstream=up, **rec)
-        st = self.engine.alerts()
-        if st["accept_pauses"] != self._accept_pauses_logged:
-            code = errno.errorcode.get(st["accept_last_err"], str(st["accept_last_err"]))
-            if self._rate_ok(f"accept:{code}"):
-                n = st["accept_pauses"] - self._accept_pauses_logged
-                self._accept_pauses_logged = st["accept_pauses"]
-                self.log.event("accept_paused", reason=code, times=n,
-                               action=f"accepting again in {st['accept_pause_ms']} ms")
-        # Never expected, never silent: a recv completion naming a buffer that is not
-        # the ring's head entry (its flow is reset, its bytes dropped), or a completion
-        # whose user_data names no operation of ours (dropped).
-        for key, action in (("ring_order_errors", "flow_reset"), ("unknown_cqes", "dropped")):
-            if st[key] != self._counted.get(key, 0) and self._rate_ok(key):
-                self.log.event("engine_error", kind=key, times=st[key] - self._counted.get(key, 0),
-                               action=action)
-                self._counted[key] = st[key]
-        if st["zc_register_fails"] and not self._zc_reg_off_logged:
-            # Buffers are registered on first zero-copy use; one was refused.
-            self._zc_reg_off_logged = True
-            self.log.event("fallback", feature="registered_buffers",
-                           reason=errno.errorcode.get(st["zc_register_last_err"], "?"),
-                           using="SEND_ZC on plain addresses (pages pinned per send)")
-        if st["zc_eopnotsupp"] and not self._zc_off_logged:
-            self._zc_off_logged = True
-            self.log.event("fallback", feature="send_zc", reason="EOPNOTSUPP at run time",
-                           using="copy-mode sends")
-        if st["log_dropped"] != self._log_dropped_logged:
-            # More flows closed in one batch than the engine's record buffer
-            # holds: their totals are in the statistics, their lines are not.
-            self.log.event("log_dropped", close_lines=st["log_dropped"] - self._log_dropped_logged)
-            self._log_dropped_logged = st["log_dropped"]
+        for ev in self.engine.drain_events():
+            kind = ev.pop("event")
+            if kind == "close":
+                err = ev.pop("errno")
+                up = str(ups[ev.pop("upstream_index")])
+                if not ev["failovers"]:
+                    del ev["failovers"]
+                if err:
+                    ev["error"] = errno.errorcode.get(err, str(err))
+                self.log.event("close", upstream=up, **ev)
+            elif kind == "accept_paused":
+                code = errno.errorcode.get(ev["errno"], str(ev["errno"]))
+                self._repeat(f"accept:{code}", ev["times"], "accept_paused", reason=code,
+                             action=f"accepting again in {ev['pause_ms']} ms")
+            elif kind == "engine_error":
+                # Never expected, never silent: a recv completion naming a buffer that
+                # is not the ring's head entry (its flow is reset, its bytes dropped),
+                # or a completion whose user_data names no operation of ours (dropped).
+                self._repeat(ev["kind"], ev["times"], "engine_error", kind=ev["kind"],
+                             action="flow_reset" if ev["kind"] == "ring_order_errors" else "dropped")
+            elif kind == "fallback" and ev["feature"] == "registered_buffers":
+                # Buffers are registered on first zero-copy use; one was refused.
+                self.log.event("fallback", feature="registered_buffers",
+                               reason=errno.errorcode.get(ev["errno"], "?"),
+                               using="SEND_ZC on plain addresses (pages pinned per send)")
+            elif kind == "fallback":
+                self.log.event("fallback", feature=ev["feature"], reason="EOPNOTSUPP at run time",
+                               using="copy-mode sends")
+        for key, (held, event, fields) in list(self._held.items()):
+            if self._rate_ok(key):
+                del self._held[key]
+                self.log.event(event, **fields, times=held)
+        dropped = self.engine.events_dropped
+        if dropped != self._log_dropped_logged:
+            # More records in one batch than the engine's array holds: the flows'
+            # totals are in the statistics, their lines are not.
+            self.log.event("log_dropped", records=dropped - self._log_dropped_logged)
+            self._log_dropped_logged = dropped
+
+    def _repeat(self, key: str, times: int, event: str, **fields):
+        """One line for an event that may repeat, at most one per key every 10 s:
+        occurrences in between are held and reported as `times` with the next."""
+        held = self._held.pop(key, (0,))[0] + times
+        if self._rate_ok(key):
+            self.log.event(event, **fields, times=held)
+        else:
+            self._held[key] = (held, event, fields)
 
     def close(self):
         # The engine owns the driver; dropping it exits the ring (or closes
