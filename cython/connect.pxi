@@ -47,7 +47,7 @@ cdef void accept_pause(Engine e, int err, uint32_t pause_ms) noexcept nogil:
         e.acc_timer = True
         s = e.sqe()
         io_uring_prep_timeout(s, &e.pause_ts, 0, 0)
-        io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT_TIMER, 0))
+        io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ACCEPT_TIMER, 0))
 
 # Decides whether an accept should be in flight: not while stopping, not
 # while paused on a resource error or while accepted clients still wait
@@ -63,12 +63,12 @@ cdef void accept_step(Engine e) noexcept nogil:
             io_uring_prep_multishot_accept(s, e.listen_fd, NULL, NULL, SOCK_CLOEXEC)
         else:
             io_uring_prep_accept(s, e.listen_fd, NULL, NULL, SOCK_CLOEXEC)
-        io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ACCEPT, 0))
+        io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ACCEPT, 0))
         e.acc_armed = True
     elif not want and e.acc_armed and not e.acc_cancel:
         s = e.sqe()
-        io_uring_prep_cancel64(s, ud_make(0, 0, OP_ACCEPT, 0), 0)
-        io_uring_sqe_set_data64(s, ud_make(0, 0, OP_ENGINE_CANCEL, 0))
+        io_uring_prep_cancel64(s, proxy_ud(0, 0, OP_ACCEPT, 0), 0)
+        io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ENGINE_CANCEL, 0))
         e.acc_cancel = True
 
 # --- flow set-up -------------------------------------------------------------

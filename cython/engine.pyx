@@ -31,10 +31,9 @@
 # - A slot's generation is bumped on release, and it is in every user_data,
 #   so a CQE that outlives its flow is recognised and dropped.
 
-# --- user_data ---------------------------------------------------------------
-# bits 0-19 slot | 20-35 generation | 36-55 segment | 56-60 op | 61 direction
-# The segment is there for SEND_ZC: its notification CQE, which may come
-# after later sends, must say which bytes the kernel has let go of.
+# --- user_data (layout: userdata.pxd) ---------------------------------------
+# The engine's SQEs carry OWNER_PROXY; the slot is the flow's (0 for the
+# engine's own ops), and SEND_ZC's carry the segment its notification frees.
 cdef enum Op:
     OP_ACCEPT = 1
     OP_ACCEPT_TIMER
@@ -57,21 +56,21 @@ cdef enum Op:
     OP_LAST = OP_ERRWATCH
 
 cdef enum:
-    SLOT_BITS = 20           # --max-conns is capped at 2**20
-    GEN_MASK = 0xFFFF
-    SEG_SHIFT = 36
     CQE_BATCH = 256          # CQEs harvested per peek
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     ACCEPT_BACKOFF_MAX_MS = 3200   # longest pause after repeated other accept errors
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
     CANCEL_CHECK_NS = 2000000000   # a failing flow's cancels looked at again after 2 s
 
-cdef inline uint64_t ud_make(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
-    return (<uint64_t>slot) | ((<uint64_t>(gen & GEN_MASK)) << SLOT_BITS) \
-        | ((<uint64_t>op) << 56) | ((<uint64_t>d) << 61)
+cdef inline uint64_t proxy_ud(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
+    return ud_make(OWNER_PROXY, slot, gen, <uint32_t>op, <uint32_t>d)
 
-cdef inline uint64_t ud_with_seg(uint64_t ud, int32_t si) noexcept nogil:
-    return ud | ((<uint64_t>si & (SEG_MAX - 1)) << SEG_SHIFT)
+# The fields must hold what the engine puts in them.
+if (OP_LAST >= (1 << UD_OP_BITS) or SEG_MAX > (1 << UD_SEG_BITS)
+        or UD_OWNER_SHIFT + UD_OWNER_BITS != 64 or UD_DIR_SHIFT != UD_OP_SHIFT + UD_OP_BITS
+        or UD_OP_SHIFT != UD_SEG_SHIFT + UD_SEG_BITS or UD_SEG_SHIFT != UD_GEN_SHIFT + UD_GEN_BITS
+        or UD_GEN_SHIFT != UD_SLOT_BITS):
+    raise ImportError("user_data layout: a field is too narrow or the fields overlap")
 
 cdef inline int64_t now_ns() noexcept nogil:
     cdef timespec ts
@@ -107,6 +106,8 @@ cdef class Engine:
         self.idle_ns = <int64_t>(idle_timeout * 1e9)
         self.cfin_ns = <int64_t>(client_fin_timeout * 1e9)
         self.sfin_ns = <int64_t>(server_fin_timeout * 1e9)
+        if max_conns > (1 << UD_SLOT_BITS):
+            raise ValueError(f"at most {1 << UD_SLOT_BITS} flows (user_data's slot field)")
         self.tw = TimerWheel(max_conns, now_ns())
         self.max_conns = max_conns
         self.ms_accept = multishot_accept
@@ -234,24 +235,24 @@ cdef class Engine:
     cdef void wake_arm(self) noexcept nogil:
         cdef io_uring_sqe *s = self.sqe()
         io_uring_prep_poll_add(s, self.wake_fd, POLLIN)
-        io_uring_sqe_set_data64(s, ud_make(0, 0, OP_WAKE, 0))
+        io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_WAKE, 0))
         self.wake_armed = True
 
     # --- CQE dispatch ---------------------------------------------------------
 
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil:
         cdef uint64_t ud = cqe.user_data
-        cdef int op = <int>((ud >> 56) & 0x1F)
-        cdef int d = <int>((ud >> 61) & 1)
-        cdef uint32_t slot = <uint32_t>(ud & ((1 << SLOT_BITS) - 1))
-        cdef uint32_t gen = <uint32_t>((ud >> SLOT_BITS) & GEN_MASK)
-        cdef uint32_t si = <uint32_t>((ud >> SEG_SHIFT) & (SEG_MAX - 1))
+        cdef int op = <int>ud_op(ud)
+        cdef int d = <int>ud_dir(ud)
+        cdef uint32_t slot = ud_slot(ud)
+        cdef uint32_t gen = ud_gen(ud)
+        cdef uint32_t si = ud_seg(ud)
         cdef Flow *f
         cdef int res = cqe.res
         cdef uint32_t cflags = cqe.flags
 
-        if op < OP_ACCEPT or op > OP_LAST:
-            # Not an op we prepare: a corrupted or foreign user_data. Counted
+        if ud_owner(ud) != OWNER_PROXY or op < OP_ACCEPT or op > OP_LAST:
+            # Not an op we prepare: another owner's, or corrupted. Counted
             # and dropped; above all it must not decrement a flow's inflight
             # (that would close fds under operations still using them).
             self.st.unknown_cqes += 1
@@ -276,7 +277,7 @@ cdef class Engine:
             self.st.stale_cqes += 1
             return
         f = &self.flows[slot]
-        if f.state == F_FREE or (f.gen & GEN_MASK) != gen:
+        if f.state == F_FREE or ud_gen_of(f.gen) != gen:
             # A completion that outlived its flow. Our close path waits for
             # every CQE, so this is defence in depth -- but the buffers it
             # filled must still go home or the pool shrinks for good.
@@ -339,7 +340,7 @@ cdef class Engine:
         f.inflight += 1
         # liburing's prep helpers set every field but user_data, so it is
         # safe to set it before the caller preps the operation.
-        io_uring_sqe_set_data64(s, ud_make(slot, f.gen, op, d))
+        io_uring_sqe_set_data64(s, proxy_ud(slot, f.gen, op, d))
         return s
 
     # --- the decision: what each flow submits next ---------------------------------
@@ -543,15 +544,20 @@ cdef class Engine:
 
     def _test_inject_cqe(self, uint32_t slot, str op, int d, int res, uint32_t flags):
         """Hand handle() a CQE for `slot`'s current generation. `op` is a name
-        (recv, send, close...) or 'unknown' (an op code no SQE ever carries)."""
+        (recv, send, close...), 'unknown' (an op code no SQE ever carries) or
+        'foreign' (a recv of this flow under another owner's tag)."""
         cdef io_uring_cqe c
         codes = {"recv": OP_RECV, "send": OP_SEND, "close": OP_CLOSE, "accept": OP_ACCEPT,
-                 "unknown": OP_LAST + 1}
+                 "unknown": OP_LAST + 1, "foreign": 0}
         if slot >= self.max_conns:
             raise ValueError("no such slot")
         memset(&c, 0, sizeof(c))
-        c.user_data = ud_make(slot, self.flows[slot].gen, codes[op], d) if op != "accept" \
-            else ud_make(0, 0, OP_ACCEPT, 0)
+        if op == "foreign":       # a valid op of this flow, prepared by another owner
+            c.user_data = ud_make(OWNER_PROXY + 1, slot, self.flows[slot].gen, OP_RECV, d)
+        elif op == "accept":
+            c.user_data = proxy_ud(0, 0, OP_ACCEPT, 0)
+        else:
+            c.user_data = proxy_ud(slot, self.flows[slot].gen, codes[op], d)
         c.res = res
         c.flags = flags
         with nogil:

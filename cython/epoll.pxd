@@ -38,7 +38,7 @@ cdef struct EFd:
     uint8_t again           # on the again list (more to do without a new event)
     int32_t close_op        # 1 + a CLOSE waiting for this fd's zero-copy completions, or 0
 
-cdef class Epoll(Driver):
+cdef class Epoll(Driver):        # the contract's calls: driver.pxd
     cdef readonly int epfd
     cdef io_uring_sqe *sq          # SQEs prepared since the last submit
     cdef uint32_t sq_n, sq_cap
@@ -60,21 +60,8 @@ cdef class Epoll(Driver):
     cdef readonly uint64_t syscalls_io, wakeups
     cdef readonly int oom
 
-    cdef io_uring_sqe *sqe(self) noexcept nogil
-    cdef void reserve(self, unsigned n) noexcept nogil
-    cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil
-    cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil
-    cdef void advance(self, unsigned n) noexcept nogil
-    cdef bint cq_overflowed(self) noexcept nogil
-    cdef io_uring_buf_ring *buf_ring_setup(self, unsigned entries, bint incremental,
-                                           int *err) noexcept nogil
-    cdef void buf_ring_free(self, io_uring_buf_ring *br, unsigned entries) noexcept nogil
-    cdef int buf_ring_head(self, unsigned *head) noexcept nogil
-    cdef int buffers_sparse(self, unsigned n) noexcept nogil
-    cdef int buffer_update(self, unsigned idx, void *addr, size_t len) noexcept nogil
     cdef void submit(self) noexcept nogil
     cdef int wait(self, int64_t timeout_ns) noexcept nogil
-    cdef void forget(self, int fd) noexcept nogil
     cdef void post(self, uint64_t ud, int res, uint32_t flags) noexcept nogil
     cdef int32_t op_new(self, io_uring_sqe *s) noexcept nogil
     cdef void op_free_one(self, int32_t o) noexcept nogil

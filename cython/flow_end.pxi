@@ -187,7 +187,7 @@ cdef void flow_fail(Engine e, Flow *f, uint8_t cause, int err, uint8_t reset_mas
 # the SQE too: io_uring ignores it without IORING_ASYNC_CANCEL_FD, and the
 # epoll driver then looks only at that fd's waiting operations.
 cdef void cancel_op(Engine e, uint32_t slot, Flow *f, int op, int d, int fd, int32_t si) noexcept nogil:
-    cdef uint64_t ud = ud_make(slot, f.gen, op, d)
+    cdef uint64_t ud = proxy_ud(slot, f.gen, op, d)
     cdef io_uring_sqe *s
     if fd < 0:
         return

@@ -62,7 +62,7 @@ cdef void zc_send(Engine e, uint32_t slot, Flow *f, int d) noexcept nogil:
     cdef Seg *g = &e.pool.segs[si]
     D.send_len = <uint32_t>D.iov[0].iov_len
     s = e.flow_sqe(slot, f, OP_SEND_ZC, d)
-    io_uring_sqe_set_data64(s, ud_with_seg(ud_make(slot, f.gen, OP_SEND_ZC, d), si))
+    io_uring_sqe_set_data64(s, ud_with_seg(proxy_ud(slot, f.gen, OP_SEND_ZC, d), si))
     if e.zc_fixed and buf_fixed(e, g.bid):
         io_uring_prep_send_zc_fixed(s, f.fd[1 - d], D.iov[0].iov_base, D.iov[0].iov_len,
                                     MSG_NOSIGNAL, IORING_SEND_ZC_REPORT_USAGE,

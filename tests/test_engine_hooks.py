@@ -85,11 +85,15 @@ def engine(request):
     e.close()
 
 
-def test_unknown_op_is_counted_and_dropped(engine):
+@pytest.mark.parametrize("op", ["unknown", "foreign"])
+def test_unknown_op_is_counted_and_dropped(engine, op):
+    """An op code no SQE carries, or a CQE another owner of the ring prepared (a recv
+    of this very flow's slot and generation, with res 0, which the flow would take
+    for the client's FIN): counted, reported once, and the flow never sees it."""
     c = engine.open_flow()
     with c:
         before = engine.eng._test_flow(0)["inflight"]
-        engine.eng._test_inject_cqe(0, "unknown", 0, 0, 0)
+        engine.eng._test_inject_cqe(0, op, 0, 0, 0)
         assert engine.eng.stats()["unknown_cqes"] == 1
         engine.drain()
         assert {"event": "engine_error", "kind": "unknown_cqes", "times": 1} in engine.events
