@@ -4,6 +4,14 @@
 # A flow is two sockets; side 0 is the client, side 1 the upstream.
 # Direction d carries bytes read from side d and written to side 1 - d.
 
+# --mode: one data path per engine (EngineConfig.mode).
+cdef enum Mode:
+    MODE_COPY = 0
+    MODE_ZEROCOPY
+    MODE_AUTO           # copy, with zero-copy sends while the kernel really skips the copy
+    MODE_PEEK
+    MODE_SPLICE
+
 cdef enum FlowState:
     F_FREE = 0
     F_CONNECTING     # upstream connect (with linked timeout) in flight

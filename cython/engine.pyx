@@ -65,6 +65,9 @@ cdef enum:
 cdef inline uint64_t proxy_ud(uint32_t slot, uint32_t gen, int op, int d) noexcept nogil:
     return ud_make(OWNER_PROXY, slot, gen, <uint32_t>op, <uint32_t>d)
 
+MODE_CODES = {"copy": MODE_COPY, "zerocopy": MODE_ZEROCOPY, "auto": MODE_AUTO,
+              "peek": MODE_PEEK, "splice": MODE_SPLICE}
+
 # The fields must hold what the engine puts in them.
 if (OP_LAST >= (1 << UD_OP_BITS) or SEG_MAX > (1 << UD_SEG_BITS)
         or UD_OWNER_SHIFT + UD_OWNER_BITS != 64 or UD_DIR_SHIFT != UD_OP_SHIFT + UD_OP_BITS
@@ -79,46 +82,44 @@ cdef inline int64_t now_ns() noexcept nogil:
 
 
 cdef class Engine:
-    def __cinit__(self, driver not None, *, uint32_t max_conns, uint32_t buffers,
-                  uint32_t buffer_size, uint64_t max_inflight, double connect_timeout,
-                  bint multishot_accept=True,
-                  bint zerocopy=False, uint32_t zc_threshold=16384,
-                  bint zc_registered=True, bint zc_backoff=False, bint recv_bundle=False,
-                  bint recv_inc=False,
-                  bint splice=False, uint32_t pipe_size=0, bint peek=False,
-                  uint32_t replay_window=65536, uint32_t segs_per_buf=SEGS_PER_BUF,
-                  uint32_t max_buffers=0, double idle_timeout=0,
-                  double client_fin_timeout=0, double server_fin_timeout=0,
-                  int keepalive_idle=0, int keepalive_interval=0, int keepalive_count=0):
+    def __cinit__(self, driver not None, config not None):
+        """Run on `driver` (a Ring or an Epoll) as `config` says: an
+        EngineConfig (uring_net/engine_config.py), read once, here."""
         cdef int err = 0
         cdef uint32_t entries
         cdef io_uring_buf_ring *br = NULL
         cdef int pr, pw
         cdef uint32_t pcap
+        cdef int mode = MODE_CODES[config.mode]     # EngineConfig checked the name
+        cdef uint32_t max_conns = config.max_conns
+        cdef uint32_t buffers = config.buffers
+        cdef uint32_t buffer_size = config.buffer_size
+        cdef double connect_timeout = config.connect_timeout
+        cdef bint recv_inc = config.incremental_buffers
+        keepalive = config.keepalive or (0, 0, 0)
         # The driver: a Ring (io_uring) or an Epoll carrying out the same
         # SQEs with syscalls (driver.pxd). The engine never asks which.
         self.drv = <Driver?>driver
         self.listen_fd = -1
         self.wake_fd = -1
-        self.ka_idle = keepalive_idle
-        self.ka_intvl = keepalive_interval
-        self.ka_cnt = keepalive_count
-        self.idle_ns = <int64_t>(idle_timeout * 1e9)
-        self.cfin_ns = <int64_t>(client_fin_timeout * 1e9)
-        self.sfin_ns = <int64_t>(server_fin_timeout * 1e9)
+        self.ka_idle, self.ka_intvl, self.ka_cnt = keepalive
+        self.idle_ns = <int64_t>(config.idle_timeout * 1e9)
+        self.cfin_ns = <int64_t>(config.client_fin_timeout * 1e9)
+        self.sfin_ns = <int64_t>(config.server_fin_timeout * 1e9)
         if max_conns > (1 << UD_SLOT_BITS):
             raise ValueError(f"at most {1 << UD_SLOT_BITS} flows (user_data's slot field)")
         self.tw = TimerWheel(max_conns, now_ns())
         self.max_conns = max_conns
-        self.ms_accept = multishot_accept
+        self.ms_accept = config.multishot_accept
         self.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         self.connect_ts.tv_sec = <int64_t>connect_timeout
         self.connect_ts.tv_nsec = <long long>((connect_timeout - <int64_t>connect_timeout) * 1e9)
         self.acc_backoff_ms = ACCEPT_PAUSE_MS
-        self.splice = splice
-        self.pipe_size = pipe_size
-        self.peek = peek
-        self.replay_window = replay_window
+        # The mode, as the flags the data paths test (engine.pxd).
+        self.splice = mode == MODE_SPLICE
+        self.peek = mode == MODE_PEEK
+        self.pipe_size = config.pipe_size
+        self.replay_window = config.replay_window
 
         # Reserved, not committed (MAP_NORESERVE, zero pages): a slot's page
         # costs memory once a flow first uses it (slot_take), so the table
@@ -129,7 +130,7 @@ cdef class Engine:
                                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if <void *>self.flows == MAP_FAILED:
             self.flows = NULL
-        self.bundle = recv_bundle
+        self.bundle = config.recv_bundle
         self.fdw_cap = max_conns
         self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
         self.events = EventLog()
@@ -137,9 +138,10 @@ cdef class Engine:
             raise MemoryError("cannot allocate the flow table")
         self.free_head = -1
         self.slots_used = 0
-        self.pool = BufferPool(buffers=buffers, max_buffers=max_buffers, buffer_size=buffer_size,
-                               max_inflight=max_inflight, holders=2 * max_conns,
-                               incremental=recv_inc, segs_per_buf=segs_per_buf)
+        self.pool = BufferPool(buffers=buffers, max_buffers=config.max_buffers,
+                               buffer_size=buffer_size, max_inflight=config.max_inflight,
+                               holders=2 * max_conns, incremental=recv_inc,
+                               segs_per_buf=config.segs_per_buf)
         entries = self.pool.entries
 
         br = self.drv.buf_ring_setup(entries, recv_inc, &err)
@@ -155,10 +157,11 @@ cdef class Engine:
         # (registering the initial pool at start cost 32 MiB of RSS idle).
         # Where registering is refused (RLIMIT_MEMLOCK for non-root), SEND_ZC
         # works on plain addresses.
-        self.zc = zerocopy
-        self.zc_threshold = zc_threshold
-        self.zc_backoff = zc_backoff
-        if zerocopy and zc_registered:
+        self.zc = config.send_zc and mode in (MODE_ZEROCOPY, MODE_AUTO, MODE_PEEK)
+        self.zc_threshold = config.zc_threshold
+        # Auto mode, and peek which sends as auto does, back off per socket.
+        self.zc_backoff = self.zc and mode != MODE_ZEROCOPY
+        if self.zc and config.registered_buffers:
             self.buf_reg = <uint8_t *>calloc(self.pool.max_bufs, sizeof(uint8_t))
             if self.buf_reg == NULL:
                 raise MemoryError()
@@ -167,8 +170,8 @@ cdef class Engine:
 
         # The pipe pool is filled now and kept full, so an idle proxy always
         # holds the same fds and a new flow rarely pays for pipe2 + fcntl.
-        if splice:
-            self.pipes = PipePool(pipe_size)
+        if self.splice:
+            self.pipes = PipePool(self.pipe_size)
             while self.pipes.n < PIPE_POOL:
                 err = self.pipes.make(&pr, &pw, &pcap)
                 if err < 0:

@@ -16,6 +16,8 @@ import time
 import pytest
 
 from netutil import EchoServer
+from uring_net.config import MODES
+from uring_net.engine_config import EngineConfig
 
 F_BUFFER, F_MORE, BUFFER_SHIFT = 1, 2, 16       # IORING_CQE_F_*, include/uapi/linux/io_uring.h
 F_OPEN = 2                                       # FlowState in cython/engine.pxd
@@ -28,8 +30,8 @@ class InProcess:
         from uring_net import _core
         self.echo = EchoServer()
         driver = _core.Epoll() if backend == "epoll" else _core.Ring()
-        self.eng = _core.Engine(driver, max_conns=8, buffers=8, buffer_size=4096,
-                                max_inflight=65536, connect_timeout=5)
+        self.eng = _core.Engine(driver, EngineConfig(max_conns=8, buffers=8, buffer_size=4096,
+                                                     max_inflight=65536, connect_timeout=5))
         host, port = self.echo.addr.rsplit(":", 1)
         self.eng.add_upstream(socket.AF_INET, host, int(port))
         self.lsock = socket.create_server(("127.0.0.1", 0))
@@ -141,3 +143,16 @@ def test_unexpected_accept_errors_back_off(engine):
     c.close()
     engine.eng._test_inject_cqe(0, "accept", 0, -errno.EPERM, F_MORE)
     assert [e["pause_ms"] for e in engine.eng.drain_events() if e["event"] == "accept_paused"] == [100]
+
+
+def test_engine_config_is_one_mode_and_refuses_what_cannot_run():
+    """The engine takes one mode, not a switch per data path; a configuration the
+    engine could not run as asked is refused before any engine exists."""
+    from uring_net import _core
+    assert set(_core.MODE_CODES) == set(MODES)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        EngineConfig(mode="turbo")
+    with pytest.raises(ValueError, match="pipe size"):
+        EngineConfig(mode="splice")
+    with pytest.raises(ValueError, match="zero-copy"):
+        EngineConfig(mode="zerocopy", registered_buffers=True)

@@ -6,6 +6,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 from liburing cimport *
 from system cimport *
 
+include "userdata.pxd"
 include "driver.pxd"
 include "ring.pxd"
 include "epoll.pxd"

@@ -17,6 +17,7 @@ import time
 
 from . import backend
 from .config import MAX_POOL_BUFFERS, Config, ConfigError
+from .engine_config import EngineConfig
 from .log import Log
 
 BATCH_TIMEOUT = 0.5      # seconds the engine may run without returning
@@ -218,7 +219,7 @@ class Proxy:
             self.log.event("ring", level=1, setup=self.ring.setup_mode,
                            features=hex(self.ring.features),
                            ring_fd_registered=self.ring.ring_fd_registered)
-        splice = self._splice_setup() if cfg.mode == "splice" else {}
+        pipe_size = self._splice_setup() if cfg.mode == "splice" else 0
         if cfg.mode == "peek":
             why = "forced off by URING_NET_DISABLE" if "peek_off" in cfg.disabled else probe_peek_off()
             if not why and self.ring is not None and not self.ring.supports("POLL_ADD"):
@@ -234,25 +235,22 @@ class Proxy:
                 f"copy, with zero-copy sends >= {cfg.zc_threshold} bytes until a socket's usage "
                 "reports show the kernel copying" if zerocopy else "copy (no SEND_ZC)"))
         self._raise_nofile()      # the mode is settled: how many fds a flow needs is known
-        self.engine = _core.Engine(
-            self.driver, max_conns=cfg.max_conns, buffers=cfg.buffers,
-            buffer_size=cfg.buffer_size, max_inflight=cfg.max_inflight,
-            connect_timeout=cfg.connect_timeout,
+        self.engine = _core.Engine(self.driver, EngineConfig(
+            mode=cfg.mode, max_conns=cfg.max_conns, buffers=cfg.buffers,
+            buffer_size=cfg.buffer_size, max_buffers=self.max_buffers(),
+            max_inflight=cfg.max_inflight, connect_timeout=cfg.connect_timeout,
+            zc_threshold=cfg.zc_threshold, replay_window=cfg.replay_window,
+            pipe_size=pipe_size, segs_per_buf=_segs_per_buf(),
+            idle_timeout=cfg.idle_timeout, client_fin_timeout=cfg.client_fin_timeout,
+            server_fin_timeout=cfg.server_fin_timeout, keepalive=cfg.tcp_keepalive,
             multishot_accept=feats["multishot_accept"][1],
-            zerocopy=zerocopy, zc_threshold=cfg.zc_threshold,
+            recv_bundle=feats["recv_bundle"][1],
+            incremental_buffers=feats["incremental_buffers"][1],
+            send_zc=zerocopy,
             # A table of registered buffers is io_uring's; MSG_ZEROCOPY (epoll)
             # sends from any address.
-            zc_registered=self.backend == "uring" and "registered_buffers" not in cfg.disabled,
-            zc_backoff=cfg.mode in ("auto", "peek"),
-            recv_bundle=feats["recv_bundle"][1],
-            recv_inc=feats["incremental_buffers"][1],
-            peek=cfg.mode == "peek", replay_window=cfg.replay_window,
-            segs_per_buf=_segs_per_buf(), max_buffers=self.max_buffers(),
-            idle_timeout=cfg.idle_timeout, client_fin_timeout=cfg.client_fin_timeout,
-            server_fin_timeout=cfg.server_fin_timeout,
-            **dict(zip(("keepalive_idle", "keepalive_interval", "keepalive_count"),
-                       cfg.tcp_keepalive or (0, 0, 0))),
-            **splice)
+            registered_buffers=(zerocopy and self.backend == "uring"
+                                and "registered_buffers" not in cfg.disabled)))
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
@@ -310,8 +308,8 @@ class Proxy:
                                 "data in both directions, a connection may wait its turn for a buffer")
         return min(want, MAX_POOL_BUFFERS)
 
-    def _splice_setup(self) -> dict:
-        """Check splice mode can run, size its pipes, cap io-wq: the engine's kwargs."""
+    def _splice_setup(self) -> int:
+        """Check splice mode can run, size its pipes, cap io-wq: the pipe size."""
         cfg = self.cfg
         missing = [] if self.ring is None else \
             [op for op in backend.MODE_OPS["splice"] + ("POLL_ADD",) if not self.ring.supports(op)]
@@ -329,7 +327,7 @@ class Proxy:
         if self.ring is None:
             # splice(2) in this thread, non-blocking: no worker threads at all.
             self.log.event("splice", pipe_size=size, iowq_workers="none (epoll backend)")
-            return {"splice": True, "pipe_size": size}
+            return size
         # Every splice runs in an io-wq worker. Non-blocking fds keep each one
         # short, and the cap keeps a burst of flows from making a thread each.
         workers = cfg.iowq_workers or os.cpu_count() or 1
@@ -342,7 +340,7 @@ class Proxy:
                                  "so workers do not pile up on idle flows")
             workers = 0
         self.log.event("splice", pipe_size=size, iowq_workers=workers or "uncapped")
-        return {"splice": True, "pipe_size": size}
+        return size
 
     def _zerocopy_usable(self) -> bool:
         """Probe SEND_ZC; False (with one log line) means copy-mode sends."""
