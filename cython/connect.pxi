@@ -158,32 +158,29 @@ cdef void flow_dial(Engine e, uint32_t slot, Flow *f) noexcept nogil:
     if not flow_connect(e, slot, f):
         # The client took the last fd. It is ours now: it waits (accept
         # paused) until an fd comes back, rather than being dropped.
-        if e.fdw_n == e.fdw_cap:
-            flow_fail(e, f, C_RESOURCE, EMFILE, 0)
-            e.flow_step(slot)
-            return
-        e.fdw[(e.fdw_head + e.fdw_n) % e.fdw_cap] = slot | (<uint64_t>f.gen << 32)
-        e.fdw_n += 1
-        accept_pause(e, EMFILE, ACCEPT_PAUSE_MS)
+        fdw_push(e, slot, f, FDW_CONNECT)
+
+# Queue what a flow waits for an fd to do: its upstream socket, or
+# (splice mode) a pipe for a direction. Accepting pauses meanwhile; the
+# queue is retried as fds come back (fdw_retry).
+cdef void fdw_push(Engine e, uint32_t slot, Flow *f, int kind) noexcept nogil:
+    if e.fdw_n == e.fdw_cap:
+        flow_fail(e, f, C_RESOURCE, EMFILE, 0)
+        e.flow_step(slot)
+        return
+    if kind != FDW_CONNECT:
+        f.dir[kind - FDW_PIPE0].flags |= D_PIPE_WAIT
+    e.fdw[(e.fdw_head + e.fdw_n) % e.fdw_cap] = slot | (<uint64_t>kind << 20) | (<uint64_t>f.gen << 32)
+    e.fdw_n += 1
+    accept_pause(e, EMFILE, ACCEPT_PAUSE_MS)
 
 # Create the upstream socket and submit connect + linked timeout.
 # False when the socket cannot be created for lack of fds (try later).
 cdef bint flow_connect(Engine e, uint32_t slot, Flow *f) noexcept nogil:
     cdef int one = 1
-    cdef int ufd, d, err
+    cdef int ufd
     cdef io_uring_sqe *s
     cdef uint8_t u = f.up_idx
-    if e.splice:
-        for d in range(2):
-            if f.dir[d].pipe_r < 0:
-                err = e.pipes.get(&f.dir[d].pipe_r, &f.dir[d].pipe_w, &f.dir[d].pipe_cap)
-                f.dir[d].pipe_bytes = 0
-                if err == -EMFILE or err == -ENFILE:
-                    return False
-                if err < 0:
-                    flow_fail(e, f, C_RESOURCE, -err, 0)
-                    e.flow_step(slot)
-                    return True
     ufd = socket(e.up_family[u], SOCK_STREAM | SOCK_CLOEXEC, 0)
     if ufd < 0:
         if errno == EMFILE or errno == ENFILE:
@@ -204,24 +201,43 @@ cdef bint flow_connect(Engine e, uint32_t slot, Flow *f) noexcept nogil:
     io_uring_prep_link_timeout(s, &e.connect_ts, 0)
     return True
 
-# Flows waiting for an fd, oldest first; stop at the first that still
-# cannot get one. A wait longer than --connect-timeout ends the flow.
+# What waits for an fd, oldest first; stop at the first that still
+# cannot get one. A connect waiting longer than --connect-timeout ends its
+# flow; a direction waiting for a pipe is under the flow's idle timeout.
 cdef void fdw_retry(Engine e) noexcept nogil:
     cdef uint64_t ent
     cdef uint32_t slot
+    cdef int kind, err
     cdef Flow *f
+    cdef Dir *D
+    e.fdw_kick = False
     while e.fdw_n > 0:
         ent = e.fdw[e.fdw_head]
-        slot = <uint32_t>ent
+        slot = <uint32_t>(ent & 0xFFFFF)
+        kind = <int>((ent >> 20) & 3)
         f = &e.flows[slot]
-        if f.gen != <uint32_t>(ent >> 32) or f.state != F_CONNECTING or f.fd[1] >= 0:
-            pass      # ended meanwhile (stop, or the slot was reused)
-        elif now_ns() - f.t_start_ns > e.connect_timeout_ns:
-            flow_fail(e, f, C_RESOURCE, EMFILE, 0)
-            e.flow_step(slot)
-        elif not flow_connect(e, slot, f):
-            accept_pause(e, EMFILE, ACCEPT_PAUSE_MS)
-            return
+        if f.gen != <uint32_t>(ent >> 32):
+            pass      # the slot was reused
+        elif kind == FDW_CONNECT:
+            if f.state != F_CONNECTING or f.fd[1] >= 0:
+                pass      # ended meanwhile (stop)
+            elif now_ns() - f.t_start_ns > e.connect_timeout_ns:
+                flow_fail(e, f, C_RESOURCE, EMFILE, 0)
+                e.flow_step(slot)
+            elif not flow_connect(e, slot, f):
+                accept_pause(e, EMFILE, ACCEPT_PAUSE_MS)
+                return
+        else:
+            D = &f.dir[kind - FDW_PIPE0]
+            if f.state == F_OPEN and D.flags & D_PIPE_WAIT:
+                err = pipe_take(e, D)
+                if err == -EMFILE or err == -ENFILE:
+                    accept_pause(e, EMFILE, ACCEPT_PAUSE_MS)
+                    return
+                D.flags &= ~D_PIPE_WAIT
+                if err < 0:
+                    flow_fail(e, f, C_RESOURCE, -err, 0)
+                e.flow_step(slot)
         e.fdw_head = (e.fdw_head + 1) % e.fdw_cap
         e.fdw_n -= 1
 
@@ -239,6 +255,11 @@ cdef void on_connect(Engine e, Flow *f, int res) noexcept nogil:
             fcntl(f.fd[1], F_SETFL, fcntl(f.fd[1], F_GETFL) | O_NONBLOCK)
     elif res == -ECONNREFUSED:
         flow_fail(e, f, C_UPSTREAM_REFUSED, -res, 0)
+    elif res == -ECONNRESET:
+        # The upstream accepted and reset before the connect's completion was
+        # reaped (seen under load on loopback, mostly on the epoll backend):
+        # an upstream reset, passed on to the client as one.
+        side_failed(e, f, 1, res)
     elif res == -ECANCELED or res == -ETIMEDOUT:
         # -ECANCELED: the linked timeout fired (we cancel connects only
         # once the flow is already closing, which returned above).

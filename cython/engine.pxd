@@ -31,11 +31,12 @@ cdef enum DirFlag:
     D_ZC_OFF      = 1 << 7   # auto mode: the kernel copies this socket's zero-copy sends
     D_READY       = 1 << 8   # peek/splice: the source may have bytes a read would get
                              # (cleared by EAGAIN; set again by the source's poll)
-    D_POLL_ARMED  = 1 << 9   # peek: the source's multishot poll is in flight
+    D_POLL_ARMED  = 1 << 9   # peek, splice: the source's readiness poll is in flight
     D_CONSUME_BUSY = 1 << 10 # peek: a MSG_TRUNC recv consuming sent bytes is in flight
     D_OUT_WAIT    = 1 << 11  # splice: the sink said EAGAIN; poll it before the next splice
     D_IN_STUCK    = 1 << 12  # splice: reading said EAGAIN with bytes in the pipe (the pipe
                              # may be full); retry after the next write to the sink
+    D_PIPE_WAIT   = 1 << 13  # splice: ready to read, but no fd for a pipe: in the fd queue
 
 cdef enum Cause:
     C_NONE = 0
@@ -173,6 +174,7 @@ cdef class Engine:
     cdef uint32_t fdw_head     # to create their upstream socket
     cdef uint32_t fdw_n
     cdef uint32_t fdw_cap
+    cdef bint fdw_kick             # a pipe went back to the pool: retry the queue this turn
     cdef int64_t connect_timeout_ns
     cdef bint stopping
     cdef int wake_fd           # signal.set_wakeup_fd's read end, or -1

@@ -45,9 +45,8 @@ cdef enum Op:
     OP_CANCEL
     OP_CLOSE
     OP_ENGINE_CANCEL    # a cancel not tied to a flow (the accept); CQE ignored
-    OP_WATCH            # peek: multishot poll on the client, one CQE per wakeup
+    OP_WATCH            # peek, splice: readiness poll on a direction's source (on_poll)
     OP_CONSUME          # peek: MSG_TRUNC recv dropping delivered bytes
-    OP_POLL             # splice: readiness poll linked before a splice in
     OP_POLL_OUT         # splice: readiness poll linked before a splice out
     OP_SPLICE_IN        # splice: source socket -> pipe
     OP_SPLICE_OUT       # splice: pipe -> sink socket
@@ -57,6 +56,8 @@ cdef enum Op:
 
 cdef enum:
     CQE_BATCH = 256          # CQEs harvested per peek
+    FDW_CONNECT = 0          # fd queue entries: a flow's upstream socket ...
+    FDW_PIPE0 = 1            # ... or a pipe for direction 0 (FDW_PIPE0 + 1: direction 1)
     ACCEPT_PAUSE_MS = 100    # accept pause after EMFILE/ENFILE
     ACCEPT_BACKOFF_MAX_MS = 3200   # longest pause after repeated other accept errors
     ZC_JUDGE_AFTER = 16      # auto mode: notifications before judging a direction
@@ -131,8 +132,10 @@ cdef class Engine:
         if <void *>self.flows == MAP_FAILED:
             self.flows = NULL
         self.bundle = config.recv_bundle
-        self.fdw_cap = max_conns
-        self.fdw = <uint64_t *>calloc(max_conns, sizeof(uint64_t))
+        # Each flow waits for one fd (its connect) or, open in splice mode,
+        # for up to two (a pipe per direction).
+        self.fdw_cap = 2 * max_conns
+        self.fdw = <uint64_t *>calloc(self.fdw_cap, sizeof(uint64_t))
         self.events = EventLog()
         if self.flows == NULL or self.fdw == NULL:
             raise MemoryError("cannot allocate the flow table")
@@ -320,7 +323,7 @@ cdef class Engine:
             on_consume(self, f, d, res)
         elif op == OP_ERRWATCH:
             on_errwatch(self, f, d, res, cflags)
-        # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE, OP_POLL(_OUT) (the splice after
+        # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE, OP_POLL_OUT (the splice after
         # it has its own CQE): only the inflight count.
         self.flow_step(slot)
 
@@ -414,6 +417,8 @@ cdef class Engine:
         cdef unsigned n, i
         cdef int ret
         while True:
+            if self.fdw_kick:
+                fdw_retry(self)     # pipes went back to the pool: a waiter may take one
             if self.wake_fd >= 0 and not self.wake_armed:
                 self.wake_arm()     # single-shot: Python drained the fd
             self.bufs_flush()

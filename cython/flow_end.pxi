@@ -158,7 +158,6 @@ cdef void flow_fail(Engine e, Flow *f, uint8_t cause, int err, uint8_t reset_mas
         D = &f.dir[d]
         if D.flags & D_RECV_ARMED:
             if e.splice:
-                cancel_op(e, slot, f, OP_POLL, d, f.fd[d], -1)
                 cancel_op(e, slot, f, OP_SPLICE_IN, d, f.fd[d], -1)
             else:
                 cancel_op(e, slot, f, OP_RECV, d, f.fd[d], -1)

@@ -21,13 +21,16 @@ cdef void delivered(Engine e, Flow *f, int d, int32_t si) noexcept nogil:
             # that reads everything before it answers: give up replay.
             f.replayable = 0
 
+# The readiness poll on a direction's source (OP_WATCH): peek mode's
+# multishot one, and splice mode's single-shot one (splice.pxi). Either
+# is re-armed by its mode's step.
 cdef void on_poll(Engine e, Flow *f, int d, int res, uint32_t cflags) noexcept nogil:
     if not (cflags & IORING_CQE_F_MORE):
-        f.dir[d].flags &= ~D_POLL_ARMED      # re-armed by peek_step
+        f.dir[d].flags &= ~D_POLL_ARMED
     if f.state == F_OPEN and res != -ECANCELED:
         f.dir[d].flags |= D_READY
-        # This poll is also the client's error watch (watch_step): while
-        # the peek waits for room, only it can see a reset.
+        # This poll is also the side's error watch (watch_step): while the
+        # direction waits, only it can see a reset.
         side_error(e, f, d, res)
 
 cdef void on_consume(Engine e, Flow *f, int d, int res) noexcept nogil:

@@ -6,6 +6,7 @@ IORING_OP_SPLICE runs in an io-wq worker), and the refusal or fallback when the 
 lacks what the mode needs.
 """
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -14,7 +15,8 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from netutil import connect, duplex
+from netutil import (BgThread, Pattern, Verifier, connect, duplex, recv_exact, recv_stream,
+                     send_stream)
 
 splice_only = pytest.mark.parametrize("mode", ["splice"])
 MiB = 1 << 20
@@ -103,6 +105,55 @@ def test_without_the_worker_cap_splice_still_runs_and_says_so(proxy, echo_server
     with connect(p.listen_addr) as c:
         duplex(c, send_seed=6, send_total=4 * MiB, recv_seed=6, recv_total=4 * MiB)
     p.wait_for_close(1, 10)
+
+
+@splice_only
+def test_idle_flows_hold_no_pipe_and_busy_ones_wait_for_one(proxy, echo_server):
+    """A direction holds a pipe only while bytes are in it or a splice is in flight:
+    60 idle flows hold their 120 sockets and nothing else (they held 360 fds). Then,
+    with fds left for only 2 more pipes beside the pool's 32, every client sends
+    without reading: 120 directions want a pipe, the rest wait in the fd queue (accept
+    pauses, EMFILE), and once the clients read, every byte comes back in order as
+    pipes return to the pool."""
+    n, size = 60, 4 * MiB
+    p = proxy(echo_server.addr, "--pipe-size", "65536", log_format="json")
+    base = p.fd_count()
+    socks = [connect(p.listen_addr) for _ in range(n)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(Pattern(i).slice(0, 1000))
+            recv_exact(s, Verifier(i, 1000, f"flow {i}"), 1000)
+        # Idle: the pool keeps 32 pipes (as at start) and closes the rest.
+        assert p.wait_fd_count(base + 2 * n, 10) == base + 2 * n, \
+            f"{p.fd_count() - base} fds for {n} idle flows, want {2 * n}"
+        pid = p.proc.pid
+        open_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        free, limit = 0, 0
+        while free < 4:                      # room for exactly two new pipes
+            free += limit not in open_fds
+            limit += 1
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+
+        # Every client sends without reading: its flow's two pipes fill (the upstream's
+        # echo backs up behind the client), so every direction wants a pipe and, past
+        # the pool and the two spare, waits for one.
+        senders = [BgThread(send_stream, s, 100 + i, size, name=f"send{i}")
+                   for i, s in enumerate(socks)]
+        for t in senders:
+            t.start()
+        p.wait_for(lambda e: e["event"] == "accept_paused" and e["reason"] == "EMFILE", 20,
+                   "a direction waiting in the fd queue for a pipe")
+        readers = [BgThread(recv_stream, s, 100 + i, size, what=f"flow {i}", name=f"recv{i}")
+                   for i, s in enumerate(socks)]
+        for t in readers:
+            t.start()
+        for t in senders + readers:
+            t.result(60)
+    finally:
+        for s in socks:
+            s.close()
+    closes = p.wait_for_close(n, 20)
+    assert {c["cause"] for c in closes} == {"normal"}, closes
 
 
 def test_splice_mode_is_refused_without_the_splice_op():

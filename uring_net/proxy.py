@@ -268,9 +268,10 @@ class Proxy:
         return self.address
 
     def _raise_nofile(self):
-        """Each flow holds two sockets (and two pipes in splice mode): raise the soft
-        RLIMIT_NOFILE to what --max-conns needs, up to the hard limit, and say so in
-        one line; if the hard limit is short, say how many flows fit."""
+        """Each flow holds two sockets (and in splice mode a pipe per direction while
+        bytes move): raise the soft RLIMIT_NOFILE to what --max-conns needs with
+        every flow moving, up to the hard limit, and say so in one line; if the hard
+        limit is short, say how many flows fit (idle splice flows need only two)."""
         cfg = self.cfg
         per_flow = 6 if cfg.mode == "splice" else 2
         need = cfg.max_conns * per_flow + NOFILE_SPARE
