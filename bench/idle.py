@@ -14,8 +14,8 @@ What it measures
     the flows open, not with ``--max-conns``).
 
     N defaults to what this machine's fd limit allows: the hard RLIMIT_NOFILE per
-    process (each side needs an fd per connection; a proxy two per flow, six in splice
-    mode, whose N is cut to fit).
+    process (each side needs an fd per connection; a proxy two per idle flow, in
+    splice mode too: a direction holds a pipe only while bytes are in it).
 
 Usage (from the repository root)
     .venv/bin/python bench/idle.py                      # N from the fd limit, 10 s idle
@@ -131,10 +131,9 @@ def measure(children, path, n: int, idle_s: float, workdir: Path) -> dict:
         children.stop(up)
 
 
-def fits(path, hard: int, want: int) -> int:
-    """Connections the fd limit allows this path (and the client, one fd each)."""
-    per_flow = 6 if path.name.endswith("splice") else 2
-    return max(1, min(want, hard - 200, (hard - 200) // per_flow))
+def fits(hard: int, want: int) -> int:
+    """Connections the fd limit allows (a proxy two fds per idle flow, the client one)."""
+    return max(1, min(want, hard - 200, (hard - 200) // 2))
 
 
 HEAD = ["path", "connections", "RSS per conn (B)", "vs HAProxy", "fds per conn",
@@ -173,8 +172,9 @@ def write_docs(meta: dict, rows: list[dict]) -> None:
 
 {table}
 
-Splice mode holds a pipe per direction while the flow lives (six fds per flow), so fewer
-of its flows fit the fd limit.
+A splice flow holds a pipe per direction only while bytes are in it, so an idle one
+needs its two sockets, as in the other modes; the pipe pool (32 pipes) is part of the
+proxy before the flows.
 {IDLE_SECTION[1]}
 """
     text = tp.DOCS_FILE.read_text() if tp.DOCS_FILE.exists() else "# Benchmarks\n\n"
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="uring-bench-idle-") as tmp:
         try:
             for path in paths:
-                n = fits(path, hard, want)
+                n = fits(hard, want)
                 tp.log(f"{path.name}: {n:,} idle connections")
                 try:
                     rows.append(measure(children, path, n, args.idle, Path(tmp)))

@@ -8,44 +8,11 @@ otherwise epoll, with one `fallback` line naming the reason.
 """
 from __future__ import annotations
 
-# Every io_uring operation the engine submits: what it is for, and the one mode that
-# needs it (None: every mode). The one list behind --probe, --backend auto and the
-# mode checks. (A FIN is forwarded with shutdown(2), not the SHUTDOWN op: see
-# Engine.shut_wr.)
-OPS = (
-    ("ACCEPT", "accepting connections", None),
-    ("CONNECT", "connecting upstream", None),
-    ("LINK_TIMEOUT", "--connect-timeout", None),
-    ("TIMEOUT", "pausing accept after errors", None),
-    ("RECV", "receiving", None),
-    ("SEND", "sending", None),
-    ("SENDMSG", "sending a queue of segments in one call", None),
-    ("CLOSE", "closing flows", None),
-    ("ASYNC_CANCEL", "backpressure and teardown", None),
-    ("POLL_ADD", "errors on paused sides, signals; readiness in splice and peek modes", None),
-    ("SEND_ZC", "zerocopy mode (else copy-mode sends)", "zerocopy"),
-    ("SPLICE", "splice mode (refused without it)", "splice"),
-)
-BASE_OPS = tuple(op for op, _, mode in OPS if mode is None)
-MODE_OPS = {m: tuple(op for op, _, mode in OPS if mode == m) for _, _, m in OPS if m}
+from .caps import Capabilities
 
 
 class BackendUnavailable(Exception):
     """The backend asked for cannot run here; str() says why."""
-
-
-def uring_unusable(ring, mode: str, disabled=frozenset()) -> str | None:
-    """None if `ring` can run `mode`, else the reason it cannot (what is missing)."""
-    if not ring.probe_nop():
-        return "a NOP submitted to the ring never completed"
-    missing = [op for op in BASE_OPS + MODE_OPS.get(mode, ()) if not ring.supports(op)]
-    if mode == "splice" and "splice" in disabled:
-        missing.append("SPLICE (forced off by URING_NET_DISABLE)")
-    if not ring.probe_buf_ring():
-        missing.append("provided-buffer rings (Linux 5.19+)")
-    if missing:
-        return f"io_uring lacks what --mode {mode} needs: {', '.join(missing)}"
-    return None
 
 
 def cq_entries_for(max_conns: int) -> int:
@@ -68,7 +35,8 @@ def open_uring(max_conns: int = 4096):
 
 
 def choose(backend: str, mode: str, disabled=frozenset(), max_conns: int = 4096):
-    """(name, driver, fallback_reason) for --backend `backend` and --mode `mode`.
+    """(capabilities, fallback_reason) for --backend `backend` and --mode `mode`:
+    the Capabilities of the driver chosen (caps.driver, caps.backend).
 
     `fallback_reason` is set when auto chose epoll (the caller logs it once).
     --backend uring where io_uring cannot be set up raises BackendUnavailable;
@@ -76,15 +44,16 @@ def choose(backend: str, mode: str, disabled=frozenset(), max_conns: int = 4096)
     own set-up refuses or falls back as it always has."""
     from . import _core
     if backend == "epoll":
-        return "epoll", _core.Epoll(), None
+        return Capabilities("epoll", _core.Epoll(), disabled), None
     ring, why = open_uring(max_conns)
     if ring is None:
         if backend == "uring":
             raise BackendUnavailable(f"io_uring is unavailable: {why}")
-        return "epoll", _core.Epoll(), why
+        return Capabilities("epoll", _core.Epoll(), disabled), why
+    caps = Capabilities("uring", ring, disabled)
     if backend == "auto":
-        why = uring_unusable(ring, mode, disabled)
+        why = caps.unusable(mode)
         if why:
             ring.close()
-            return "epoll", _core.Epoll(), why
-    return "uring", ring, None
+            return Capabilities("epoll", _core.Epoll(), disabled), why
+    return caps, None

@@ -5,13 +5,13 @@ import os
 import platform
 
 from . import backend
+from .caps import OPS, Capabilities, pipe_max_size
 from .config import MODES, disabled_features
-from .proxy import pipe_max_size, probe_peek_off, probe_ring_features
 
-# opcode -> what needs it: backend.OPS, the one list. Those of every mode are
+# opcode -> what needs it: caps.OPS, the one list. Those of every mode are
 # required; a mode's own are needed by that mode (refused, or a fallback said once).
-REQUIRED_OPS = tuple((op, use) for op, use, mode in backend.OPS if mode is None)
-MODE_OPS = tuple((op, use) for op, use, mode in backend.OPS if mode is not None)
+REQUIRED_OPS = tuple((op, use) for op, use, mode in OPS if mode is None)
+MODE_OPS = tuple((op, use) for op, use, mode in OPS if mode is not None)
 
 
 def rows():
@@ -26,6 +26,8 @@ def rows():
     except _core.RingUnavailable as e:
         out.append(("io_uring_setup", "NO", f"{e.strerror}; the uring backend cannot run here"))
         return out
+    disabled = disabled_features()
+    caps = Capabilities("uring", ring, disabled)
     try:
         out.append(("io_uring_setup", "yes", f"set-up: {ring.setup_mode}"))
         out.append(("registered ring fd", "yes" if ring.ring_fd_registered else "no",
@@ -45,27 +47,26 @@ def rows():
         out.append(("io-wq worker cap", "yes" if cap == 0 else "no",
                     "splice mode caps the threads that run splices" if cap == 0
                     else "fallback: splice mode runs with io-wq's own limit"))
-        works, usage, copied = ring.probe_send_zc()
-        out.append(("send_zc on TCP", "yes" if works else "no",
-                    "zerocopy mode" if works else "fallback: zerocopy mode uses copy-mode sends"))
-        out.append(("send_zc usage report", "yes" if usage else "no",
-                    "zero-copied vs copied sends are counted" if usage
+        zc = caps.zerocopy
+        out.append(("send_zc on TCP", "yes" if zc.works else "no",
+                    "zerocopy mode" if zc.works else f"fallback: zerocopy mode uses copy-mode sends ({zc.why})"))
+        out.append(("send_zc usage report", "yes" if zc.usage_reported else "no",
+                    "zero-copied vs copied sends are counted" if zc.usage_reported
                     else "copied sends cannot be counted (kernel < 6.2)"))
-        if usage:
-            out.append(("send_zc on loopback", "copied" if copied else "zero-copy",
+        if zc.usage_reported:
+            out.append(("send_zc on loopback", "copied" if zc.copied else "zero-copy",
                         "the kernel copies on loopback and veth: zero-copy cannot win there"
-                        if copied else ""))
-        disabled = disabled_features()
-        for name, (present, used, fallback, why) in probe_ring_features(ring, disabled).items():
-            status = "yes" if present else "no"
-            if present and not used:
-                status = f"yes ({why})"
-            out.append((name.replace("_", " "), status, "used" if used else f"fallback: {fallback}"))
+                        if zc.copied else ""))
+        for name, f in caps.features.items():
+            status = "yes" if f.present else "no"
+            if f.present and not f.used:
+                status = f"yes ({f.why})"
+            out.append((name.replace("_", " "), status, "used" if f.used else f"fallback: {f.fallback}"))
     finally:
         ring.close()
     ep = _core.Epoll()
     try:
-        zc = ep.probe_zerocopy()
+        zc = Capabilities("epoll", ep, disabled).zerocopy.works
     finally:
         ep.close()
     out.append(("epoll backend", "yes", "every mode; splice with splice(2)"))
@@ -73,7 +74,7 @@ def rows():
                 "epoll zerocopy mode: MSG_ZEROCOPY, completions from the error queue" if zc
                 else "fallback: epoll zerocopy mode uses copy-mode sends"))
     out.append(("pipe-max-size", str(pipe_max_size()), "splice mode's default pipe size is capped here"))
-    why = probe_peek_off()
+    why = caps.peek_off
     out.append(("SO_PEEK_OFF on TCP", "no" if why else "yes",
                 f"peek mode refused: {why} (needs Linux 6.9+)" if why else "peek mode"))
     return out
@@ -105,7 +106,7 @@ def auto_choice_lines() -> list[str]:
             if ring is None:
                 picks[mode] = f"epoll, because {why}"
             else:
-                lack = backend.uring_unusable(ring, mode, disabled_features())
+                lack = Capabilities("uring", ring, disabled_features()).unusable(mode)
                 picks[mode] = f"epoll, because {lack}" if lack else "uring"
     finally:
         if ring is not None:

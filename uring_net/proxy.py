@@ -16,6 +16,7 @@ import threading
 import time
 
 from . import backend
+from .caps import FORCED, pipe_max_size
 from .config import MAX_POOL_BUFFERS, Config, ConfigError
 from .engine_config import EngineConfig
 from .log import Log
@@ -33,89 +34,6 @@ STATS_EVERY = 10.0
 
 class StartupError(Exception):
     """The proxy could not start for a reason outside the configuration."""
-
-
-# The optional io_uring features the engine uses, and what it does without each.
-FEATURE_FALLBACKS = {
-    "multishot_accept": "single-shot accept, re-armed per connection",
-    "recv_bundle": "one buffer per recv completion",
-    "incremental_buffers": "a recv takes a whole buffer, however short the read",
-}
-
-
-def probe_ring_features(ring, disabled=frozenset()):
-    """What the engine can use on this kernel, and the fallback when not.
-
-    Returns {feature: (present, used, fallback_text, why_not_used)}. A feature
-    named in `disabled` is reported present but not used (forced fallback).
-
-    Recv bundles and incremental buffers name a completion's bytes by the ring's
-    order (the engine's shadow of the buffer ring), which holds only when
-    completions are posted in the order recvs take buffers: DEFER_TASKRUN runs
-    them one after another in the engine's thread. On a ring without it they are
-    not used, and the fallback line says so."""
-    present = {"multishot_accept": ring.probe_multishot_accept(),
-               "recv_bundle": dict(ring.feature_names())["recvsend_bundle"],
-               "incremental_buffers": ring.probe_buf_ring_inc()}
-    ordered = "defer_taskrun" in ring.setup_mode
-    out = {}
-    for name, ok in present.items():
-        if name in disabled:
-            why = "forced off by URING_NET_DISABLE"
-        elif not ok:
-            why = "not supported by this kernel"
-        elif name in ("recv_bundle", "incremental_buffers") and not ordered:
-            why = (f"the ring was set up {ring.setup_mode}, without DEFER_TASKRUN, so completions "
-                   "need not come in buffer-ring order")
-        else:
-            why = None
-        out[name] = (ok, why is None, FEATURE_FALLBACKS[name], why)
-    return out
-
-
-def epoll_features(disabled=frozenset()):
-    """The same table for the epoll backend. Its driver carries out multishot
-    accept itself (one CQE per syscall that got something) and recv bundles (one
-    recvmsg into several ring buffers); incremental buffers belong to the
-    kernel's ring and have no epoll counterpart, so they are absent without
-    being a fallback."""
-    present = {"multishot_accept": True,
-               "recv_bundle": True, "incremental_buffers": False}
-    return {name: (ok, ok and name not in disabled, FEATURE_FALLBACKS[name],
-                   "forced off by URING_NET_DISABLE" if name in disabled else None)
-            for name, ok in present.items()}
-
-
-SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)     # asm-generic value
-
-
-def probe_peek_off() -> str | None:
-    """None if recv-with-offset works on TCP (SO_PEEK_OFF, 6.9+), else why not.
-
-    Tried for real on a loopback pair: two peeks must return consecutive bytes."""
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        with socket.create_connection(lsock.getsockname(), timeout=2) as a:
-            b, _ = lsock.accept()
-            with b:
-                try:
-                    b.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-                except OSError as e:
-                    return errno.errorcode.get(e.errno, str(e.errno))
-                a.sendall(b"abcd")
-                b.settimeout(2)
-                first = b.recv(2, socket.MSG_PEEK)
-                second = b.recv(2, socket.MSG_PEEK)
-                if (first, second) != (b"ab", b"cd"):
-                    return f"peeks returned {first!r} then {second!r}, not consecutive bytes"
-    return None
-
-
-def pipe_max_size() -> int:
-    try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 1 << 20
 
 
 def probe_pipe_size(wanted: int | None, max_inflight: int) -> int:
@@ -178,6 +96,7 @@ class Proxy:
         self.listener = None
         self.ring = None          # the io_uring driver, when that is the backend
         self.driver = None        # the Ring or the Epoll the engine runs on
+        self.caps = None          # what the kernel offers that driver (caps.py)
         self.backend = None
         self.engine = None
         self.address = None
@@ -199,35 +118,28 @@ class Proxy:
         cfg = self.cfg
         self.listener = open_listener(cfg)
         try:
-            self.backend, self.driver, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled,
-                                                               cfg.max_conns)
+            self.caps, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled, cfg.max_conns)
         except backend.BackendUnavailable as e:
             self.listener.close()
             raise StartupError(str(e)) from None
         if why:
             self.log.event("fallback", feature="io_uring", reason=why,
                            using="the epoll backend (same engine, non-blocking syscalls)")
-        if self.backend == "uring":
-            self.ring = self.driver
-            feats = probe_ring_features(self.ring, cfg.disabled)
-        else:
-            feats = epoll_features(cfg.disabled)
-        for name, (present, used, fallback, why) in feats.items():
-            if why is not None and (self.backend == "uring" or name in cfg.disabled):
-                self.log.event("fallback", feature=name, reason=why, using=fallback)
+        caps = self.caps
+        self.backend, self.driver, self.ring = caps.backend, caps.driver, caps.ring
+        feats = caps.features
+        for name, f in feats.items():
+            if f.why is not None:
+                self.log.event("fallback", feature=name, reason=f.why, using=f.fallback)
         if self.ring is not None:
             self.log.event("ring", level=1, setup=self.ring.setup_mode,
                            features=hex(self.ring.features),
                            ring_fd_registered=self.ring.ring_fd_registered)
+        refused = caps.refusal(cfg.mode)
+        if refused:
+            self.listener.close()
+            raise StartupError(refused)
         pipe_size = self._splice_setup() if cfg.mode == "splice" else 0
-        if cfg.mode == "peek":
-            why = "forced off by URING_NET_DISABLE" if "peek_off" in cfg.disabled else probe_peek_off()
-            if not why and self.ring is not None and not self.ring.supports("POLL_ADD"):
-                why = "io_uring lacks POLL_ADD, which tells when to peek again"
-            if why:
-                self.listener.close()
-                raise StartupError(f"--mode peek needs recv-with-offset (SO_PEEK_OFF on TCP, "
-                                   f"Linux 6.9+), and this kernel refuses it: {why}")
         # Peek mode sends what it peeked the way auto mode does.
         zerocopy = cfg.mode in ("zerocopy", "auto", "peek") and self._zerocopy_usable()
         if cfg.mode == "auto":
@@ -243,14 +155,10 @@ class Proxy:
             pipe_size=pipe_size, segs_per_buf=_segs_per_buf(),
             idle_timeout=cfg.idle_timeout, client_fin_timeout=cfg.client_fin_timeout,
             server_fin_timeout=cfg.server_fin_timeout, keepalive=cfg.tcp_keepalive,
-            multishot_accept=feats["multishot_accept"][1],
-            recv_bundle=feats["recv_bundle"][1],
-            incremental_buffers=feats["incremental_buffers"][1],
-            send_zc=zerocopy,
-            # A table of registered buffers is io_uring's; MSG_ZEROCOPY (epoll)
-            # sends from any address.
-            registered_buffers=(zerocopy and self.backend == "uring"
-                                and "registered_buffers" not in cfg.disabled)))
+            multishot_accept=feats["multishot_accept"].used,
+            recv_bundle=feats["recv_bundle"].used,
+            incremental_buffers=feats["incremental_buffers"].used,
+            send_zc=zerocopy, registered_buffers=zerocopy and caps.registered_buffers))
         if zerocopy and "registered_buffers" in cfg.disabled:
             self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
@@ -310,16 +218,8 @@ class Proxy:
         return min(want, MAX_POOL_BUFFERS)
 
     def _splice_setup(self) -> int:
-        """Check splice mode can run, size its pipes, cap io-wq: the pipe size."""
+        """Size splice mode's pipes and cap io-wq: the pipe size."""
         cfg = self.cfg
-        missing = [] if self.ring is None else \
-            [op for op in backend.MODE_OPS["splice"] + ("POLL_ADD",) if not self.ring.supports(op)]
-        if "splice" in cfg.disabled and self.ring is not None:
-            missing.append("SPLICE (forced off by URING_NET_DISABLE)")
-        if missing:
-            self.listener.close()
-            raise StartupError(f"--mode splice needs io_uring operations this kernel lacks: "
-                               f"{', '.join(missing)}; use --mode copy")
         try:
             size = probe_pipe_size(cfg.pipe_size, cfg.max_inflight)
         except ConfigError:
@@ -344,29 +244,23 @@ class Proxy:
         return size
 
     def _zerocopy_usable(self) -> bool:
-        """Probe SEND_ZC; False (with one log line) means copy-mode sends."""
-        fallback = "copy-mode sends"
-        if "send_zc" in self.cfg.disabled:
-            self.log.event("fallback", feature="send_zc", reason="forced off by URING_NET_DISABLE",
-                           using=fallback)
+        """Whether zero-copy sends are used; False (with one log line) means
+        copy-mode sends."""
+        zc = self.caps.zerocopy
+        if not zc.works:
+            epoll_refused = self.ring is None and zc.why != FORCED
+            self.log.event("fallback", feature="msg_zerocopy" if epoll_refused else "send_zc",
+                           reason=zc.why, using="copy-mode sends")
             return False
         if self.ring is None:
-            if not self.driver.probe_zerocopy():
-                self.log.event("fallback", feature="msg_zerocopy",
-                               reason="SO_ZEROCOPY refused (Linux 4.14+)", using=fallback)
-                return False
             self.log.event("zerocopy", usage_report="yes (MSG_ZEROCOPY completions)",
                            loopback_copies="yes (always, on loopback and veth)")
-            return True
-        works, usage, copied = self.ring.probe_send_zc()
-        if not works:
-            self.log.event("fallback", feature="send_zc", reason="not supported by this kernel",
-                           using=fallback)
-            return False
-        # Said once, plainly: on loopback (and veth) the kernel copies every
-        # "zero-copy" send, so this mode cannot win a loopback benchmark.
-        self.log.event("zerocopy", usage_report="yes" if usage else "no (kernel < 6.2)",
-                       loopback_copies="yes" if copied else ("no" if usage else "unknown"))
+        else:
+            # Said once, plainly: on loopback (and veth) the kernel copies every
+            # "zero-copy" send, so this mode cannot win a loopback benchmark.
+            self.log.event("zerocopy", usage_report="yes" if zc.usage_reported else "no (kernel < 6.2)",
+                           loopback_copies="unknown" if zc.copied is None
+                           else ("yes" if zc.copied else "no"))
         return True
 
     def request_stop(self, *_):
