@@ -69,6 +69,16 @@ cdef inline uint64_t proxy_ud(uint32_t slot, uint32_t gen, int op, int d) noexce
 MODE_CODES = {"copy": MODE_COPY, "zerocopy": MODE_ZEROCOPY, "auto": MODE_AUTO,
               "peek": MODE_PEEK, "splice": MODE_SPLICE}
 
+def sizes():
+    """Bytes per unit of what the engine keeps, for the memory bound on paper
+    (docs/architecture.md): per flow slot, per direction (inside the slot), per
+    segment, per event record, and the per-flow links in reserved arrays that
+    are touched only for flows that use them."""
+    return {"flow": sizeof(Flow), "dir": sizeof(Dir), "segment": sizeof(Seg),
+            "event": sizeof(Event), "timer_links": 3 * sizeof(int32_t),
+            "wait_links": 2 * 2 * sizeof(int32_t), "fd_queue": 2 * sizeof(uint64_t)}
+
+
 # The fields must hold what the engine puts in them.
 if (OP_LAST >= (1 << UD_OP_BITS) or SEG_MAX > (1 << UD_SEG_BITS)
         or UD_OWNER_SHIFT + UD_OWNER_BITS != 64 or UD_DIR_SHIFT != UD_OP_SHIFT + UD_OP_BITS
