@@ -2,7 +2,7 @@
 #
 #   make run    install what is missing, build, run the demo (proxy + built-in upstream)
 #   make test   install what is missing, build, run the whole test suite
-#   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat), run both benchmarks
+#   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat), run every benchmark
 #
 # Every target is safe to repeat: packages are installed only when missing, the
 # venv is created once, and the extension is rebuilt only when a source changed.
@@ -33,6 +33,7 @@ bench: $(CORE_SO) deps-bench
 	$(VPY) bench/http_rate.py
 	$(VPY) bench/http_rate.py --close
 	$(VPY) bench/idle.py
+	$(VPY) bench/storm.py
 
 probe: $(CORE_SO)
 	$(VENV)/bin/uring-proxy --probe

@@ -870,10 +870,11 @@ socat, the other peer: `socat TCP-LISTEN:P,bind=127.0.0.1,reuseaddr,fork TCP:127
     http = docs_section(HTTP_SECTION)
     conn = docs_section(CONN_SECTION)
     idle = docs_section(IDLE_SECTION)
+    storm = docs_section(STORM_SECTION)
     write_docs_file(text + "\n" + (http or f"{HTTP_SECTION[0]}\n## HTTP requests through the proxy\n\n"
                                           f"Not measured yet: run `bench/http_rate.py --write-docs`.\n"
                                           f"{HTTP_SECTION[1]}\n")
-                    + "".join("\n" + sec for sec in (conn, idle) if sec))
+                    + "".join("\n" + sec for sec in (conn, idle, storm) if sec))
 
 
 # The part of DOCS_FILE that bench/http_rate.py writes, between these two lines.
@@ -883,6 +884,8 @@ CONN_SECTION = ("<!-- bench/http_rate.py --close --write-docs: begin -->",
                 "<!-- bench/http_rate.py --close --write-docs: end -->")
 # ... and the one bench/idle.py writes.
 IDLE_SECTION = ("<!-- bench/idle.py --write-docs: begin -->", "<!-- bench/idle.py --write-docs: end -->")
+# ... and the one bench/storm.py writes.
+STORM_SECTION = ("<!-- bench/storm.py --write-docs: begin -->", "<!-- bench/storm.py --write-docs: end -->")
 
 
 def docs_section(markers: tuple[str, str]) -> str:
