@@ -177,9 +177,7 @@ def measure(children: tp.Children, server: HttpServer, path: tp.Path_, seconds: 
 
 def summarize(paths: list[tp.Path_], runs: list[dict]) -> list[dict]:
     rows = []
-    for p in paths:
-        ok = [r for r in runs if r["path"] == p.name and "error" not in r]
-        row = {"path": p.name, "runs_ok": len(ok), "runs": sum(r["path"] == p.name for r in runs)}
+    for p, ok, row in tp.runs_of(paths, runs):
         if ok:
             v = [r["req_per_s"] for r in ok]
             row.update(median=statistics.median(v), min=min(v), max=max(v))
@@ -279,9 +277,7 @@ The upstream is nginx, run as `nginx -e stderr -p DIR -c nginx-http.conf` with:
 The peers run with the configurations above.
 {end}
 """
-    text = tp.DOCS_FILE.read_text() if tp.DOCS_FILE.exists() else "# Benchmarks\n\n"
-    old = tp.docs_section(markers)
-    tp.write_docs_file(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section)
+    tp.replace_docs_section(markers, section)
 
 
 # ---------------------------------------------------------------- main

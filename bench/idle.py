@@ -177,9 +177,7 @@ needs its two sockets, as in the other modes; the pipe pool (32 pipes) is part o
 proxy before the flows.
 {IDLE_SECTION[1]}
 """
-    text = tp.DOCS_FILE.read_text() if tp.DOCS_FILE.exists() else "# Benchmarks\n\n"
-    old = tp.docs_section(IDLE_SECTION)
-    tp.write_docs_file(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section)
+    tp.replace_docs_section(IDLE_SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

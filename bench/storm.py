@@ -85,9 +85,7 @@ def measure(children: tp.Children, exe: Path, echo_port: int, path: tp.Path_, to
 
 def summarize(paths: list[tp.Path_], runs: list[dict]) -> list[dict]:
     rows = []
-    for p in paths:
-        ok = [r for r in runs if r["path"] == p.name and "error" not in r]
-        row = {"path": p.name, "runs_ok": len(ok), "runs": sum(r["path"] == p.name for r in runs)}
+    for p, ok, row in tp.runs_of(paths, runs):
         for f in FIGURES + ("cpu_us_per_conn",):
             vals = [r[f] for r in ok if f in r]
             row[f] = statistics.median(vals) if vals else None
@@ -135,9 +133,7 @@ def write_docs(meta: dict, rows: list[dict]) -> None:
 {table}
 {SECTION[1]}
 """
-    text = tp.DOCS_FILE.read_text() if tp.DOCS_FILE.exists() else "# Benchmarks\n\n"
-    old = tp.docs_section(SECTION)
-    tp.write_docs_file(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section)
+    tp.replace_docs_section(SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -602,10 +602,7 @@ def _stopped_fields(proxy_log: str) -> dict:
 
 def summarize(paths: list[Path_], runs: list[dict]) -> list[dict]:
     rows = []
-    for p in paths:
-        ok = [r for r in runs if r["path"] == p.name and "error" not in r]
-        total = sum(1 for r in runs if r["path"] == p.name)
-        row = {"path": p.name, "runs_ok": len(ok), "runs": total}
+    for p, ok, row in runs_of(paths, runs):
         if ok:
             g = [r["gbps"] for r in ok]
             row.update(median_gbps=statistics.median(g), min_gbps=min(g), max_gbps=max(g))
@@ -901,6 +898,21 @@ def docs_section(markers: tuple[str, str]) -> str:
 def write_docs_file(text: str) -> None:
     DOCS_FILE.parent.mkdir(parents=True, exist_ok=True)
     DOCS_FILE.write_text(text)
+
+
+def replace_docs_section(markers: tuple[str, str], section: str) -> None:
+    """Put `section` (markers included) in DOCS_FILE in place of the old one between
+    the same markers, or at the end; the rest of the file stays as it is."""
+    text = DOCS_FILE.read_text() if DOCS_FILE.exists() else "# Benchmarks\n\n"
+    old = docs_section(markers)
+    write_docs_file(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section)
+
+
+def runs_of(paths: list[Path_], runs: list[dict]):
+    """(path, its successful runs, a summary row with the counts) for each path."""
+    for p in paths:
+        ok = [r for r in runs if r["path"] == p.name and "error" not in r]
+        yield p, ok, {"path": p.name, "runs_ok": len(ok), "runs": sum(r["path"] == p.name for r in runs)}
 
 
 # ---------------------------------------------------------------- main
