@@ -290,6 +290,7 @@ class Proxy:
             self._drain_wakeup()    # a second Ctrl-C must not make every wait end at once
             self._drain()
         self._drain()
+        self._say_held(force=True)      # the last word, past the rate limit
         eng.verify_ring()
         stats = eng.stats()
         self.log.event("stats", level=2, **stats)
@@ -400,16 +401,22 @@ class Proxy:
             elif kind == "fallback":
                 self.log.event("fallback", feature=ev["feature"], reason="EOPNOTSUPP at run time",
                                using="copy-mode sends")
-        for key, (held, event, fields) in list(self._held.items()):
-            if self._rate_ok(key):
-                del self._held[key]
-                self.log.event(event, **fields, times=held)
+        self._say_held()
         dropped = self.engine.events_dropped
         if dropped != self._log_dropped_logged:
-            # More records in one batch than the engine's array holds: the flows'
-            # totals are in the statistics, their lines are not.
-            self.log.event("log_dropped", records=dropped - self._log_dropped_logged)
+            # More records in one batch than the engine's array holds (close
+            # records, almost always: repeats of the other events fold into one
+            # record): the flows' totals are in the statistics, their lines are not.
+            self.log.event("log_dropped", close_lines=dropped - self._log_dropped_logged)
             self._log_dropped_logged = dropped
+
+    def _say_held(self, force: bool = False):
+        """Report the repeats held back by the rate limit, where it now allows (or,
+        with `force`, at stop, all of them)."""
+        for key, (held, event, fields) in list(self._held.items()):
+            if force or self._rate_ok(key):
+                del self._held[key]
+                self.log.event(event, **fields, times=held)
 
     def _repeat(self, key: str, times: int, event: str, **fields):
         """One line for an event that may repeat, at most one per key every 10 s:
