@@ -91,7 +91,7 @@ cdef uint32_t slot_take(Engine e) noexcept nogil:
 cdef void flow_open(Engine e, int cfd) noexcept nogil:
     cdef uint32_t slot = slot_take(e)
     cdef Flow *f = &e.flows[slot]
-    cdef int one = 1, zero = 0, rcvbuf = 0
+    cdef int zero = 0, rcvbuf = 0
     cdef socklen_t optlen = sizeof(int)
     cdef int d
     e.nactive += 1
@@ -121,10 +121,7 @@ cdef void flow_open(Engine e, int cfd) noexcept nogil:
     memset(&f.peer, 0, sizeof(f.peer))
     if getsockopt(cfd, SOL_SOCKET, SO_PEERNAME, &f.peer, &f.peer_len) != 0:
         memset(&f.peer, 0, sizeof(f.peer))
-    # The proxy forwards whatever it has as soon as it has it; Nagle
-    # would hold a small tail back for an ACK round trip.
-    setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-    keepalive(e, cfd)
+    # TCP_NODELAY and keep-alive came with the listener (add_listener).
     if e.splice:
         # Splices run in io-wq workers; a blocking socket would park one
         # per idle flow (docs/kernel-notes.md, Splice). Non-blocking, a splice that
@@ -189,6 +186,8 @@ cdef bint flow_connect(Engine e, uint32_t slot, Flow *f) noexcept nogil:
         e.flow_step(slot)
         return True
     f.fd[1] = ufd
+    # The proxy forwards whatever it has as soon as it has it; Nagle
+    # would hold a small tail back for an ACK round trip.
     setsockopt(ufd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
     keepalive(e, ufd)
     # connect + linked timeout: the pair must reach the kernel in one

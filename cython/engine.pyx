@@ -233,10 +233,17 @@ cdef class Engine:
         self.n_up += 1
 
     def add_listener(self, int fd, int family):
+        cdef int one = 1
         if self.listen_fd >= 0:
             raise ValueError("one listener per engine")
         self.listen_fd = fd
         self.listen_family = family
+        # The kernel makes each accepted socket as a copy of the listener's,
+        # Nagle's switch and the keep-alive settings (and timer) included, so
+        # setting them here once saves five setsockopt calls per connection
+        # (tests/test_timeouts.py reads them back from the client's socket).
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        keepalive(self, fd)
         with nogil:
             accept_step(self)
 

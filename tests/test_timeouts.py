@@ -201,6 +201,9 @@ def test_tcp_keepalive_on_both_sockets(proxy, echo_server, arg, want):
                                              s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
                                             if ka else (None, None, None))
                 assert got == want, f"{side} socket: keep-alive {got}, want {want}"
+                # Nagle off on both too: the client's socket has it (and keep-alive)
+                # from the listener, the upstream's from its own setsockopt.
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), f"{side} socket: Nagle on"
         finally:
             for s in socks:
                 s.close()
