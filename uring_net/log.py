@@ -13,6 +13,7 @@ stream takes lines again.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -25,6 +26,9 @@ _TEXT = {
     "stopped": "stopped connections={connections} c2u={bytes_c2u} u2c={bytes_u2c}",
 }
 
+
+# Each template's own fields: the others of an event go after it (error=...).
+_TEXT_KEYS = {event: frozenset(re.findall(r"\{(\w+)\}", t)) for event, t in _TEXT.items()}
 
 MAX_PENDING = 1 << 20
 
@@ -47,19 +51,30 @@ class Log:
             return
         self.raw(self._render(event, fields))
 
+    def events(self, event: str, many) -> None:
+        """One line per fields dict in `many`, all of one event at level 0, handed
+        to the writer at once (a batch of close lines takes the lock once)."""
+        self.lines([self._render(event, fields) for fields in many])
+
     def raw(self, line: str) -> None:
         """Write one line as it is (error messages), in order with the events."""
+        self.lines([line])
+
+    def lines(self, lines: list[str]) -> None:
         if self._writer is None:
-            self.stream.write(line + "\n")
+            for line in lines:
+                self.stream.write(line + "\n")
             self.stream.flush()
             return
         with self._cv:
-            if self._pending + len(line) + 1 > MAX_PENDING:
-                self._dropped += 1
-                return
-            self._queue.append(line + "\n")
-            self._pending += len(line) + 1
-            if len(self._queue) == 1:   # the writer waits only on an empty queue
+            was_empty = not self._queue
+            for line in lines:
+                if self._pending + len(line) + 1 > MAX_PENDING:
+                    self._dropped += 1
+                    continue
+                self._queue.append(line + "\n")
+                self._pending += len(line) + 1
+            if was_empty and self._queue:   # the writer waits only on an empty queue
                 self._cv.notify()
 
     def start_writer(self) -> None:
@@ -104,9 +119,9 @@ class Log:
             line = json.dumps({"event": event, "ts": round(time.time(), 6), **fields})
         elif event in _TEXT:
             # The contract's fields first, in its order; any others (error=...) after.
-            template = _TEXT[event]
-            extra = " ".join(f"{k}={v}" for k, v in fields.items() if "{" + k + "}" not in template)
-            line = template.format(**fields) + (" " + extra if extra else "")
+            keys = _TEXT_KEYS[event]
+            extra = " ".join(f"{k}={v}" for k, v in fields.items() if k not in keys)
+            line = _TEXT[event].format(**fields) + (" " + extra if extra else "")
         else:
             parts = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{event} {parts}" if parts else event

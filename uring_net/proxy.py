@@ -166,6 +166,7 @@ class Proxy:
             self.log.event("fallback", feature="registered_buffers",
                            reason=errno.errorcode.get(self.engine.zc_register_err, "?"),
                            using="SEND_ZC on plain addresses (pages pinned per send)")
+        self.upstream_names = [str(up) for up in cfg.upstreams]
         for up in cfg.upstreams:
             self.engine.add_upstream(up.family, up.host, up.port)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
@@ -372,18 +373,23 @@ class Proxy:
 
     def _drain(self):
         """Log what the engine pushed since the last drain (one batch of records)."""
-        ups = self.cfg.upstreams
+        ups = self.upstream_names
+        closes = []
         for ev in self.engine.drain_events():
             kind = ev.pop("event")
             if kind == "close":
                 err = ev.pop("errno")
-                up = str(ups[ev.pop("upstream_index")])
+                ev["upstream"] = ups[ev.pop("upstream_index")]
                 if not ev["failovers"]:
                     del ev["failovers"]
                 if err:
                     ev["error"] = errno.errorcode.get(err, str(err))
-                self.log.event("close", upstream=up, **ev)
-            elif kind == "accept_paused":
+                closes.append(ev)
+                continue
+            if closes:          # in order with the other events
+                self.log.events("close", closes)
+                closes = []
+            if kind == "accept_paused":
                 code = errno.errorcode.get(ev["errno"], str(ev["errno"]))
                 self._repeat(f"accept:{code}", ev["times"], "accept_paused", reason=code,
                              action=f"accepting again in {ev['pause_ms']} ms")
@@ -401,6 +407,8 @@ class Proxy:
             elif kind == "fallback":
                 self.log.event("fallback", feature=ev["feature"], reason="EOPNOTSUPP at run time",
                                using="copy-mode sends")
+        if closes:
+            self.log.events("close", closes)
         self._say_held()
         dropped = self.engine.events_dropped
         if dropped != self._log_dropped_logged:
