@@ -836,7 +836,8 @@ HTTP requests per second through the same paths: the last section below
 
 ## How to reproduce
 
-    make bench            # installs the peers if missing, builds, runs both bench scripts
+    make bench            # installs the peers if missing, builds, runs every bench script:
+                          # throughput, http_rate (keep-alive, --close), idle, storm
     .venv/bin/python bench/throughput.py --rounds 5 --seconds 4 --write-docs
 
 `--paths` picks paths (direct, haproxy, nginx-stream, socat, {', '.join(f'uring-proxy-{n}' for n, _ in URING_VARIANTS)};
