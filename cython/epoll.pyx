@@ -33,7 +33,7 @@ cdef enum:
 
 cdef enum:
     EP_EVENTS = 256         # epoll events harvested per wait
-    TURN_CAP = 16           # accepts/recvs one op does per turn before the others
+    TURN_CAP = 16           # accepts one multishot accept does per turn before the others
     BUNDLE_IOV = 16         # buffers one recv bundle may fill
 
 cdef inline int64_t ep_now_ns() noexcept nogil:

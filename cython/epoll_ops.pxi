@@ -4,10 +4,11 @@
 #
 # The operations, as io_uring defines them and as done here:
 # - ACCEPT (multishot): accept4() until EAGAIN, one CQE with F_MORE each.
-# - RECV with a provided buffer (multishot or not): the buffer the kernel
-#   would pick (the ring's head entry, uc_br_peek), recv() into it, the
-#   head moves past it only when bytes landed; an empty ring ends the recv
-#   with -ENOBUFS. EOF and errors end it without a buffer.
+# - RECV with a provided buffer, single-shot (the engine bounds each recv;
+#   a multishot one is refused with -EINVAL): the buffer the kernel would
+#   pick (the ring's head entry, uc_br_peek), recv() into it, the head
+#   moves past it only when bytes landed; an empty ring ends the recv with
+#   -ENOBUFS. EOF and errors end it without a buffer.
 # - SEND / SENDMSG: send()/sendmsg(); a short count is the result.
 # - SEND_ZC: send(MSG_ZEROCOPY) on a socket with SO_ZEROCOPY; the first CQE
 #   carries F_MORE, the notification (F_NOTIF, with the usage report) comes
@@ -117,55 +118,49 @@ cdef int ep_attempt(Epoll ep, int32_t o, uint32_t events) noexcept nogil:
     cdef char probe
     cdef EFd *e
     if opc == IORING_OP_RECV:
-        multi = (p.sqe.ioprio & IORING_RECV_MULTISHOT) != 0
+        # Single-shot only: the engine bounds every recv by its quota, which
+        # a multishot recv cannot honour (docs/architecture.md, Backpressure).
+        if p.sqe.ioprio & IORING_RECV_MULTISHOT:
+            ep.complete(o, -EINVAL, 0)
+            return W_NONE
         if (p.sqe.flags & IOSQE_BUFFER_SELECT and p.sqe.ioprio & IORING_RECVSEND_BUNDLE
-                and not multi and not (fl & MSG_DONTWAIT)):
+                and not (fl & MSG_DONTWAIT)):
             return ep_recv_bundle(ep, o)
-        for turn in range(TURN_CAP):
-            addr = <void *>uc_sqe_addr(&p.sqe)
-            blen = p.sqe.len
-            if p.sqe.flags & IOSQE_BUFFER_SELECT:
-                if not uc_br_peek(ep.br, ep.br_head, ep.br_mask, &addr, &blen, &bid):
-                    # No buffer. Only a socket with something to read ends
-                    # its recv for that (-ENOBUFS, and the engine parks the
-                    # direction until buffers come back); an idle one keeps
-                    # waiting, or parked directions that have data would
-                    # wait behind ones that have none.
-                    # (Not for a caller's own MSG_DONTWAIT recv: that may be
-                    # a peek at SO_PEEK_OFF, which any peek would move.)
-                    if not (fl & MSG_DONTWAIT):
-                        n = <int>recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
-                        if n < 0 and errno == EAGAIN:
-                            return W_IN
-                    ep.complete(o, -ENOBUFS, 0)
-                    return W_NONE
-                if p.sqe.len and p.sqe.len < blen:
-                    blen = p.sqe.len          # the recv's own cap, as io_uring honours it
-            ep.syscalls_io += 1
-            n = <int>recv(fd, addr, blen, <int>(fl | MSG_DONTWAIT))
-            if n < 0 and errno == EAGAIN:
-                if fl & MSG_DONTWAIT:          # the caller asked not to wait
-                    ep.complete(o, -EAGAIN, 0)
-                    return W_NONE
-                return W_IN
-            if n <= 0:
-                ep.complete(o, -errno if n < 0 else 0, 0)
+        addr = <void *>uc_sqe_addr(&p.sqe)
+        blen = p.sqe.len
+        if p.sqe.flags & IOSQE_BUFFER_SELECT:
+            if not uc_br_peek(ep.br, ep.br_head, ep.br_mask, &addr, &blen, &bid):
+                # No buffer. Only a socket with something to read ends
+                # its recv for that (-ENOBUFS, and the engine parks the
+                # direction until buffers come back); an idle one keeps
+                # waiting, or parked directions that have data would
+                # wait behind ones that have none.
+                # (Not for a caller's own MSG_DONTWAIT recv: that may be
+                # a peek at SO_PEEK_OFF, which any peek would move.)
+                if not (fl & MSG_DONTWAIT):
+                    n = <int>recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+                    if n < 0 and errno == EAGAIN:
+                        return W_IN
+                ep.complete(o, -ENOBUFS, 0)
                 return W_NONE
-            if p.sqe.flags & IOSQE_BUFFER_SELECT:
-                # The head moves past a buffer only once bytes are in it.
-                ep.br_head += 1
-                if not multi:
-                    ep.complete(o, n, IORING_CQE_F_BUFFER | (<uint32_t>bid << IORING_CQE_BUFFER_SHIFT))
-                    return W_NONE
-                ep.post(p.sqe.user_data, n, IORING_CQE_F_MORE | IORING_CQE_F_BUFFER
-                        | (<uint32_t>bid << IORING_CQE_BUFFER_SHIFT))
-            else:
-                ep.complete(o, n, 0)
+            if p.sqe.len and p.sqe.len < blen:
+                blen = p.sqe.len          # the recv's own cap, as io_uring honours it
+        ep.syscalls_io += 1
+        n = <int>recv(fd, addr, blen, <int>(fl | MSG_DONTWAIT))
+        if n < 0 and errno == EAGAIN:
+            if fl & MSG_DONTWAIT:          # the caller asked not to wait
+                ep.complete(o, -EAGAIN, 0)
                 return W_NONE
-            # Read on until EAGAIN, even after a short read: a FIN that
-            # came with the data makes no new edge, and the read that
-            # returns 0 for it is the only way to learn of it.
-        return W_AGAIN
+            return W_IN
+        if n <= 0:
+            ep.complete(o, -errno if n < 0 else 0, 0)
+        elif p.sqe.flags & IOSQE_BUFFER_SELECT:
+            # The head moves past a buffer only once bytes are in it.
+            ep.br_head += 1
+            ep.complete(o, n, IORING_CQE_F_BUFFER | (<uint32_t>bid << IORING_CQE_BUFFER_SHIFT))
+        else:
+            ep.complete(o, n, 0)
+        return W_NONE
     if opc == IORING_OP_SEND or opc == IORING_OP_SENDMSG or opc == IORING_OP_SEND_ZC:
         if opc == IORING_OP_SEND_ZC:
             e = ep.fd_get(fd)
