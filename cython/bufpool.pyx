@@ -59,17 +59,13 @@ cdef class BufferPool:
         # written, so the wait list's links follow the holders that ever
         # waited, and a pool that never grows past --buffers never costs more.
         self.wl_bytes = <size_t>max(1, holders) * 2 * sizeof(int32_t)
-        self.wl_next = <int32_t *>mmap(NULL, self.wl_bytes, PROT_READ | PROT_WRITE,
-                                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if <void *>self.wl_next == MAP_FAILED:
-            self.wl_next = NULL
+        self.wl_next = <int32_t *>reserve_zeroed(self.wl_bytes)
+        if self.wl_next == NULL:
             raise MemoryError("cannot reserve the buffer wait list")
         self.wl_prev = self.wl_next + max(1, holders)
         self.mem_bytes = <size_t>self.max_bufs * buffer_size
-        self.mem = <char *>mmap(NULL, self.mem_bytes, PROT_READ | PROT_WRITE,
-                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if <void *>self.mem == MAP_FAILED:
-            self.mem = NULL
+        self.mem = <char *>reserve_zeroed(self.mem_bytes)
+        if self.mem == NULL:
             raise MemoryError(f"cannot reserve {self.mem_bytes} bytes for the buffer pool")
 
     def __dealloc__(self):

@@ -12,10 +12,7 @@ cdef void on_recv(Engine e, Flow *f, int d, int res, uint32_t cflags) noexcept n
     if cflags & IORING_CQE_F_BUFFER:
         # Ownership: kernel -> this direction's send queue (dropped if
         # the flow is ending or nothing was read).
-        taken = e.pool.take(&D.q if res > 0 and f.state == F_OPEN else NULL,
-                            cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags)
-        if taken == TAKE_ORDER:
-            e.events.note(EV_ENGINE_ERROR, ERR_RING_ORDER, 0, 0, e.batch_ns)
+        taken = take_bytes(e, &D.q if res > 0 and f.state == F_OPEN else NULL, res, cflags)
         if taken != TAKE_OK:
             # The bytes are lost (no room to record them), or cannot be
             # trusted (the CQE's buffer is not the one the ring order
@@ -46,6 +43,15 @@ cdef void on_recv(Engine e, Flow *f, int d, int res, uint32_t cflags) noexcept n
         wait_push(e, <uint32_t>(f - e.flows), d)
     elif res != -ECANCELED:
         side_failed(e, f, d, res)
+
+# The bytes of a recv CQE that names a buffer, into q (NULL: dropped): the
+# pool says where they are; a CQE that contradicts the ring's order is
+# never expected and is reported once per run of them (an engine_error).
+cdef int take_bytes(Engine e, SegQueue *q, int res, uint32_t cflags) noexcept nogil:
+    cdef int taken = e.pool.take(q, cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags)
+    if taken == TAKE_ORDER:
+        e.events.note(EV_ENGINE_ERROR, ERR_RING_ORDER, 0, 0, e.batch_ns)
+    return taken
 
 cdef void on_send(Engine e, Flow *f, int d, int res) noexcept nogil:
     cdef Dir *D = &f.dir[d]

@@ -137,10 +137,7 @@ cdef class Engine:
         # follows the most flows open at once, not --max-conns. (calloc
         # would memset a chunk it took from the heap.)
         self.flows_bytes = <size_t>max(1, max_conns) * sizeof(Flow)
-        self.flows = <Flow *>mmap(NULL, self.flows_bytes, PROT_READ | PROT_WRITE,
-                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if <void *>self.flows == MAP_FAILED:
-            self.flows = NULL
+        self.flows = <Flow *>reserve_zeroed(self.flows_bytes)
         self.bundle = config.recv_bundle
         # Each flow waits for one fd (its connect) or, open in splice mode,
         # for up to two (a pipe per direction).
@@ -306,8 +303,7 @@ cdef class Engine:
             # filled must still go home or the pool shrinks for good.
             self.st.stale_cqes += 1
             if cflags & IORING_CQE_F_BUFFER:
-                if self.pool.take(NULL, cflags >> IORING_CQE_BUFFER_SHIFT, res, cflags) == TAKE_ORDER:
-                    self.events.note(EV_ENGINE_ERROR, ERR_RING_ORDER, 0, 0, self.batch_ns)
+                take_bytes(self, NULL, res, cflags)
             return
         if not (cflags & IORING_CQE_F_MORE):
             f.inflight -= 1

@@ -134,3 +134,12 @@ cdef extern from "<sys/mman.h>" nogil:
     int munmap(void *addr, size_t length)
     void *MAP_FAILED
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE
+
+
+# n bytes of zeroed address space, reserved, not committed (MAP_NORESERVE):
+# a page costs memory once first written, so a table sized for a capacity
+# (--max-conns, --max-buffers) costs memory for what is used. NULL if refused.
+cdef inline void *reserve_zeroed(size_t n) noexcept nogil:
+    cdef void *p = mmap(NULL, n, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    return NULL if p == MAP_FAILED else p

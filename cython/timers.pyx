@@ -24,10 +24,8 @@ cdef class TimerWheel:
         for i in range(TW_SLOTS):
             self.head[i] = -1
         self.links_bytes = <size_t>max(1, capacity) * 3 * sizeof(int32_t)
-        self.next = <int32_t *>mmap(NULL, self.links_bytes, PROT_READ | PROT_WRITE,
-                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if <void *>self.next == MAP_FAILED:
-            self.next = NULL
+        self.next = <int32_t *>reserve_zeroed(self.links_bytes)
+        if self.next == NULL:
             raise MemoryError("cannot reserve the timer wheel's links")
         self.prev = self.next + max(1, capacity)
         self.slot = self.prev + max(1, capacity)
