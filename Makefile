@@ -2,7 +2,9 @@
 #
 #   make run    install what is missing, build, run the demo (proxy + built-in upstream)
 #   make test   install what is missing, build, run the whole test suite
-#   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat), run every benchmark
+#   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat) and matplotlib, run
+#               every benchmark scenario (bench/suite.py); QUICK=1 runs a ~2-minute subset
+#   make bench-tools  install the perf tooling of bench/perf/ (linux-perf, strace, pyinferno)
 #
 # Every target is safe to repeat: packages are installed only when missing, the
 # venv is created once, and the extension is rebuilt only when a source changed.
@@ -18,9 +20,14 @@ CY_SOURCES  := $(wildcard cython/*.pyx cython/*.pxd cython/*.pxi cython/*.h) set
 # Debian packages: the build needs liburing's headers and a compiler; the
 # benchmark needs the peers it compares against.
 BUILD_DEBS  := liburing-dev gcc make pkg-config
-BENCH_DEBS  := iperf3 haproxy socat nginx-light libnginx-mod-stream wrk
+BENCH_DEBS  := iperf3 haproxy socat nginx-light libnginx-mod-stream wrk gcc util-linux
+# The perf tooling: perf itself (Debian's linux-perf), strace where perf trace
+# cannot run, and the flame-graph renderer (pyinferno, a wheel of the inferno crate).
+TOOLS_DEBS  := linux-perf strace
+STAMP_BENCH := $(VENV)/.bench-installed
+STAMP_TOOLS := $(VENV)/.bench-tools-installed
 
-.PHONY: run test bench probe clean deps-build deps-bench
+.PHONY: run test bench bench-tools probe clean deps-build deps-bench
 
 run: $(CORE_SO)
 	$(VENV)/bin/uring-proxy demo
@@ -28,12 +35,13 @@ run: $(CORE_SO)
 test: $(CORE_SO)
 	$(VPY) -m pytest -q tests
 
-bench: $(CORE_SO) deps-bench
-	$(VPY) bench/throughput.py
-	$(VPY) bench/http_rate.py
-	$(VPY) bench/http_rate.py --close
-	$(VPY) bench/idle.py
-	$(VPY) bench/storm.py
+bench: $(CORE_SO) deps-bench $(STAMP_BENCH)
+	$(VPY) bench/suite.py $(if $(QUICK),--quick)
+
+bench-tools: $(CORE_SO) deps-bench $(STAMP_BENCH) $(STAMP_TOOLS)
+	@perf version >/dev/null 2>&1 || { echo "perf does not run here: linux-perf is for kernel" \
+	  "$$(uname -r); bench/perf/ needs a perf that runs on this kernel" >&2; exit 1; }
+	@echo "perf tooling ready: .venv/bin/python bench/perf/profile.py --help"
 
 probe: $(CORE_SO)
 	$(VENV)/bin/uring-proxy --probe
@@ -61,6 +69,15 @@ _python_debs:
 
 deps-bench:
 	$(call apt_install,$(BENCH_DEBS))
+
+$(STAMP_BENCH): $(STAMP_DEPS)
+	$(VPY) -m pip install -q matplotlib
+	@touch $@
+
+$(STAMP_TOOLS): $(STAMP_DEPS)
+	$(call apt_install,$(TOOLS_DEBS))
+	$(VPY) -m pip install -q pyinferno
+	@touch $@
 
 $(STAMP_DEPS): pyproject.toml | deps-build
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)

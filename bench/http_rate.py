@@ -138,13 +138,14 @@ def run_wrk(children: tp.Children, port: int, seconds: int, connections: int,
 
 
 def measure(children: tp.Children, server: HttpServer, path: tp.Path_, seconds: int,
-            connections: int, proxy_args: list[str], workdir: Path, close: bool = False) -> dict:
+            connections: int, proxy_args: list[str], workdir: Path, close: bool = False,
+            cpus: str | None = None) -> dict:
     result: dict = {"path": path.name}
     before = tp.others_snapshot()
     if not path.is_proxy:
         result.update(run_wrk(children, server.port, seconds, connections, close))
     else:
-        proxy = tp.Proxy(children, path, server.port, proxy_args, workdir)
+        proxy = tp.Proxy(children, path, server.port, proxy_args, workdir, cpus)
         result["argv"] = proxy.argv
         try:
             cpu0 = proxy.cpu_seconds()
@@ -228,15 +229,24 @@ def backend_ratios(rows: list[dict], close: bool = False) -> str:
                              "CPU per connection" if close else "CPU per request"))
 
 
+def variant_args(cfg: dict) -> str:
+    """The options that make this run its own scenario (and docs section)."""
+    return ((f" --connections {cfg['connections']}" if cfg["connections"] != 100 else "")
+            + (" --close" if cfg.get("close") else "")
+            + (f" --cpus {cfg['cpus']}" if cfg.get("cpus") else ""))
+
+
 def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
     m, cfg = meta["machine"], meta["config"]
     close = cfg.get("close", False)
     failures = [r for r in runs if "error" in r]
-    markers = tp.CONN_SECTION if close else tp.HTTP_SECTION
+    markers = tp.section_markers("http_rate.py", variant_args(cfg))
     begin, end = markers
     head = HEAD_CLOSE if close else HEAD
     title = ("Connection rate: a new connection per request (wrk, `Connection: close`, loopback)"
-             if close else "HTTP requests through the proxy (wrk, keep-alive, loopback)")
+             if close else f"HTTP requests through the proxy (wrk, keep-alive, c{cfg['connections']}, loopback)")
+    if cfg.get("cpus"):
+        title += ", proxy on one core"
     unit = "connection" if close else "request"
     section = f"""{begin}
 ## {title}
@@ -247,7 +257,8 @@ def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
 - CPU busy in the second before the run: {meta['busy_percent_before']:.0f}%
 - Command (from the repository root): `{meta['command']}`
 - {cfg['rounds']} rounds x {cfg['seconds']} s per path, paths interleaved round-robin;
-  load `wrk -t1 -c{cfg['connections']} -d{cfg['seconds']}s{' -H "Connection: close"' if close else ''}`; proxy extra arguments:
+  load `wrk -t1 -c{cfg['connections']} -d{cfg['seconds']}s{' -H "Connection: close"' if close else ''}`;
+  {tp.pinning_note(cfg.get('cpus'))}; proxy extra arguments:
   {('`' + shlex.join(cfg['proxy_args']) + '`') if cfg['proxy_args'] else 'none'}
 
 {markdown_table(rows, head)}
@@ -266,7 +277,7 @@ def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
 ### How to reproduce
 
     make bench
-    .venv/bin/python bench/http_rate.py --rounds {cfg['rounds']} --seconds {cfg['seconds']}{'' if cfg['connections'] == 100 else f" --connections {cfg['connections']}"}{' --close' if close else ''} --write-docs
+    .venv/bin/python bench/http_rate.py --rounds {cfg['rounds']} --seconds {cfg['seconds']}{variant_args(cfg)} --write-docs
 
 The upstream is nginx, run as `nginx -e stderr -p DIR -c nginx-http.conf` with:
 
@@ -294,6 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--close", action="store_true",
                     help="connection rate: every request on a new connection (Connection: close); "
                          "reports conn/s and proxy CPU us per connection, in its own docs section")
+    ap.add_argument("--cpus", metavar="LIST",
+                    help="pin every proxy to these CPUs with taskset -c LIST (see bench/throughput.py)")
     ap.add_argument("--paths", help="comma-separated paths to run (default: all)")
     ap.add_argument("--proxy-args", default="", help="extra uring-proxy arguments, one string")
     ap.add_argument("--json", metavar="FILE", help="write every run's raw results here")
@@ -303,6 +316,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.rounds < 1 or a.seconds < 1 or a.connections < 1:
         ap.error("--rounds, --seconds and --connections must be at least 1")
+    if a.cpus is not None:
+        try:
+            tp.check_cpus(a.cpus)
+        except tp.BenchError as e:
+            ap.error(str(e))
     return a
 
 
@@ -316,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "(Debian: apt-get install wrk nginx-light)")
         paths = tp.check_tools(paths, explicit, need_iperf3=False)
         proxy_args = shlex.split(args.proxy_args)
+        # wrk's sockets, and a proxy's two per connection plus its own.
+        tp.raise_fd_limit(3 * args.connections + 256)
     except (tp.BenchError, ValueError) as e:
         print(f"http_rate.py: error: {e}", file=sys.stderr)
         return 2
@@ -328,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": tp.machine_info(), "versions": versions,
         "busy_percent_before": round(tp.busy_percent(), 1),
         "config": {"rounds": args.rounds, "seconds": args.seconds, "connections": args.connections,
-                   "close": args.close,
+                   "close": args.close, "cpus": args.cpus,
                    "paths": [p.name for p in paths], "proxy_args": proxy_args},
     }
     unit = "conn" if args.close else "req"
@@ -345,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             interrupted = tp.run_rounds(
                 paths, args.rounds, args.seconds, runs,
                 lambda path: measure(children, server, path, args.seconds, args.connections,
-                                     proxy_args, workdir, args.close),
+                                     proxy_args, workdir, args.close, args.cpus),
                 lambda r: f"{r['req_per_s']:9,.0f} {unit}/s" + (
                     f", proxy {r['cpu_us_per_request']:.1f} us CPU/{unit} ({r['cpu_percent']:.0f}% CPU)"
                     if "cpu_us_per_request" in r else ""))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import resource
 import shlex
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="idle connections per path (default: what the fd limit allows)")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measured (default 10)")
     ap.add_argument("--paths", default=DEFAULT_PATHS, help=f"comma-separated paths (default {DEFAULT_PATHS})")
+    ap.add_argument("--json", metavar="FILE", help="write the run's raw results here")
     ap.add_argument("--write-docs", action="store_true",
                     help="write the idle-footprint section of docs/benchmarks.md from this run")
     args = ap.parse_args(argv)
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     c = [HEAD] + cells(rows)
     w = [max(len(x[i]) for x in c) for i in range(len(HEAD))]
     print("\n".join("  ".join([x[0].ljust(w[0])] + [x[i].rjust(w[i]) for i in range(1, len(x))]) for x in c))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "summary": rows, "runs": rows}, indent=2) + "\n")
     if args.write_docs:
         write_docs(meta, rows)
         tp.log(f"wrote the idle-footprint section of {tp.DOCS_FILE}")

@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""Single-stream TCP throughput through uring-proxy and its peers, on loopback.
+"""Bulk TCP throughput through uring-proxy and its peers, on loopback.
 
 README
 ======
 What it measures
-    One iperf3 TCP stream (client -> server, ``iperf3 -c 127.0.0.1 -p P -t S -J``)
-    through each *path*, interleaved in one run: round 1 runs every path once, then
-    round 2, and so on, so drift on the machine hits every path alike. The figure is
-    ``end.sum_received.bits_per_second`` from iperf3's JSON (what the server got).
+    iperf3 TCP streams (``iperf3 -c 127.0.0.1 -p P -t S -J``, plus ``-P N`` for N
+    parallel streams with --streams, and ``-R`` with --reverse so the server sends and
+    the bytes cross the proxy from upstream to client) through each *path*,
+    interleaved in one run: round 1 runs every path once, then round 2, and so on, so
+    drift on the machine hits every path alike. The figure is
+    ``end.sum_received.bits_per_second`` from iperf3's JSON (what the receiving end
+    got, summed over the streams). A run in which one stream carried nothing fails.
+
+    --cpus LIST pins every proxy to those CPUs with taskset (HAProxy then starts one
+    thread): the per-core efficiency figure, which does not depend on how the load
+    generator and the server share the machine.
 
     For each proxy path it also reads the proxy's CPU time (utime + stime from
     /proc/PID/stat, summed over all its threads and child processes) just before and
     just after the iperf3 run, and reports CPU-seconds per GB (10^9 bytes) delivered
     to the server, plus CPU % of one core over the run. For uring-proxy it also
-    checks the ``c2u=`` of the proxy's ``stopped`` line against what the server got,
-    as proof the stream really crossed the proxy.
+    checks the ``c2u=`` (``u2c=`` with --reverse) of the proxy's ``stopped`` line
+    against what the receiver got, as proof the stream really crossed the proxy.
 
     Around each run it also measures how much CPU *other* user processes took
     (system busy time minus this script's process tree minus kernel threads): on a
@@ -25,6 +32,8 @@ Paths
     direct              iperf3 client straight to the server (the ceiling)
     haproxy             HAProxy 2.6 ``mode tcp``, the peers' baseline configuration
                         (HAPROXY_CFG below), run in the foreground: ``haproxy -db -f``
+    haproxy-splice      the same with ``option splice-request`` and ``splice-response``
+                        (the kernel moves the bytes through a pipe, HAProxy's bulk mode)
     nginx-stream        nginx 1.22 ``stream { server { proxy_pass } }`` (NGINX_STREAM_CFG
                         below; skipped with a note when nginx or its stream module
                         is not installed)
@@ -38,12 +47,15 @@ Usage (from the repository root)
     make bench                                  # installs the peers, builds, runs both benches
     .venv/bin/python bench/throughput.py        # 5 rounds x 4 s, every path
     .venv/bin/python bench/throughput.py --rounds 3 --paths direct,haproxy
+    .venv/bin/python bench/throughput.py --streams 8 --reverse
+    .venv/bin/python bench/throughput.py --cpus 1 --paths haproxy,uring-proxy-copy
     .venv/bin/python bench/throughput.py --proxy-args "--buffer-size 131072"
     .venv/bin/python bench/throughput.py --json bench/results/run.json --write-docs
 
     ``--paths`` takes names from the list above, comma separated; ``uring-proxy``
-    alone selects every uring-proxy variant. ``--write-docs`` rewrites
-    docs/benchmarks.md from this run. Progress goes to stderr, the table to stdout.
+    alone selects every uring-proxy variant. ``--write-docs`` rewrites this
+    scenario's section of docs/benchmarks.md (one section per --streams/--reverse/
+    --cpus combination; the rest of the file stays). Progress goes to stderr, the table to stdout.
 
 Reading the numbers
     The load generator, the server and the proxy share the machine's cores, and
@@ -84,6 +96,7 @@ IPERF3 = "/usr/bin/iperf3"
 HAPROXY = "/usr/sbin/haproxy"
 SOCAT = "/usr/bin/socat"
 NGINX = "/usr/sbin/nginx"
+TASKSET = "/usr/bin/taskset"
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # uring-proxy variants: (name, extra CLI arguments). The path is called
@@ -99,7 +112,7 @@ HAPROXY_CFG = """\
 global
     maxconn 4000
 defaults
-    mode tcp
+    mode tcp{splice}
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -362,8 +375,17 @@ class Path_:
         return self.kind != "direct"
 
 
+def haproxy_cfg(path: Path_, proxy_port, upstream_port) -> str:
+    """HAProxy's configuration for `path`: the baseline, or with splice (the kernel
+    moves the bytes socket to pipe to socket, HAProxy's fastest bulk mode)."""
+    splice = ("\n    option splice-request\n    option splice-response"
+              if "splice" in path.args else "")
+    return HAPROXY_CFG.format(proxy_port=proxy_port, upstream_port=upstream_port, splice=splice)
+
+
 def all_paths() -> list[Path_]:
     paths = [Path_("direct", "direct"), Path_("haproxy", "haproxy"),
+             Path_("haproxy-splice", "haproxy", ["splice"]),
              Path_("nginx-stream", "nginx"), Path_("socat", "socat")]
     paths += [Path_(f"uring-proxy-{name}", "uring", args) for name, args in URING_VARIANTS]
     return paths
@@ -390,8 +412,8 @@ class Proxy:
     """One running proxy process for one measurement."""
 
     def __init__(self, children: Children, path: Path_, upstream_port: int,
-                 proxy_args: list[str], workdir: Path) -> None:
-        self.children, self.path = children, path
+                 proxy_args: list[str], workdir: Path, cpus: str | None = None) -> None:
+        self.children, self.path, self.cpus = children, path, cpus
         self.logfile = workdir / f"{path.name}.log"
         self.port = 0
         self.proc: subprocess.Popen | None = None
@@ -402,8 +424,8 @@ class Proxy:
         kind = self.path.kind
         if kind == "haproxy":
             self.port = free_port()
-            cfg = workdir / "haproxy.cfg"
-            cfg.write_text(HAPROXY_CFG.format(proxy_port=self.port, upstream_port=upstream_port))
+            cfg = workdir / f"{self.path.name}.cfg"
+            cfg.write_text(haproxy_cfg(self.path, self.port, upstream_port))
             self.argv = [HAPROXY, "-db", "-f", str(cfg)]
         elif kind == "nginx":
             self.port = free_port()
@@ -420,6 +442,10 @@ class Proxy:
                          "--upstream", f"127.0.0.1:{upstream_port}", *self.path.args, *proxy_args]
         else:
             raise AssertionError(kind)
+        if self.cpus:
+            # taskset execs the proxy: the pid we measure is the proxy's, and
+            # threads and forked children (socat's) inherit the CPU set.
+            self.argv = [TASKSET, "-c", self.cpus, *self.argv]
         with open(self.logfile, "wb") as err:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             self.proc = self.children.spawn(self.argv, stdin=subprocess.DEVNULL,
@@ -489,8 +515,15 @@ class IperfServer:
         self.start()
 
 
-def run_iperf_client(children: Children, port: int, seconds: int) -> dict:
-    argv = [IPERF3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+def iperf_argv(port: int, seconds: int, streams: int = 1, reverse: bool = False) -> list[str]:
+    """The client's command: -P for parallel streams, -R for the server sending."""
+    return ([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+            + (["-P", str(streams)] if streams > 1 else []) + (["-R"] if reverse else []))
+
+
+def run_iperf_client(children: Children, port: int, seconds: int, streams: int = 1,
+                     reverse: bool = False) -> dict:
+    argv = iperf_argv(port, seconds, streams, reverse)
     proc = children.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
     try:
@@ -506,11 +539,24 @@ def run_iperf_client(children: Children, port: int, seconds: int) -> dict:
         msg = (err or out).decode(errors="replace").strip().splitlines()
         raise RunError(f"iperf3 client exited {proc.returncode}: "
                        f"{msg[-1] if msg else 'no output'}") from None
+    return parse_iperf(data, streams)
+
+
+def parse_iperf(data: dict, streams: int = 1) -> dict:
+    """The figures of one iperf3 -J result: what the receiver got (the server, or the
+    client with -R), over all streams; a run whose streams did not all carry bytes
+    failed (a proxy that serves 7 of 8 connections is not fast)."""
     if data.get("error"):
         raise RunError(f"iperf3: {data['error']}")
     try:
         recv = data["end"]["sum_received"]
         sent = data["end"]["sum_sent"]
+        per_stream = [st["receiver"]["bytes"] for st in data["end"].get("streams", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"iperf3 JSON lacks end.sum_received ({e})") from None
+    if len(per_stream) != streams or not all(per_stream):
+        raise RunError(f"{sum(1 for b in per_stream if b)} of {streams} iperf3 streams carried bytes")
+    try:
         return {
             "bits_per_second": float(recv["bits_per_second"]),
             "bytes": int(recv["bytes"]),
@@ -525,26 +571,28 @@ def run_iperf_client(children: Children, port: int, seconds: int) -> dict:
 # ---------------------------------------------------------------- one measurement
 
 
-def client_run(children: Children, port: int, seconds: int) -> dict:
+def client_run(children: Children, port: int, seconds: int, streams: int = 1,
+               reverse: bool = False) -> dict:
     """One iperf3 client run, plus the CPU other processes took meanwhile."""
     before = others_snapshot()
-    result = run_iperf_client(children, port, seconds)
+    result = run_iperf_client(children, port, seconds, streams, reverse)
     result["other_cpu_s"] = others_cpu_seconds(before, others_snapshot())
     result["other_cpu_percent"] = 100.0 * result["other_cpu_s"] / result["seconds"]
     return result
 
 
 def measure(children: Children, server: IperfServer, path: Path_, seconds: int,
-            proxy_args: list[str], workdir: Path) -> dict:
+            proxy_args: list[str], workdir: Path, streams: int = 1, reverse: bool = False,
+            cpus: str | None = None) -> dict:
     result: dict = {"path": path.name}
     if not path.is_proxy:
-        result.update(client_run(children, server.port, seconds))
+        result.update(client_run(children, server.port, seconds, streams, reverse))
     else:
-        proxy = Proxy(children, path, server.port, proxy_args, workdir)
+        proxy = Proxy(children, path, server.port, proxy_args, workdir, cpus)
         result["argv"] = proxy.argv
         try:
             cpu0 = proxy.cpu_seconds()
-            result.update(client_run(children, proxy.port, seconds))
+            result.update(client_run(children, proxy.port, seconds, streams, reverse))
             wait_no_descendants(proxy.proc.pid)
             cpu1 = proxy.cpu_seconds()
             if proxy.proc.poll() is not None:
@@ -559,17 +607,19 @@ def measure(children: Children, server: IperfServer, path: Path_, seconds: int,
         result["cpu_s_per_gb"] = result["cpu_seconds"] / gb if gb > 0 else None
         result["cpu_percent"] = 100.0 * result["cpu_seconds"] / result["seconds"]
         stopped = _stopped_fields(proxy_log) if path.kind == "uring" else {}
-        c2u = stopped.get("bytes_c2u")
+        # With -R the server sends: the stream crosses the proxy upstream to client.
+        way = "u2c" if reverse else "c2u"
+        forwarded = stopped.get(f"bytes_{way}")
         for k in ("zc_sends", "zc_notifs", "zc_copied"):
             if k in stopped:
                 result[k] = stopped[k]
-        if c2u is not None:
+        if forwarded is not None:
             # Proof the stream went through the proxy: it must have delivered at
-            # least what the server counted.
-            result["proxy_c2u"] = c2u
-            if c2u < result["bytes"]:
-                result["warning"] = (f"proxy reports c2u={c2u} bytes, fewer than the "
-                                     f"{result['bytes']} the server received")
+            # least what the receiver counted.
+            result[f"proxy_{way}"] = forwarded
+            if forwarded < result["bytes"]:
+                raise RunError(f"proxy reports {way}={forwarded} bytes, fewer than the "
+                               f"{result['bytes']} the receiver got")
         if path.kind == "uring" and status not in (0, None):
             # The contract says SIGTERM -> exit 0; a crash on shutdown is worth knowing.
             result["warning"] = f"exit status {status} after SIGTERM (contract says 0)"
@@ -788,40 +838,64 @@ def command_line(script_file: str = __file__) -> str:
     return shlex.join([exe_s, script, *sys.argv[1:]])
 
 
+def variant_args(streams: int = 1, reverse: bool = False, cpus: str | None = None) -> str:
+    """The options that make a run a different scenario: its docs section and its
+    name in the results are keyed by them ("" for the default single stream)."""
+    return ((f" --streams {streams}" if streams > 1 else "") + (" --reverse" if reverse else "")
+            + (f" --cpus {cpus}" if cpus else ""))
+
+
+def section_markers(script: str, variant: str = "") -> tuple[str, str]:
+    """The comment lines around the part of DOCS_FILE that `script` with the
+    options `variant` writes; every other part of the file stays as it is."""
+    return (f"<!-- bench/{script}{variant} --write-docs: begin -->",
+            f"<!-- bench/{script}{variant} --write-docs: end -->")
+
+
+def pinning_note(cpus: str | None) -> str:
+    if not cpus:
+        return "not pinned (the scheduler places the proxy, the load and the server)"
+    return (f"every proxy pinned with `taskset -c {cpus}` (HAProxy then starts one thread; "
+            "uring-proxy and nginx are one thread anyway); load and server not pinned")
+
+
 def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
     m, v, cfg = meta["machine"], meta["versions"], meta["config"]
+    streams, reverse, cpus = cfg.get("streams", 1), cfg.get("reverse", False), cfg.get("cpus")
+    variant = variant_args(streams, reverse, cpus)
+    markers = section_markers("throughput.py", variant)
     failures = [r for r in runs if "error" in r]
-    uring_names = ", ".join(f"`uring-proxy-{n}` ({' '.join(a)})" for n, a in URING_VARIANTS)
-    text = f"""# Benchmarks
-
-Generated by `bench/throughput.py --write-docs` and, for the HTTP section, by
-`bench/http_rate.py --write-docs`. Do not edit by hand: rerun the scripts.
-
-## Single TCP stream through the proxy (iperf3, loopback)
+    what = ("Single TCP stream" if streams == 1 else f"{streams} parallel TCP streams") + (
+        ", upstream to client (`-R`)" if reverse else "") + (", proxy on one core" if cpus else "")
+    section = f"""{markers[0]}
+## {what} through the proxy (iperf3, loopback)
 
 - Date: {meta['date']}
 - Machine: Linux {m['kernel']}, {m['nproc']} CPUs, {m['cpu_model']}
 - Software: {', '.join(f'{k} {val}' for k, val in v.items())}, Python {m['python']}
 - CPU busy in the second before the run: {meta['busy_percent_before']:.0f}%
 - Command (from the repository root): `{meta['command']}`
-- {cfg['rounds']} rounds x {cfg['seconds']} s per path, paths interleaved round-robin;
-  proxy extra arguments: {('`' + shlex.join(cfg['proxy_args']) + '`') if cfg['proxy_args'] else 'none'}
+- {cfg['rounds']} rounds x {cfg['seconds']} s per path, paths interleaved round-robin; load
+  `{shlex.join(iperf_argv(0, cfg['seconds'], streams, reverse)).replace(' -p 0', ' -p P')}`;
+  {pinning_note(cpus)}; proxy extra arguments:
+  {('`' + shlex.join(cfg['proxy_args']) + '`') if cfg['proxy_args'] else 'none'}
 
 {markdown_table(rows)}
 
-- **median Gbit/s**: median over the rounds of iperf3's `end.sum_received.bits_per_second`;
-  min and max over the same rounds.
-- **vs HAProxy**: this path's median divided by HAProxy 2.6 `mode tcp`'s median in the
-  same run. Quote this ratio, not the Gbit/s: the client, the server and the proxy share
-  the machine's cores, and absolute figures drift by tens of percent between runs.
+- **median Gbit/s**: median over the rounds of iperf3's `end.sum_received.bits_per_second`
+  (what the receiving end got, over all streams); min and max over the same rounds. A
+  run in which a stream carried nothing, or uring-proxy forwarded fewer bytes than the
+  receiver counted, failed.
+- **vs HAProxy**: this path's median over HAProxy 2.6 `mode tcp`'s median in the same
+  run. Quote this ratio, not the Gbit/s: the client, the server and the proxy share the
+  machine's cores, and absolute figures drift by tens of percent between runs.
 - **proxy CPU-s/GB**: CPU seconds (user + system, all threads and child processes) the
-  proxy spent during the iperf3 run, per 10^9 bytes delivered to the server; lower is
-  better. **proxy CPU %**: the same CPU time over the run's wall time (100 = one core).
+  proxy spent during the run, per 10^9 bytes delivered; lower is better. **proxy
+  CPU %**: the same CPU time over the run's wall time (100 = one core).
 - **zc copied**: for zero-copy variants, the share of `SEND_ZC` sends whose
   notification said the kernel copied after all (`IORING_NOTIF_USAGE_ZC_COPIED`). On
   loopback and veth it is 100%: zero-copy cannot win there, and its figure says so.
-- **Other processes**: CPU that user processes outside the benchmark took during each
-  iperf3 run (from /proc). {others_note(runs) or 'No run finished.'}
+- {others_note(runs) or 'No run finished.'}
 {('- Failed runs: ' + '; '.join(f"{r['path']} round {r['round']}: {r['error'].splitlines()[0]}" for r in failures) + chr(10)) if failures else ''}
 ### io_uring against epoll, mode by mode (same run)
 
@@ -831,59 +905,21 @@ advantage in this run; near 1 is its absence.
 
 {backend_ratios(rows) or 'Not measured in this run (select both backends to see it).'}
 
-HTTP requests per second through the same paths: the last section below
-(`bench/http_rate.py --write-docs`).
+### How to reproduce
 
-## How to reproduce
+    .venv/bin/python bench/throughput.py --rounds {cfg['rounds']} --seconds {cfg['seconds']}{variant} --write-docs
 
-    make bench            # installs the peers if missing, builds, runs every bench script:
-                          # throughput, http_rate (keep-alive, --close), idle, storm
-    .venv/bin/python bench/throughput.py --rounds 5 --seconds 4 --write-docs
-
-`--paths` picks paths (direct, haproxy, nginx-stream, socat, {', '.join(f'uring-proxy-{n}' for n, _ in URING_VARIANTS)};
-`uring-proxy` for every variant), `--proxy-args "..."` passes options to uring-proxy,
-`--json FILE` keeps every run's raw figures. The uring-proxy variants are {uring_names}.
-
-By hand, one path at a time:
-
-    iperf3 -s -p U -B 127.0.0.1                           # the server
-    haproxy -db -f haproxy.cfg                            # or: python -m uring_net --listen 127.0.0.1:P --upstream 127.0.0.1:U --mode copy
-    iperf3 -c 127.0.0.1 -p P -t 4 -J                      # read end.sum_received.bits_per_second
-
-with this `haproxy.cfg` (the peers' baseline configuration):
-
-```
-{HAPROXY_CFG.format(proxy_port='P', upstream_port='U').rstrip()}
-```
-
-nginx `stream`, run as `nginx -e stderr -p DIR -c nginx-stream.conf`:
-
-```
-{NGINX_STREAM_CFG.format(module=NGINX_STREAM_MODULE, workdir='DIR', proxy_port='P', upstream_port='U').rstrip()}
-```
-
-socat, the other peer: `socat TCP-LISTEN:P,bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:U`.
+The peers' configurations are in "How the peers run" at the top of this file.
+{markers[1]}
 """
-    # bench/http_rate.py owns two sections of the same file: keep them as they are.
-    http = docs_section(HTTP_SECTION)
-    conn = docs_section(CONN_SECTION)
-    idle = docs_section(IDLE_SECTION)
-    storm = docs_section(STORM_SECTION)
-    write_docs_file(text + "\n" + (http or f"{HTTP_SECTION[0]}\n## HTTP requests through the proxy\n\n"
-                                          f"Not measured yet: run `bench/http_rate.py --write-docs`.\n"
-                                          f"{HTTP_SECTION[1]}\n")
-                    + "".join("\n" + sec for sec in (conn, idle, storm) if sec))
+    replace_docs_section(markers, section)
 
 
-# The part of DOCS_FILE that bench/http_rate.py writes, between these two lines.
-HTTP_SECTION = ("<!-- bench/http_rate.py --write-docs: begin -->", "<!-- bench/http_rate.py --write-docs: end -->")
-# ... and the one bench/http_rate.py --close writes.
-CONN_SECTION = ("<!-- bench/http_rate.py --close --write-docs: begin -->",
-                "<!-- bench/http_rate.py --close --write-docs: end -->")
-# ... and the one bench/idle.py writes.
-IDLE_SECTION = ("<!-- bench/idle.py --write-docs: begin -->", "<!-- bench/idle.py --write-docs: end -->")
-# ... and the one bench/storm.py writes.
-STORM_SECTION = ("<!-- bench/storm.py --write-docs: begin -->", "<!-- bench/storm.py --write-docs: end -->")
+# The parts of DOCS_FILE the other scripts write (their default variants).
+HTTP_SECTION = section_markers("http_rate.py")
+CONN_SECTION = section_markers("http_rate.py", " --close")
+IDLE_SECTION = section_markers("idle.py")
+STORM_SECTION = section_markers("storm.py")
 
 
 def docs_section(markers: tuple[str, str]) -> str:
@@ -927,6 +963,14 @@ def stop_everything(children: Children) -> None:
     children.stop_all()
 
 
+def eta(elapsed: float, done: int, total: int, guess_per_run: float) -> str:
+    """`~Ns left`: the mean run so far times the runs to go (before the first run
+    ends, the caller's guess per run)."""
+    per_run = elapsed / done if done else guess_per_run
+    left = per_run * (total - done)
+    return f"~{left / 60:.0f} min left" if left >= 120 else f"~{left:.0f} s left"
+
+
 def run_rounds(paths: list[Path_], rounds: int, seconds: int, runs: list[dict],
                run_one, figure, after_failure=None) -> bool:
     """Every path once per round, round-robin, so drift on the machine hits every
@@ -935,11 +979,13 @@ def run_rounds(paths: list[Path_], rounds: int, seconds: int, runs: list[dict],
     interrupted (Ctrl-C, SIGTERM): the runs so far stay in `runs`."""
     total, n = rounds * len(paths), 0
     log(f"{rounds} rounds x {len(paths)} paths x {seconds} s (about {total * (seconds + 1.5):.0f} s)")
+    started = time.monotonic()
     try:
         for rnd in range(1, rounds + 1):
             for path in paths:
                 n += 1
-                prefix = f"[{n}/{total}] round {rnd}/{rounds} {path.name:<26}"
+                prefix = (f"[{n}/{total}] round {rnd}/{rounds} {path.name:<26}"
+                          f" {eta(time.monotonic() - started, n - 1, total, seconds + 1.5)}")
                 log(f"{prefix} running ...")
                 try:
                     r = run_one(path)
@@ -1010,10 +1056,18 @@ def check_tools(paths: list[Path_], explicit: bool, need_iperf3: bool = True) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = ", ".join(p.name for p in all_paths())
     ap = argparse.ArgumentParser(
-        description="Single-stream iperf3 throughput through uring-proxy and its peers.",
+        description="Bulk iperf3 throughput (1 or N streams, either direction) through uring-proxy and its peers.",
         epilog=f"paths: {names} ('uring-proxy' = every uring-proxy variant)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds over all paths (default 5)")
     ap.add_argument("--seconds", type=int, default=4, help="iperf3 -t per run (default 4)")
+    ap.add_argument("--streams", type=int, default=1,
+                    help="parallel TCP streams, iperf3 -P (default 1); the figure sums them")
+    ap.add_argument("--reverse", action="store_true",
+                    help="the server sends, iperf3 -R: bytes cross the proxy upstream to client")
+    ap.add_argument("--cpus", metavar="LIST",
+                    help="pin every proxy (HAProxy, nginx, socat and uring-proxy alike) to these "
+                         "CPUs with taskset -c LIST, e.g. 1: a per-core figure that does not depend "
+                         "on how the load generator and the server share the machine")
     ap.add_argument("--paths", help="comma-separated paths to run (default: all)")
     ap.add_argument("--proxy-args", default="",
                     help='extra uring-proxy arguments, one string: "--buffer-size 131072"')
@@ -1021,9 +1075,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--write-docs", action="store_true",
                     help=f"rewrite {DOCS_FILE.relative_to(REPO)} from this run")
     a = ap.parse_args(argv)
-    if a.rounds < 1 or a.seconds < 1:
-        ap.error("--rounds and --seconds must be at least 1")
+    if a.rounds < 1 or a.seconds < 1 or a.streams < 1:
+        ap.error("--rounds, --seconds and --streams must be at least 1")
+    if a.cpus is not None:
+        try:
+            check_cpus(a.cpus)
+        except BenchError as e:
+            ap.error(str(e))
     return a
+
+
+def raise_fd_limit(need: int) -> None:
+    """Lift the soft fd limit to `need` (children inherit it): a load generator
+    that hits EMFILE reports socket errors that are the bench's, not the proxy's."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise BenchError(f"this needs {need} file descriptors; the hard limit is {hard} (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def check_cpus(cpus: str) -> None:
+    """--cpus must name CPUs this process may run on, and taskset must exist:
+    a pinning that silently did not happen would make a per-core figure a lie."""
+    if not os.access(TASKSET, os.X_OK):
+        raise BenchError(f"--cpus needs {TASKSET} (Debian: apt-get install util-linux)")
+    wanted: set[int] = set()
+    try:
+        for part in cpus.split(","):
+            lo, _, hi = part.partition("-")
+            wanted.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise BenchError(f"--cpus {cpus!r}: expected a list like 1 or 0,2-3") from None
+    allowed = os.sched_getaffinity(0)
+    if not wanted or not wanted <= allowed:
+        raise BenchError(f"--cpus {cpus}: this process may run only on CPUs "
+                         f"{','.join(map(str, sorted(allowed)))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1042,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": software_versions(paths),
         "busy_percent_before": round(busy_percent(), 1),
-        "config": {"rounds": args.rounds, "seconds": args.seconds,
+        "config": {"rounds": args.rounds, "seconds": args.seconds, "streams": args.streams,
+                   "reverse": args.reverse, "cpus": args.cpus,
                    "paths": [p.name for p in paths], "proxy_args": proxy_args},
     }
     if meta["busy_percent_before"] > BUSY_WARN_PERCENT:
@@ -1062,7 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
             # server waiting on it.
             interrupted = run_rounds(
                 paths, args.rounds, args.seconds, runs,
-                lambda path: measure(children, server, path, args.seconds, proxy_args, workdir),
+                lambda path: measure(children, server, path, args.seconds, proxy_args, workdir,
+                                     args.streams, args.reverse, args.cpus),
                 lambda r: f"{r['gbps']:6.2f} Gbit/s" + (
                     f", proxy {r['cpu_s_per_gb']:.3f} CPU-s/GB ({r['cpu_percent']:.0f}% CPU)"
                     if r.get("cpu_s_per_gb") is not None else ""),
@@ -1076,7 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_everything(children)
 
     rows = summarize(paths, runs)
-    print(f"\nSingle-stream iperf3 throughput, {args.rounds} rounds x {args.seconds} s, "
+    print(f"\niperf3 throughput, {args.streams} stream(s){', reverse' if args.reverse else ''}"
+          f"{', proxy on CPUs ' + args.cpus if args.cpus else ''}, {args.rounds} rounds x {args.seconds} s, "
           f"{meta['date']}, Linux {meta['machine']['kernel']}, {meta['machine']['nproc']} CPUs")
     print(text_table(rows))
     if others_note(runs):
