@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402  (paths, proxies, /proc accounting, docs helpers)
 
-DEFAULT_PATHS = "haproxy,uring-proxy-copy,uring-proxy-auto,uring-proxy-splice,uring-proxy-epoll-copy"
+DEFAULT_PATHS = "haproxy,nginx-stream,uring-proxy-copy,uring-proxy-auto,uring-proxy-splice,uring-proxy-epoll-copy"
 IDLE_SECTION = tp.IDLE_SECTION
 
 # HAProxy with room for N connections (the shared configuration stops at 4,000).
@@ -57,6 +57,23 @@ defaults
 listen p
     bind 127.0.0.1:{proxy_port}
     server s1 127.0.0.1:{upstream_port}
+"""
+
+# nginx stream with room for N connections (two fds each: client and upstream).
+NGINX_IDLE_CFG = """\
+load_module {module};
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+daemon off;
+pid {workdir}/nginx-idle.pid;
+events {{ worker_connections {conns}; }}
+stream {{
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        proxy_pass 127.0.0.1:{upstream_port};
+        proxy_timeout 3600s;
+    }}
+}}
 """
 
 # The upstream: accepts and holds every connection, never reads or writes.
@@ -96,8 +113,25 @@ def start_proxy(children, path, upstream_port: int, n: int, workdir: Path):
                               stdout=log, stderr=subprocess.STDOUT)
         tp.wait_listening(port, proc, path.name, workdir / "haproxy-idle.log")
         return proc, port, None
+    if path.kind == "nginx":
+        port = tp.free_port()
+        cfg = workdir / "nginx-idle.conf"
+        cfg.write_text(NGINX_IDLE_CFG.format(module=tp.NGINX_STREAM_MODULE, workdir=workdir,
+                                             nofile=2 * n + 100, conns=2 * n + 50,
+                                             proxy_port=port, upstream_port=upstream_port))
+        log = open(workdir / "nginx-idle.log", "wb")
+        master = children.spawn([tp.NGINX, "-e", "stderr", "-p", str(workdir), "-c", str(cfg)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        tp.wait_listening(port, master, path.name, workdir / "nginx-idle.log")
+        return master, port, None
     proxy = tp.Proxy(children, path, upstream_port, ["--max-conns", str(n + 10)], workdir)
     return proxy.proc, proxy.port, proxy
+
+
+def serving_pid(proc) -> int:
+    """The process that holds the connections: nginx's one worker, else the proxy."""
+    kids = tp._descendants(proc.pid)
+    return kids[0] if len(kids) == 1 else proc.pid
 
 
 def measure(children, path, n: int, idle_s: float, workdir: Path) -> dict:
@@ -107,7 +141,8 @@ def measure(children, path, n: int, idle_s: float, workdir: Path) -> dict:
     socks: list[socket.socket] = []
     try:
         time.sleep(0.5)
-        rss0, fds0 = status_kib(proc.pid, "VmRSS"), fd_count(proc.pid)
+        pid = serving_pid(proc)
+        rss0, fds0 = status_kib(pid, "VmRSS"), fd_count(pid)
         for _ in range(n):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(b"x")
@@ -116,7 +151,7 @@ def measure(children, path, n: int, idle_s: float, workdir: Path) -> dict:
         cpu0 = tp.tree_cpu_seconds(proc.pid)
         time.sleep(idle_s)
         cpu = tp.tree_cpu_seconds(proc.pid) - cpu0
-        rss1, fds1 = status_kib(proc.pid, "VmRSS"), fd_count(proc.pid)
+        rss1, fds1 = status_kib(pid, "VmRSS"), fd_count(pid)
         if proc.poll() is not None:
             raise tp.RunError(f"{path.name} exited with status {proc.returncode}")
         return {"path": path.name, "connections": n, "rss_before_kib": rss0, "rss_kib": rss1,
@@ -169,7 +204,9 @@ def write_docs(meta: dict, rows: list[dict]) -> None:
   every connection and never answers. Figures are the proxy's, from /proc: RSS with the
   flows open minus RSS before them, per connection (uring-proxy's flow table, which grows
   with the flows, is counted); fds likewise; CPU over the idle period with timers running.
-  HAProxy runs with `maxconn` N + 50 and 3600 s client/server timeouts.
+  HAProxy runs with `maxconn` N + 50 and 3600 s client/server timeouts; nginx `stream`
+  with one worker, `worker_connections` 2N + 50 and `proxy_timeout 3600s` (the worker's
+  figures). socat is left out: it forks a process per connection.
 
 {table}
 
@@ -184,7 +221,7 @@ proxy before the flows.
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Idle footprint per connection: uring-proxy beside HAProxy.",
                                  epilog="paths: " + ", ".join(p.name for p in tp.all_paths()
-                                                              if p.kind in ("haproxy", "uring")))
+                                                              if p.kind in ("haproxy", "nginx", "uring")))
     ap.add_argument("--connections", type=int, default=0,
                     help="idle connections per path (default: what the fd limit allows)")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measured (default 10)")
@@ -198,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     except tp.BenchError as e:
         print(f"idle.py: error: {e}", file=sys.stderr)
         return 2
-    bad = [p.name for p in paths if p.kind not in ("haproxy", "uring")]
+    bad = [p.name for p in paths if p.kind not in ("haproxy", "nginx", "uring")]
     if bad:
-        print(f"idle.py: error: only HAProxy and uring-proxy paths, not {', '.join(bad)}", file=sys.stderr)
+        # direct has no proxy to measure; socat forks a process per connection,
+        # and 9,900 processes would measure the fork, not a proxy's footprint.
+        print(f"idle.py: error: only HAProxy, nginx-stream and uring-proxy paths, not "
+              f"{', '.join(bad)}", file=sys.stderr)
         return 2
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
