@@ -496,6 +496,10 @@ cdef class Engine:
             raise OSError(-ret, os.strerror(-ret))
         return ret
 
+    def set_close_format(self, fmt, upstreams, errno_names):
+        """Close records drain as rendered lines (EventLog.set_close_format)."""
+        self.events.set_close_format(fmt, upstreams, errno_names)
+
     def drain_events(self):
         """What happened since the last call (EventLog.drain): flows closed,
         accept pauses, engine errors, run-time fallbacks."""

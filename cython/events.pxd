@@ -31,6 +31,10 @@ cdef struct Event:
     int64_t duration_ns
     sockaddr_storage client
 
+cdef enum:
+    LINE_NAMES = 256         # upstream names and errno names the close lines know
+    LINE_MAX = 768           # a close line's bytes, but for its upstream name
+
 @cython.final
 cdef class EventLog:
     cdef Event *recs
@@ -38,7 +42,19 @@ cdef class EventLog:
     cdef int64_t first_ns      # when the oldest waiting record was written
     cdef readonly uint64_t dropped
 
+    # Close lines rendered in C (set_close_format): the names are borrowed
+    # from the bytes objects in `names_kept`, which live as long as the log.
+    cdef bint render_closes
+    cdef bint json_lines
+    cdef const char *upstream_names[LINE_NAMES]
+    cdef const char *errno_names[LINE_NAMES]
+    cdef list names_kept
+    cdef char *text                # the rendered lines of one drain
+    cdef size_t text_cap
+
     cdef Event *push(self, uint8_t kind, uint8_t code, int64_t now) noexcept nogil
     cdef void note(self, uint8_t kind, uint8_t code, int err, uint32_t arg,
                    int64_t now) noexcept nogil
     cdef int64_t due_ns(self) noexcept nogil
+    cdef size_t render_close(self, Event *r, const char *ts, size_t at) noexcept nogil
+    cdef grow_text(self, size_t need)

@@ -73,7 +73,7 @@ cdef extern from "<time.h>" nogil:
     struct timespec:
         long tv_sec
         long tv_nsec
-    int CLOCK_MONOTONIC
+    int CLOCK_MONOTONIC, CLOCK_REALTIME
     int clock_gettime(int clk, timespec *tp)
 
 cdef extern from "<unistd.h>" nogil:
@@ -118,6 +118,12 @@ cdef extern from "<errno.h>" nogil:
     int EMFILE, ENFILE, ENOMEM, ETIMEDOUT, EINVAL, ENOTCONN, ENOENT, EALREADY
     int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP, EBUSY, EIO
     int EINPROGRESS, EISCONN, ECONNABORTED, EEXIST, EPROTO
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char *buf, size_t size, const char *fmt, ...)
+
+cdef extern from "<string.h>" nogil:
+    size_t strlen(const char *s)
 
 cdef extern from "<stdint.h>" nogil:
     const long long INT64_MAX

@@ -60,6 +60,23 @@ class Log:
         """Write one line as it is (error messages), in order with the events."""
         self.lines([line])
 
+    def block(self, text: str, nlines: int) -> None:
+        """`nlines` lines already rendered, each ending in a newline (the engine's
+        close lines): queued whole, or dropped and counted whole."""
+        if self._writer is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        with self._cv:
+            if self._pending + len(text) > MAX_PENDING:
+                self._dropped += nlines
+                return
+            was_empty = not self._queue
+            self._queue.append(text)
+            self._pending += len(text)
+            if was_empty:
+                self._cv.notify()
+
     def lines(self, lines: list[str]) -> None:
         if self._writer is None:
             for line in lines:

@@ -167,6 +167,9 @@ class Proxy:
                            reason=errno.errorcode.get(self.engine.zc_register_err, "?"),
                            using="SEND_ZC on plain addresses (pages pinned per send)")
         self.upstream_names = [str(up) for up in cfg.upstreams]
+        # Close lines are rendered by the engine, in C, a batch at a time.
+        self.engine.set_close_format(self.log.fmt, self.upstream_names,
+                                     [errno.errorcode.get(i, str(i)) for i in range(256)])
         for up in cfg.upstreams:
             self.engine.add_upstream(up.family, up.host, up.port)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
@@ -377,6 +380,12 @@ class Proxy:
         closes = []
         for ev in self.engine.drain_events():
             kind = ev.pop("event")
+            if kind == "close_lines":
+                if closes:
+                    self.log.events("close", closes)
+                    closes = []
+                self.log.block(ev["text"], ev["lines"])
+                continue
             if kind == "close":
                 err = ev.pop("errno")
                 ev["upstream"] = ups[ev.pop("upstream_index")]
