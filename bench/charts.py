@@ -37,12 +37,13 @@ def _plt():
     return plt
 
 
-def series(res: dict, scenario: str, key: str) -> dict[str, dict]:
-    """path -> {"value", "lo", "hi", "failed"} for `key` of one scenario's summary."""
+def series(res: dict, scenario: str, key: str, rate: int | None = None) -> dict[str, dict]:
+    """path -> {"value", "lo", "hi", "failed"} for `key` of one scenario's summary
+    (of its rows at `rate`, for latency.py's rows per rate)."""
     out = {}
     for row in res.get("scenarios", {}).get(scenario, {}).get("summary", []):
         path = row.get("path")
-        if not path:
+        if not path or (rate is not None and row.get("rate") != rate):
             continue
         failed = row.get("runs_ok", 1) == 0 or row.get(key) is None
         lo_hi = {"median_gbps": ("min_gbps", "max_gbps"), "median": ("min", "max")}.get(key)
@@ -125,12 +126,11 @@ def render(res: dict, outdir: Path) -> list[Path]:
         save(fig, "cpu-per-gb.png")
 
     lat = res.get("scenarios", {}).get("latency", {})
-    rates = sorted({int(k.split("@")[1]) for row in lat.get("summary", []) for k in row
-                    if k.startswith("p99_us@")})
+    rates = sorted({row["rate"] for row in lat.get("summary", []) if row.get("rate")})
     if rates:
         fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False)
         for ax, rate in zip(axes[0], rates):
-            groups = [(label, series(res, "latency", f"{key}@{rate}"))
+            groups = [(label, series(res, "latency", key, rate))
                       for label, key in (("p50", "p50_us"), ("p99", "p99_us"), ("p99.9", "p999_us"))]
             grouped_bars(ax, groups, "microseconds (log scale)", log=True)
             ax.set_title(f"{rate:,} msg/s, 64-byte ping-pong", fontsize=9)

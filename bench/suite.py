@@ -100,7 +100,7 @@ def scenarios() -> list[Scenario]:
         Scenario("http-c100", "http_rate.py", ["--rounds", "3"], 5, _Q),
         Scenario("http-c1000", "http_rate.py", ["--rounds", "3", "--connections", "1000"], 5),
         Scenario("conn-rate", "http_rate.py", ["--rounds", "3", "--close"], 5, _Q + ["--close"]),
-        Scenario("latency", "latency.py", ["--rounds", "3"], 10,
+        Scenario("latency", "latency.py", ["--rounds", "3", "--rates", "10000,20000,50000"], 16,
                  ["--paths", QUICK_PATHS, "--rounds", "1", "--seconds", "3", "--rates", "10000"]),
         Scenario("idle", "idle.py", [], 4),
         Scenario("storm", "storm.py", ["--rounds", "3", "--paths", ALL_PATHS], 10,
@@ -113,8 +113,20 @@ def scenarios() -> list[Scenario]:
 # ---------------------------------------------------------------- targets
 
 
-def _row(res: dict, scenario: str, path: str) -> dict | None:
-    for r in res.get("scenarios", {}).get(scenario, {}).get("summary", []):
+def summary_rows(res: dict, scenario: str, key: str) -> tuple[list[dict], str]:
+    """The summary rows of `scenario` and the figure's key in them. A key
+    "p99_us@50000" is p99_us in the rows of rate 50000 (latency.py has a row per
+    rate and path)."""
+    rows = res.get("scenarios", {}).get(scenario, {}).get("summary", [])
+    if "@" in key:
+        key, rate = key.split("@")
+        rows = [r for r in rows if r.get("rate") == int(rate)]
+    return rows, key
+
+
+def _row(res: dict, scenario: str, path: str, key: str) -> dict | None:
+    rows, _ = summary_rows(res, scenario, key)
+    for r in rows:
         if r.get("path") == path:
             return r
     return None
@@ -122,8 +134,8 @@ def _row(res: dict, scenario: str, path: str) -> dict | None:
 
 def _best(res: dict, scenario: str, key: str, lowest: bool = False) -> tuple[str, float] | None:
     """(path, value) of the uring-proxy path with the best `key` in `scenario`."""
-    rows = [r for r in res.get("scenarios", {}).get(scenario, {}).get("summary", [])
-            if r.get("path", "").startswith("uring-proxy-") and r.get(key) is not None]
+    rows, key = summary_rows(res, scenario, key)
+    rows = [r for r in rows if r.get("path", "").startswith("uring-proxy-") and r.get(key) is not None]
     if not rows:
         return None
     r = (min if lowest else max)(rows, key=lambda r: r[key])
@@ -138,14 +150,14 @@ def _ratio(res, scenario, key, path, peer="haproxy", lowest=False):
             return f"no uring-proxy figure in `{scenario}`"
         path, val = best
     else:
-        row = _row(res, scenario, path)
-        if row is None or row.get(key) is None:
-            return f"no `{path}` figure in `{scenario}`"
-        val = row[key]
-    peer_row = _row(res, scenario, peer)
-    if peer_row is None or not peer_row.get(key):
-        return f"no `{peer}` figure in `{scenario}`"
-    return path, val, peer_row[key], val / peer_row[key]
+        row = _row(res, scenario, path, key)
+        if row is None or row.get(key.split("@")[0]) is None:
+            return f"no `{path}` figure in `{scenario}`" + (f" at {key.split('@')[1]} msg/s" if "@" in key else "")
+        val = row[key.split("@")[0]]
+    peer_row = _row(res, scenario, peer, key)
+    if peer_row is None or not peer_row.get(key.split("@")[0]):
+        return f"no `{peer}` figure in `{scenario}`" + (f" at {key.split('@')[1]} msg/s" if "@" in key else "")
+    return path, val, peer_row[key.split("@")[0]], val / peer_row[key.split("@")[0]]
 
 
 # (what, scenario, key, uring path or None for the best, peer, lowest is best, target ratio)
