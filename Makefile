@@ -41,7 +41,7 @@ bench: $(CORE_SO) deps-bench $(STAMP_BENCH)
 bench-tools: $(CORE_SO) deps-bench $(STAMP_BENCH) $(STAMP_TOOLS)
 	@perf version >/dev/null 2>&1 || { echo "perf does not run here: linux-perf is for kernel" \
 	  "$$(uname -r); bench/perf/ needs a perf that runs on this kernel" >&2; exit 1; }
-	@echo "perf tooling ready: .venv/bin/python bench/perf/profile.py --help"
+	@echo "perf tooling ready: .venv/bin/python bench/perf/profile_proxy.py --help"
 
 probe: $(CORE_SO)
 	$(VENV)/bin/uring-proxy --probe
