@@ -78,8 +78,9 @@ def grouped_bars(ax, groups: list[tuple[str, dict[str, dict]]], ylabel: str, log
         bars = ax.bar(xs, ys, width, label=label,
                       yerr=errs if any(errs[0] + errs[1]) else None, capsize=2)
         for x in fails:
-            ax.text(x, 0, "failed", rotation=90, ha="center", va="bottom", fontsize=7,
-                    color=bars.patches[0].get_facecolor() if bars.patches else "red")
+            # At the foot of the axes (x in data, y in axes units): a log axis has no 0.
+            ax.text(x, 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=7,
+                    color="tab:red", transform=ax.get_xaxis_transform())
     ax.set_xticks(range(len(paths)))
     ax.set_xticklabels([p.replace("uring-proxy-", "u-") for p in paths], rotation=45, ha="right",
                        fontsize=8)
