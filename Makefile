@@ -33,7 +33,7 @@ run: $(CORE_SO)
 	$(VENV)/bin/uring-proxy demo
 
 test: $(CORE_SO)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
 
 bench: $(CORE_SO) deps-bench $(STAMP_BENCH)
 	$(VPY) bench/suite.py $(if $(QUICK),--quick)
@@ -82,7 +82,7 @@ $(STAMP_TOOLS): $(STAMP_DEPS)
 $(STAMP_DEPS): pyproject.toml | deps-build
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6"
+	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno
 	@touch $@
 
 # Editable install: the CLI lands in .venv/bin and the compiled extension sits

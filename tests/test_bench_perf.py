@@ -459,7 +459,7 @@ def test_flame_without_pyinferno_says_why(profile, monkeypatch, tmp_path):
 
 
 def test_flame_with_pyinferno(profile, tmp_path):
-    pytest.importorskip("pyinferno")
+    # make test installs pyinferno (the Makefile's test dependencies): no skip.
     out = tmp_path / "flame.svg"
     lines = pp.folded_lines(pp.fold_perf_script(data("perf-script.txt")))
     assert profile.flame(lines, out, "recorded sample") == "flame.svg"

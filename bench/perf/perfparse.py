@@ -213,12 +213,13 @@ def top_frames(folded: Counter, n: int = 15, skip_root: bool = True, trunk_share
         if skip_root and len(frames) > 1:
             frames = frames[1:]
         self_c[frames[-1]] += count
-        for f in set(frames):
+        for f in dict.fromkeys(frames):     # once per stack, in stack order
             incl_c[f] += count
 
     def rows(c: Counter, skip=()):
-        return [(f, k, 100.0 * k / total if total else 0.0)
-                for f, k in c.most_common(n + len(skip)) if f not in skip][:n]
+        # Ties by name: a report must not change with the interpreter's hash seed.
+        ranked = sorted(c.items(), key=lambda fk: (-fk[1], fk[0]))
+        return [(f, k, 100.0 * k / total if total else 0.0) for f, k in ranked if f not in skip][:n]
     trunk = {f for f, k in incl_c.items() if total and k >= trunk_share * total}
     # outermost first: order by the frame's first position in the heaviest stack
     order: dict[str, int] = {}
