@@ -71,6 +71,7 @@ stream {{
     server {{
         listen 127.0.0.1:{proxy_port};
         proxy_pass 127.0.0.1:{upstream_port};
+        proxy_half_close on;
         proxy_timeout 3600s;
     }}
 }}

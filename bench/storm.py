@@ -98,12 +98,24 @@ HEAD = ["path", "p50 (ms)", "p99 (ms)", "p99.9 (ms)", "max (ms)", "conn/s", "pro
 
 
 def cells(rows: list[dict]) -> list[list[str]]:
-    def ms(v):
-        return "-" if v is None else f"{v / 1000:.1f}"
-    return [[r["path"], ms(r["p50_us"]), ms(r["p99_us"]), ms(r["p999_us"]), ms(r["max_us"]),
-             "-" if r["conn_per_s"] is None else f"{r['conn_per_s']:,.0f}",
-             "-" if r["cpu_us_per_conn"] is None else f"{r['cpu_us_per_conn']:.0f}",
-             f"{r['runs_ok']}/{r['runs']}"] for r in rows]
+    """A path with no good run reads FAILED in every figure: never a blank."""
+    out = []
+    for r in rows:
+        dead = r["runs_ok"] == 0
+
+        def f(v, fmt):
+            return "FAILED" if dead else "-" if v is None else format(v, fmt)
+        out.append([r["path"], *(f(None if r[k] is None else r[k] / 1000, ".1f")
+                                 for k in ("p50_us", "p99_us", "p999_us", "max_us")),
+                    f(r["conn_per_s"], ",.0f"), f(r["cpu_us_per_conn"], ".0f"),
+                    f"{r['runs_ok']}/{r['runs']}" + (" FAILED" if r["runs_ok"] < r["runs"] else "")])
+    return out
+
+
+def failure_lines(runs: list[dict]) -> str:
+    """One line per failed run, with the start of its reason."""
+    return "".join(f"- FAILED: {r['path']} round {r.get('round', '?')}: "
+                   f"{r['error'].splitlines()[0][:160]}\n" for r in runs if "error" in r)
 
 
 def text_table(rows: list[dict]) -> str:
@@ -114,7 +126,7 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_docs(meta: dict, rows: list[dict]) -> None:
+def write_docs(meta: dict, rows: list[dict], runs: list[dict]) -> None:
     m = meta["machine"]
     table = "\n".join(["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
                       + ["| " + " | ".join(c) + " |" for c in cells(rows)])
@@ -131,7 +143,8 @@ def write_docs(meta: dict, rows: list[dict]) -> None:
   and the echo server alone.
 
 {table}
-{SECTION[1]}
+
+{failure_lines(runs)}{SECTION[1]}
 """
     tp.replace_docs_section(SECTION, section)
 
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return 130
     if args.write_docs:
-        write_docs(meta, rows)
+        write_docs(meta, rows, runs)
         tp.log(f"wrote the storm section of {tp.DOCS_FILE}")
     return 0 if all(r["runs_ok"] == r["runs"] for r in rows) else 1
 

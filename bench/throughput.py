@@ -123,6 +123,9 @@ listen p
 
 # nginx `stream` (TCP) proxy, as in the peer baselines; one worker. `-e stderr`
 # and the pid under the run's directory keep nginx away from /var.
+# proxy_half_close: without it nginx ends both connections at the client's FIN,
+# and a client that shuts down writing before reading its answer (bench/storm.c)
+# loses the answer: every storm run failed on nginx until it was on.
 NGINX_STREAM_CFG = """\
 load_module {module};
 worker_processes 1;
@@ -133,6 +136,7 @@ stream {{
     server {{
         listen 127.0.0.1:{proxy_port};
         proxy_pass 127.0.0.1:{upstream_port};
+        proxy_half_close on;
     }}
 }}
 """
