@@ -16,7 +16,7 @@ What it runs
     latency             bench/latency.py: 64-byte ping-pong at 10k and 50k msg/s
     idle                bench/idle.py: RSS, fds and CPU per idle connection
     storm               bench/storm.py: latency of 20,000 short connections
-    bulk-1-pinned, http-c100-pinned
+    bulk-1-pinned, bulk-8-pinned, http-c100-pinned, conn-rate-pinned
                         the same with every proxy pinned to one CPU (taskset)
 
     Each script writes its own section of docs/benchmarks.md (--write-docs) and its
@@ -24,6 +24,9 @@ What it runs
     bench/results/<date>-<host>.json, draws the charts (bench/charts.py) into
     docs/img/, and writes the "At a glance" section: the machine, the targets
     with this run's ratios, and the charts.
+
+    --only NAMES runs some scenarios: their sections and a results JSON, with its
+    charts beside it; the summary and docs/img stay those of the last whole run.
 
     --quick runs a ~2-minute subset (QUICK below: fewer scenarios and paths, one
     round of 2 s). Its figures are single runs, not medians: it writes only
@@ -106,7 +109,9 @@ def scenarios() -> list[Scenario]:
         Scenario("storm", "storm.py", ["--rounds", "3", "--paths", ALL_PATHS], 10,
                  ["--paths", QUICK_PATHS, "--rounds", "1", "--total", "5000"]),
         Scenario("bulk-1-pinned", "throughput.py", ["--rounds", "3", "--cpus", cpu], 5),
+        Scenario("bulk-8-pinned", "throughput.py", ["--rounds", "3", "--streams", "8", "--cpus", cpu], 5),
         Scenario("http-c100-pinned", "http_rate.py", ["--rounds", "3", "--cpus", cpu], 5),
+        Scenario("conn-rate-pinned", "http_rate.py", ["--rounds", "3", "--close", "--cpus", cpu], 5),
     ]
 
 
@@ -287,8 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print("suite.py: error: no scenario selected", file=sys.stderr)
         return 2
+    # A partial run (--only) writes its scenarios' sections, never the summary of
+    # the run of record: "At a glance" and its charts come from one whole run.
+    full = not args.quick and not args.only
     now = _dt.datetime.now(_dt.timezone.utc)
-    stem = f"{now:%Y-%m-%d-%H%M}-{socket.gethostname()}" + ("-quick" if args.quick else "")
+    stem = (f"{now:%Y-%m-%d-%H%M}-{socket.gethostname()}" + ("-quick" if args.quick else "")
+            + ("-only" if args.only else ""))
     # Each script's own JSON is gathered into one file; the scripts' files go.
     outdir = Path(tempfile.mkdtemp(prefix="uring-bench-suite-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -318,14 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     tp.log(f"wrote {results_file}")
     try:
         import charts
-        pics = charts.render(res, RESULTS / f"{stem}-charts" if args.quick else IMG)
+        # Only a full run redraws the docs' charts; a quick or --only run's go beside its JSON.
+        pics = charts.render(res, IMG if full else RESULTS / f"{stem}-charts")
         for p in pics:
             tp.log(f"wrote {p}")
     except charts.ChartsUnavailable as e:
         tp.log(f"no charts: {e}")
         pics = []
     print("\n" + targets_table(res))
-    if not args.quick and not interrupted:
+    if full and not interrupted:
         write_summary(res, pics)
         tp.log(f"wrote the summary section of {tp.DOCS_FILE}")
     if interrupted:
