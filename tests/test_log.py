@@ -77,3 +77,26 @@ def test_lines_written_in_order_when_the_stream_keeps_up():
     out = pipe.finish(log)
     assert len(out) == 5000
     assert all(f'"times": {i}' in ln for i, ln in enumerate(out))
+
+
+def test_blocks_of_rendered_lines_are_kept_or_counted_whole(monkeypatch):
+    """The engine's close lines come as one block per drain (Log.block). A block
+    larger than MAX_PENDING still goes into an empty queue (one drain is bounded by
+    the engine's record array); while that block is unwritten, the queue is over its
+    limit and every further block is dropped and its lines counted, whole."""
+    monkeypatch.setattr(logmod, "MAX_PENDING", 1024)
+    pipe = HeldPipe()
+    log = Log("text", stream=pipe.stream)
+    log.start_writer()
+    # ~150 KB: more than the 64 KiB pipe takes, so the writer blocks in write(2)
+    # until the reader starts, and the block stays pending all that time.
+    first = "".join(f"close first{i:06d} {'x' * 80}\n" for i in range(1500))
+    log.block(first, 1500)
+    for b in range(50):
+        log.block("".join(f"close b{b}-{i}\n" for i in range(20)), 20)
+    pipe.start_reading()
+    out = pipe.finish(log)
+    assert [ln for ln in out if ln.startswith("close first")] == first.splitlines()
+    assert not [ln for ln in out if ln.startswith("close b")]
+    lost = sum(int(ln.partition("stderr_lines=")[2]) for ln in out if ln.startswith("log_dropped "))
+    assert lost == 50 * 20

@@ -62,13 +62,15 @@ class Log:
 
     def block(self, text: str, nlines: int) -> None:
         """`nlines` lines already rendered, each ending in a newline (the engine's
-        close lines): queued whole, or dropped and counted whole."""
+        close lines): queued whole, or dropped and counted whole. A block always
+        fits an empty queue: it holds at most one drain of the engine's records
+        (4,096 lines, about 1.2 MB in JSON), which alone may exceed MAX_PENDING."""
         if self._writer is None:
             self.stream.write(text)
             self.stream.flush()
             return
         with self._cv:
-            if self._pending + len(text) > MAX_PENDING:
+            if self._pending and self._pending + len(text) > MAX_PENDING:
                 self._dropped += nlines
                 return
             was_empty = not self._queue
