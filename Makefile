@@ -2,6 +2,7 @@
 #
 #   make run    install what is missing, build, run the demo (proxy + built-in upstream)
 #   make test   install what is missing, build, run the whole test suite
+#               (make test-full: every variant, past the CI time budget)
 #   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat) and matplotlib, run
 #               every benchmark scenario (bench/suite.py); QUICK=1 runs a ~2-minute subset
 #   make bench-tools  install the perf tooling of bench/perf/ (linux-perf, strace, pyinferno)
@@ -27,13 +28,18 @@ TOOLS_DEBS  := linux-perf strace
 STAMP_BENCH := $(VENV)/.bench-installed
 STAMP_TOOLS := $(VENV)/.bench-tools-installed
 
-.PHONY: run test bench bench-tools probe clean deps-build deps-bench
+.PHONY: run test test-full bench bench-tools probe clean deps-build deps-bench
 
 run: $(CORE_SO)
 	$(VENV)/bin/uring-proxy demo
 
 test: $(CORE_SO)
 	$(VPY) -m pytest -q --durations=15 tests
+
+# Every variant of every test, past the 8-minute budget of make test (tests
+# marked epoll_modes run those modes only on the epoll backend there).
+test-full: $(CORE_SO)
+	URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=15 tests
 
 bench: $(CORE_SO) deps-bench $(STAMP_BENCH)
 	$(VPY) bench/suite.py $(if $(QUICK),--quick)

@@ -38,6 +38,7 @@ class RssSampler:
 
 
 @pytest.mark.time_limit(200)
+@pytest.mark.epoll_modes("copy", "splice")
 def test_slow_reader_memory_bounded(proxy, upstream):
     """512 MiB client->upstream while the upstream reads 4 KiB every 10 ms for 2 s, then
     fast. The proxy's RSS must stay below idle + its buffer pool + 64 MiB throughout:
@@ -211,6 +212,7 @@ def test_tiny_buffer_pool_many_bulk_flows(proxy, echo_server):
             (size + i, size + i, "normal"), close
 
 
+@pytest.mark.epoll_modes("copy", "splice")
 def test_stalled_flows_cost_no_cpu_and_no_threads(proxy, upstream):
     """200 flows whose upstream never reads: each client pushes until its socket is full,
     so the proxy holds data it cannot send and has stopped reading (backpressure), and
