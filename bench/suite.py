@@ -16,8 +16,10 @@ What it runs
     latency             bench/latency.py: 64-byte ping-pong at 10k and 50k msg/s
     idle                bench/idle.py: RSS, fds and CPU per idle connection
     storm               bench/storm.py: latency of 20,000 short connections
-    bulk-1-pinned, bulk-8-pinned, http-c100-pinned, conn-rate-pinned
-                        the same with every proxy pinned to one CPU (taskset)
+    bulk-1-pinned, bulk-1-reverse-pinned, bulk-8-pinned, bulk-8-reverse-pinned,
+    http-c100-pinned, http-c1000-pinned, conn-rate-pinned
+                        every bulk and HTTP scenario again with each proxy pinned to
+                        one CPU (taskset)
 
     Each script writes its own section of docs/benchmarks.md (--write-docs) and its
     raw runs (--json); this script gathers them into
@@ -34,7 +36,7 @@ What it runs
     by git), never the docs.
 
 Usage (from the repository root)
-    make bench                      # every scenario (about 1.5 hours on 2 cores)
+    make bench                      # every scenario (about 70 minutes on 2 cores)
     make bench QUICK=1              # the subset, about 2 minutes
     .venv/bin/python bench/suite.py --only bulk-1,latency --rounds 3
     .venv/bin/python bench/suite.py --list
@@ -109,8 +111,13 @@ def scenarios() -> list[Scenario]:
         Scenario("storm", "storm.py", ["--rounds", "3", "--paths", ALL_PATHS], 10,
                  ["--paths", QUICK_PATHS, "--rounds", "1", "--total", "5000"]),
         Scenario("bulk-1-pinned", "throughput.py", ["--rounds", "3", "--cpus", cpu], 5),
+        Scenario("bulk-1-reverse-pinned", "throughput.py", ["--rounds", "3", "--reverse", "--cpus", cpu], 5),
         Scenario("bulk-8-pinned", "throughput.py", ["--rounds", "3", "--streams", "8", "--cpus", cpu], 5),
+        Scenario("bulk-8-reverse-pinned", "throughput.py",
+                 ["--rounds", "3", "--streams", "8", "--reverse", "--cpus", cpu], 5),
         Scenario("http-c100-pinned", "http_rate.py", ["--rounds", "3", "--cpus", cpu], 5),
+        Scenario("http-c1000-pinned", "http_rate.py",
+                 ["--rounds", "3", "--connections", "1000", "--cpus", cpu], 5),
         Scenario("conn-rate-pinned", "http_rate.py", ["--rounds", "3", "--close", "--cpus", cpu], 5),
     ]
 
