@@ -52,7 +52,6 @@ import argparse
 import datetime as _dt
 import json
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -75,18 +74,6 @@ GEN_BUSY_PERCENT = 80.0  # a generator above this much of a core may be what lim
 # Medians over the ok runs of these figures of each run.
 FIGURES = ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "achieved_rate",
            "cpu_us_per_msg", "cpu_percent", "gen_cpu_percent", "sched_lag_p99_us")
-
-
-def compile_c(source: Path, workdir: Path) -> Path:
-    """`cc -O2 -Wall` source into workdir, as bench/storm.py builds storm.c."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise tp.BenchError("no C compiler (cc); `make bench` installs gcc")
-    exe = workdir / source.stem
-    r = subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(source)], capture_output=True, text=True)
-    if r.returncode:
-        raise tp.BenchError(f"compiling {source.name} failed:\n{r.stderr}")
-    return exe
 
 
 def verdict(res: dict, rate: int) -> str | None:
@@ -367,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="uring-bench-latency-") as tmp:
         workdir = Path(tmp)
         try:
-            pingpong = compile_c(PINGPONG_SOURCE, workdir)
-            storm = compile_c(STORM_SOURCE, workdir)
+            pingpong = tp.compile_c(PINGPONG_SOURCE, workdir)
+            storm = tp.compile_c(STORM_SOURCE, workdir)
             port = tp.free_port()
             echo = children.spawn([str(storm), "echo", str(port)], stdin=subprocess.DEVNULL)
             try:

@@ -30,7 +30,6 @@ import argparse
 import datetime as _dt
 import json
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -46,17 +45,6 @@ DEFAULT_PATHS = ("direct,haproxy,uring-proxy-copy,uring-proxy-auto,uring-proxy-z
                  "uring-proxy-peek,uring-proxy-splice,uring-proxy-epoll-copy,uring-proxy-epoll-splice")
 SECTION = tp.STORM_SECTION
 FIGURES = ("p50_us", "p99_us", "p999_us", "max_us", "conn_per_s")
-
-
-def build(workdir: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise tp.BenchError("no C compiler (cc); `make bench` installs gcc")
-    exe = workdir / "storm"
-    r = subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(SOURCE)], capture_output=True, text=True)
-    if r.returncode:
-        raise tp.BenchError(f"compiling {SOURCE.name} failed:\n{r.stderr}")
-    return exe
 
 
 def measure(children: tp.Children, exe: Path, echo_port: int, path: tp.Path_, total: int,
@@ -181,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="uring-bench-storm-") as tmp:
         workdir = Path(tmp)
         try:
-            exe = build(workdir)
+            exe = tp.compile_c(SOURCE, workdir)
             port = tp.free_port()
             echo = children.spawn([str(exe), "echo", str(port)], stdin=subprocess.DEVNULL)
             tp.wait_listening(port, echo, "storm echo", None)

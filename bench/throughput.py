@@ -79,6 +79,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -1087,6 +1088,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except BenchError as e:
             ap.error(str(e))
     return a
+
+
+def compile_c(source: Path, workdir: Path) -> Path:
+    """`cc -O2 -Wall` a load generator of bench/ (storm.c, pingpong.c) into workdir."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise BenchError("no C compiler (cc); `make bench` installs gcc")
+    exe = workdir / source.stem
+    r = subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(source)], capture_output=True, text=True)
+    if r.returncode:
+        raise BenchError(f"compiling {source.name} failed:\n{r.stderr}")
+    return exe
 
 
 def raise_fd_limit(need: int) -> None:

@@ -503,13 +503,19 @@ def _controlled(children, head, workdir, name):
         return t
 
     def stop(t: PerfControlled, failed: bool = False) -> float:
-        if failed:
-            t.abort()
-            return 0.0
-        t.disable()
-        t.finish()
-        return t.window_s
+        return end_controlled(t, failed)
     return start, stop
+
+
+def end_controlled(t: PerfControlled, failed: bool) -> float:
+    """Stop a controlled perf at the end of its load run: its window in seconds,
+    or 0 when the load failed (the tool is aborted, its output not read)."""
+    if failed:
+        t.abort()
+        return 0.0
+    t.disable()
+    t.finish()
+    return t.window_s
 
 
 def tool_stat(target, children, workdir: Path, outdir: Path, res: dict) -> None:
@@ -559,12 +565,7 @@ def tool_uring(target, children, workdir: Path, outdir: Path, res: dict) -> None
             res.setdefault("uring", {})["iowq"] = iowq
             if t is None:
                 return float(target.seconds) if isinstance(target, AttachTarget) else 0.0
-            if failed:
-                t.abort()
-                return 0.0
-            t.disable()
-            t.finish()
-            return t.window_s
+            return end_controlled(t, failed)
         return load_run(target, children, start, stop)
 
     try:
