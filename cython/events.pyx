@@ -54,6 +54,15 @@ cdef const char *CLOSE_TEXT = (b"close client=%s upstream=%s c2u=%llu u2c=%llu "
 cdef const char *CLOSE_JSON = (b'{"event": "close", "ts": %s, "client": "%s", "upstream": %s, '
                                b'"bytes_c2u": %llu, "bytes_u2c": %llu, "duration_ms": %s, '
                                b'"cause": "%s", "term": "%s"')
+# The optional fields and the line's end, [text, json].
+cdef const char *FAILOVERS[2]
+cdef const char *ERROR_NAME[2]
+cdef const char *ERROR_NUMBER[2]
+cdef const char *LINE_END[2]
+FAILOVERS[:] = [b" failovers=%u", b', "failovers": %u']
+ERROR_NAME[:] = [b" error=%s", b', "error": "%s"']
+ERROR_NUMBER[:] = [b" error=%d", b', "error": "%d"']
+LINE_END[:] = [b"\n", b"}\n"]
 cdef const char *UNKNOWN_CAUSE = b"unknown"
 cdef const char *UNKNOWN_TERM = b"??"
 cdef const char *CAUSE_NAMES[16]
@@ -142,28 +151,23 @@ cdef class EventLog:
         cdef const char *term = CAUSE_TERMS[code] if CAUSE_TERMS[code] != NULL else UNKNOWN_TERM
         format_addr(&r.client, client, sizeof(client))
         format_round(r.duration_ns / 1e6, 3, duration, sizeof(duration))
+        # The line's head differs by format (JSON leads with the time); the optional
+        # fields and the end take the format's own spellings, in one place.
         if self.json_lines:
             n = snprintf(p, room, CLOSE_JSON, ts, client, self.upstream_names[r.up_idx],
                          <unsigned long long>r.c2u_bytes, <unsigned long long>r.u2c_bytes,
                          duration, cause, term)
-            if r.failovers:
-                n += snprintf(p + n, room - n, b', "failovers": %u', <unsigned>r.failovers)
-            if r.err > 0 and r.err < LINE_NAMES:
-                n += snprintf(p + n, room - n, b', "error": "%s"', self.errno_names[r.err])
-            elif r.err:
-                n += snprintf(p + n, room - n, b', "error": "%d"', r.err)
-            n += snprintf(p + n, room - n, b"}\n")
         else:
             n = snprintf(p, room, CLOSE_TEXT, client, self.upstream_names[r.up_idx],
                          <unsigned long long>r.c2u_bytes, <unsigned long long>r.u2c_bytes,
                          duration, cause, term)
-            if r.failovers:
-                n += snprintf(p + n, room - n, b" failovers=%u", <unsigned>r.failovers)
-            if r.err > 0 and r.err < LINE_NAMES:
-                n += snprintf(p + n, room - n, b" error=%s", self.errno_names[r.err])
-            elif r.err:
-                n += snprintf(p + n, room - n, b" error=%d", r.err)
-            n += snprintf(p + n, room - n, b"\n")
+        if r.failovers:
+            n += snprintf(p + n, room - n, FAILOVERS[self.json_lines], <unsigned>r.failovers)
+        if r.err > 0 and r.err < LINE_NAMES:
+            n += snprintf(p + n, room - n, ERROR_NAME[self.json_lines], self.errno_names[r.err])
+        elif r.err:
+            n += snprintf(p + n, room - n, ERROR_NUMBER[self.json_lines], r.err)
+        n += snprintf(p + n, room - n, LINE_END[self.json_lines])
         return n
 
     # A new record, zeroed but for kind, code and times, or NULL (counted)
