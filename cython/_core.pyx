@@ -3,7 +3,8 @@
 # same operations over epoll), the units the proxy is made of (timer wheel,
 # pipe pool, buffer pool) and the proxy Engine (engine.pyx and its data
 # paths, *.pxi), compiled as one module: calls between them are direct C
-# calls (the classes are final), and the per-CQE path inlines.
+# calls (the classes are final), and the per-CQE path inlines. PollSet
+# (pollset.pyx) is the selector's core, on the same Ring.
 import os
 from libc.string cimport memset, memcpy, memmove
 
@@ -22,3 +23,4 @@ include "zerocopy.pxi"
 include "peek.pxi"
 include "splice.pxi"
 include "flow_end.pxi"
+include "pollset.pyx"

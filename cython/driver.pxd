@@ -9,6 +9,9 @@ cdef class Driver:
     cdef io_uring_sqe *sqe(self) noexcept nogil
     cdef void reserve(self, unsigned n) noexcept nogil
     cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil
+    cdef int submit(self) noexcept nogil
+    cdef bint must_enter(self) noexcept nogil
+    cdef unsigned ready(self) noexcept nogil
     cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil
     cdef void advance(self, unsigned n) noexcept nogil
     cdef bint cq_overflowed(self) noexcept nogil

@@ -15,11 +15,25 @@ cdef class Driver:
         pass
 
     # Submit everything prepared and wait for at least one completion or
-    # timeout_ns. 0 or a count on success; -ETIME when nothing came in time;
+    # timeout_ns (< 0: no timeout). 0 or a count on success; -ETIME when nothing came in time;
     # -EINTR on a signal; -EBUSY/-EAGAIN when the kernel asks to be drained
     # first; -ENOMEM when the driver itself ran out of memory.
     cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil:
         return -ENOSYS
+
+    # Submit everything prepared, without waiting: 0 or a count, or -errno.
+    cdef int submit(self) noexcept nogil:
+        return -ENOSYS
+
+    # Whether a wait with a zero timeout could find anything that peek_batch
+    # cannot see yet: SQEs to submit, or completion work the kernel has
+    # flagged as waiting for our next syscall. True where it cannot tell.
+    cdef bint must_enter(self) noexcept nogil:
+        return True
+
+    # How many completions peek_batch would return now.
+    cdef unsigned ready(self) noexcept nogil:
+        return 0
 
     # Up to n completions, in order, without waiting. They stay valid, and
     # are not handed out again, until advance(that many); handling one may

@@ -60,7 +60,6 @@ cdef class Epoll(Driver):        # the contract's calls: driver.pxd
     cdef readonly uint64_t syscalls_io, wakeups
     cdef readonly int oom
 
-    cdef void submit(self) noexcept nogil
     cdef int wait(self, int64_t timeout_ns) noexcept nogil
     cdef void post(self, uint64_t ud, int res, uint32_t flags) noexcept nogil
     cdef int32_t op_new(self, io_uring_sqe *s) noexcept nogil

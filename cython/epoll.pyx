@@ -148,6 +148,9 @@ cdef class Epoll(Driver):
     cdef void advance(self, unsigned n) noexcept nogil:
         pass                # peek_batch already took them off the array
 
+    cdef unsigned ready(self) noexcept nogil:
+        return self.cq_n - self.cq_head
+
     cdef bint cq_overflowed(self) noexcept nogil:
         return False        # the array grows instead
 
@@ -184,8 +187,9 @@ cdef class Epoll(Driver):
         return -EOPNOTSUPP
 
     # Turn every prepared SQE into an op, wire the links, then start each
-    # chain's head in submission order (as io_uring issues them).
-    cdef void submit(self) noexcept nogil:
+    # chain's head in submission order (as io_uring issues them). The
+    # contract's submit(): ops that finish at once post their CQEs now.
+    cdef int submit(self) noexcept nogil:
         cdef uint32_t i, n = self.sq_n, nh = 0
         cdef int32_t o, prev = -1
         self.sq_n = 0
@@ -210,6 +214,7 @@ cdef class Epoll(Driver):
             prev = o if self.sq[i].flags & IOSQE_IO_LINK else -1
         for i in range(nh):
             ep_start(self, self.pend[i])
+        return <int>n
 
     # Post an op's CQE. Without F_MORE it is the op's last: its linked
     # timeout is disarmed, the op linked behind it starts (or, if this one
@@ -251,11 +256,14 @@ cdef class Epoll(Driver):
         ms = 0
         if self.cq_head == self.cq_n and self.nagain == 0:
             now = ep_now_ns()
-            until = now + timeout_ns
+            until = now + timeout_ns if timeout_ns >= 0 else INT64_MAX
             if self.ntm > 0:
                 until = min(until, self.ops[self.tm[0]].deadline)   # the heap's top
             # Round up: waking before the deadline would spin until it.
-            ms = <int>((until - now + 999999) // 1000000) if until > now else 0
+            if until == INT64_MAX:
+                ms = -1
+            else:
+                ms = <int>min((until - now + 999999) // 1000000, 0x7fffffff) if until > now else 0
         n = epoll_wait(self.epfd, evs, EP_EVENTS, ms)
         if n < 0:
             return -errno if errno == EINTR else 0

@@ -63,6 +63,7 @@ cdef extern from "uring_compat.h" nogil:
     unsigned IORING_SETUP_COOP_TASKRUN, IORING_SETUP_TASKRUN_FLAG
     unsigned IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_DEFER_TASKRUN
     unsigned IORING_SQ_CQ_OVERFLOW     # sq flags: completions wait in the kernel's overflow list
+    unsigned IORING_SQ_TASKRUN         # sq flags: completion work waits for our next syscall
     # feature flags
     unsigned IORING_FEAT_SINGLE_MMAP, IORING_FEAT_NODROP, IORING_FEAT_SUBMIT_STABLE
     unsigned IORING_FEAT_RW_CUR_POS, IORING_FEAT_CUR_PERSONALITY, IORING_FEAT_FAST_POLL
@@ -101,6 +102,8 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_cq_advance(io_uring *ring, unsigned nr)
     void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
     unsigned io_uring_sq_space_left(io_uring *ring)
+    unsigned io_uring_sq_ready(io_uring *ring)
+    unsigned io_uring_cq_ready(io_uring *ring)
     io_uring_probe *io_uring_get_probe_ring(io_uring *ring)
     int io_uring_opcode_supported(io_uring_probe *p, int op)
     void io_uring_free_probe(io_uring_probe *p)
@@ -127,6 +130,7 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_prep_recv(io_uring_sqe *sqe, int sockfd, void *buf, size_t len, int flags)
     void io_uring_prep_poll_add(io_uring_sqe *sqe, int fd, unsigned poll_mask)
     void io_uring_prep_poll_multishot(io_uring_sqe *sqe, int fd, unsigned poll_mask)
+    void io_uring_prep_poll_remove(io_uring_sqe *sqe, uint64_t user_data)
     void io_uring_prep_splice(io_uring_sqe *sqe, int fd_in, int64_t off_in, int fd_out,
                               int64_t off_out, unsigned nbytes, unsigned splice_flags)
     void io_uring_prep_shutdown(io_uring_sqe *sqe, int fd, int how)

@@ -64,14 +64,23 @@ def io_uring_disabled_sysctl():
 
 cdef class Ring(Driver):
     def __cinit__(self, unsigned entries=1024, unsigned cq_factor=8, str force_setup=None,
-                  unsigned cq_entries=0):
+                  unsigned cq_entries=0, bint any_thread=False):
         cdef io_uring_params p
         cdef int ret = -EINVAL
         self.closed = True
         self.op_supported = bytearray(256)
         if force_setup is None:
             force_setup = _os.environ.get("URING_NET_FORCE_SETUP") or None
-        chain = [c for c in _SETUP_CHAIN if force_setup is None or c[0] == force_setup]
+        modes = _SETUP_CHAIN
+        if any_thread:
+            # A ring its owner may hand to another thread (a selector or an
+            # event loop created in one thread and run in another): without
+            # SINGLE_ISSUER, whose submits from a second thread fail EEXIST.
+            # A forced single-issuer mode (the environment's) does not apply.
+            modes = [c for c in modes if not (c[1] & IORING_SETUP_SINGLE_ISSUER)]
+            if force_setup not in [c[0] for c in modes]:
+                force_setup = None
+        chain = [c for c in modes if force_setup is None or c[0] == force_setup]
         if not chain:
             raise ValueError(f"unknown set-up mode {force_setup!r}")
         for name, flags in chain:
@@ -111,8 +120,11 @@ cdef class Ring(Driver):
             for op in range(min(<int>probe.last_op + 1, 256)):
                 self.op_supported[op] = 1 if io_uring_opcode_supported(probe, op) else 0
             io_uring_free_probe(probe)
-        # A registered ring fd saves an fdget/fdput on every io_uring_enter.
-        self.ring_fd_registered = io_uring_register_ring_fd(&self.ring) == 1
+        # A registered ring fd saves an fdget/fdput on every io_uring_enter,
+        # but only in the thread that registered it: the index is the
+        # thread's own, and another thread's enter with it fails EINVAL.
+        if not any_thread:
+            self.ring_fd_registered = io_uring_register_ring_fd(&self.ring) == 1
 
     def __dealloc__(self):
         if not self.closed:
@@ -152,9 +164,24 @@ cdef class Ring(Driver):
     cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil:
         cdef io_uring_cqe *cqe
         cdef __kernel_timespec ts
+        if timeout_ns < 0:
+            return io_uring_submit_and_wait_timeout(&self.ring, &cqe, 1, NULL, NULL)
         ts.tv_sec = timeout_ns // 1000000000
         ts.tv_nsec = timeout_ns % 1000000000
         return io_uring_submit_and_wait_timeout(&self.ring, &cqe, 1, &ts, NULL)
+
+    cdef int submit(self) noexcept nogil:
+        return io_uring_submit(&self.ring)
+
+    cdef unsigned ready(self) noexcept nogil:
+        return io_uring_cq_ready(&self.ring)
+
+    cdef bint must_enter(self) noexcept nogil:
+        if io_uring_sq_ready(&self.ring):
+            return True
+        if not (self.setup_flags & IORING_SETUP_TASKRUN_FLAG):
+            return True         # no flag to read: completions may be pending
+        return (self.ring.sq.kflags[0] & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0
 
     cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil:
         return io_uring_peek_batch_cqe(&self.ring, cqes, n)

@@ -667,3 +667,55 @@ def blackhole_upstream():
 
 __all__ = ["BACKENDS", "MODES", "CAUSE_TERM", "HAS_IPV6", "NOFILE_LIMIT", "ProxyProcess",
            "fmt_addr"]
+
+
+# --- CPython's own suites: no skip beyond the control's ---------------------
+# tests/test_cpython_*.py run CPython's selector and event loop tests on
+# uring_net and, in the same session, on the standard library's epoll as the
+# control. A test that skips on uring_net but ran on the control hides a
+# difference, so it fails the session unless tests/cpython-skips.txt names it
+# with its reason.
+CPYTHON_PAIRS = {"TestUringSelector": "TestEpollSelectorControl",
+                 "TestLoopOnUringSelector": "TestLoopOnEpollControl"}
+_cpython_outcomes: dict[tuple[str, str], str] = {}
+
+
+def _allowed_cpython_skips() -> set[str]:
+    allowed = set()
+    for line in (Path(__file__).parent / "cpython-skips.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            allowed.add(line.split(": ", 1)[0].strip())
+    return allowed
+
+
+def pytest_runtest_logreport(report):
+    if "test_cpython_" not in report.nodeid:
+        return
+    parts = report.nodeid.split("::")
+    if len(parts) != 3:
+        return
+    if report.when == "call" or report.skipped:
+        _cpython_outcomes[(parts[1], parts[2])] = report.outcome
+
+
+def cpython_skips_beyond_control() -> list[str]:
+    """uring_net tests skipped where the control ran the same test, not allowed."""
+    allowed = _allowed_cpython_skips()
+    bad = []
+    for (cls, name), outcome in sorted(_cpython_outcomes.items()):
+        control = CPYTHON_PAIRS.get(cls)
+        if control is None or outcome != "skipped":
+            continue
+        if _cpython_outcomes.get((control, name)) in (None, "skipped"):
+            continue        # the control skipped it too, or did not run this session
+        if f"{cls}::{name}" not in allowed:
+            bad.append(f"{cls}::{name}")
+    return bad
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bad = cpython_skips_beyond_control()
+    if bad:
+        sys.stderr.write("\nCPython tests skipped on uring_net but run on the epoll control "
+                         "(not in tests/cpython-skips.txt):\n  " + "\n  ".join(bad) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

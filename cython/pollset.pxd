@@ -1,0 +1,21 @@
+# PollSet: level-triggered readiness for a selector, from one-shot POLL_ADDs
+# on a Ring (pollset.pyx says how and why).
+
+@cython.final
+cdef class PollSet:
+    cdef Ring ring              # None once closed, and in a forked child until used
+    cdef unsigned cap           # the per-fd arrays' length (a power of two)
+    cdef uint32_t *want         # per fd: the poll mask asked for; 0 = not registered
+    cdef uint16_t *gen          # per fd: the generation of its latest arm
+    cdef uint8_t *state         # per fd: ST_* bits
+    cdef int *queue             # fds to arm at the next select()
+    cdef unsigned nqueue
+    cdef list keys              # per fd: what select() reports for it
+    cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows
+
+    cdef int grow(self, int fd) except -1
+    cdef Ring live_ring(self)
+    cdef void enqueue(self, int fd) noexcept
+    cdef void prep_remove(self, int fd) noexcept
+    cdef void arm_queued(self) noexcept
+    cdef list harvest(self)

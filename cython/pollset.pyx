@@ -1,0 +1,278 @@
+# PollSet: the core of uring_net.selectors.UringSelector. It keeps, per fd,
+# the events asked for and the state of that fd's poll on a Ring, and turns
+# one-shot POLL_ADD completions into the level-triggered answers EpollSelector
+# gives.
+#
+# Why one-shot polls, re-armed by select():
+# - A multishot poll (IORING_POLL_ADD_MULTI) reports edges: an fd that stays
+#   readable because its owner did not read it all is not reported again.
+#   EpollSelector is level-triggered, and callers rely on it.
+# - IORING_POLL_ADD_LEVEL is refused by POLL_ADD (EINVAL, docs/kernel-notes.md).
+# - A one-shot poll armed on a ready fd completes inside the submit that arms
+#   it. So re-arming, at the next select(), every fd that was reported gives
+#   level triggering, and costs one SQE per reported fd, all in the one
+#   io_uring_enter that waits.
+#
+# Registration changes are batched: register() and modify() only queue the
+# fd, and its POLL_ADD (and the POLL_REMOVE of the poll it replaces) goes in
+# the next select()'s submit. unregister() of an armed fd is the exception:
+# it submits its POLL_REMOVE at once, because an armed poll holds a reference
+# to the file, and a caller that closes the socket right after unregister()
+# expects the peer to see its FIN then, not at the next select().
+#
+# user_data (userdata.pxd): owner OWNER_SELECTOR, slot = the fd, gen = the
+# fd's arm generation. Every arm takes a new generation, so the completion of
+# a poll that was removed, or that watched an fd number since closed and
+# reused, is recognised and dropped.
+
+from cpython.exc cimport PyErr_CheckSignals
+from time import monotonic as _monotonic
+
+cdef enum SelOp:
+    SEL_POLL = 1
+    SEL_REMOVE = 2
+
+cdef enum:
+    ST_ARMED = 1        # a POLL_ADD of generation gen[fd] is in the kernel
+    ST_QUEUED = 2       # fd is in queue[]: arm it at the next select()
+    PS_MAX_FDS = 1 << UD_SLOT_BITS
+    PS_BATCH = 256
+
+# selectors.EVENT_READ and EVENT_WRITE
+cdef enum:
+    EV_READ = 1
+    EV_WRITE = 2
+
+cdef inline uint32_t poll_mask(uint32_t events) noexcept nogil:
+    return (POLLIN if events & EV_READ else 0) | (POLLOUT if events & EV_WRITE else 0)
+
+# The revents -> selector events rule of EpollSelector: an error or hang-up
+# wakes both readers and writers, whose next call then reports it.
+cdef inline uint32_t sel_events(uint32_t revents) noexcept nogil:
+    cdef uint32_t ev = 0
+    if revents & ~(<uint32_t>POLLIN):
+        ev |= EV_WRITE
+    if revents & ~(<uint32_t>POLLOUT):
+        ev |= EV_READ
+    return ev
+
+
+cdef class PollSet:
+    def __cinit__(self):
+        self.ring = None
+        self.keys = []
+
+    def __dealloc__(self):
+        free(self.want)
+        free(self.gen)
+        free(self.state)
+        free(self.queue)
+
+    cdef int grow(self, int fd) except -1:
+        cdef unsigned n = self.cap or 64
+        if fd < 0 or fd >= PS_MAX_FDS:
+            raise ValueError(f"fd {fd} is beyond the {PS_MAX_FDS} a selector's user_data can name")
+        if <unsigned>fd < self.cap:
+            return 0
+        while n <= <unsigned>fd:
+            n *= 2
+        want = <uint32_t *>realloc(self.want, n * sizeof(uint32_t))
+        if want != NULL:
+            self.want = want
+        gen = <uint16_t *>realloc(self.gen, n * sizeof(uint16_t))
+        if gen != NULL:
+            self.gen = gen
+        state = <uint8_t *>realloc(self.state, n * sizeof(uint8_t))
+        if state != NULL:
+            self.state = state
+        queue = <int *>realloc(self.queue, n * sizeof(int))
+        if queue != NULL:
+            self.queue = queue
+        if want == NULL or gen == NULL or state == NULL or queue == NULL:
+            raise MemoryError()
+        memset(self.want + self.cap, 0, (n - self.cap) * sizeof(uint32_t))
+        memset(self.gen + self.cap, 0, (n - self.cap) * sizeof(uint16_t))
+        memset(self.state + self.cap, 0, (n - self.cap) * sizeof(uint8_t))
+        self.keys.extend([None] * (n - self.cap))
+        self.cap = n
+        return 0
+
+    # The ring, set up at first use: after a fork the child gets a new one.
+    cdef Ring live_ring(self):
+        if self.ring is None:
+            # SQ: a submit flushes every PS_BATCH-ish arms; CQ: NODROP keeps
+            # what does not fit (counted in overflows) until harvest drains it.
+            self.ring = Ring(entries=PS_BATCH, cq_entries=PS_BATCH * 16, any_thread=True)
+        return self.ring
+
+    cdef void enqueue(self, int fd) noexcept:
+        if not (self.state[fd] & ST_QUEUED):
+            self.state[fd] |= ST_QUEUED
+            self.queue[self.nqueue] = fd
+            self.nqueue += 1
+
+    cdef void prep_remove(self, int fd) noexcept:
+        cdef io_uring_sqe *s = self.ring.sqe()
+        io_uring_prep_poll_remove(s, ud_make(OWNER_SELECTOR, fd, self.gen[fd], SEL_POLL, 0))
+        io_uring_sqe_set_data64(s, ud_make(OWNER_SELECTOR, fd, 0, SEL_REMOVE, 0))
+        self.state[fd] &= ~ST_ARMED
+        self.removes += 1
+
+    cdef void arm_queued(self) noexcept:
+        cdef unsigned i
+        cdef int fd
+        cdef io_uring_sqe *s
+        for i in range(self.nqueue):
+            fd = self.queue[i]
+            self.state[fd] &= ~ST_QUEUED
+            if self.want[fd] == 0 or (self.state[fd] & ST_ARMED):
+                continue
+            self.gen[fd] += 1
+            s = self.ring.sqe()
+            io_uring_prep_poll_add(s, fd, self.want[fd])
+            io_uring_sqe_set_data64(s, ud_make(OWNER_SELECTOR, fd, self.gen[fd], SEL_POLL, 0))
+            self.state[fd] |= ST_ARMED
+            self.arms += 1
+        self.nqueue = 0
+
+    # --- the selector's calls ---------------------------------------------
+
+    def add(self, int fd, uint32_t events, key):
+        """Watch fd for events (EVENT_READ|EVENT_WRITE); select() reports `key`."""
+        self.grow(fd)
+        if self.want[fd]:
+            raise KeyError(f"fd {fd} is already registered")
+        self.want[fd] = poll_mask(events)
+        self.keys[fd] = key
+        self.enqueue(fd)
+
+    def change(self, int fd, uint32_t events, key):
+        """New events and key for a watched fd."""
+        if fd < 0 or <unsigned>fd >= self.cap or not self.want[fd]:
+            raise KeyError(f"fd {fd} is not registered")
+        cdef uint32_t mask = poll_mask(events)
+        self.keys[fd] = key
+        if mask == self.want[fd]:
+            return
+        if self.state[fd] & ST_ARMED:
+            self.prep_remove(fd)
+        self.want[fd] = mask
+        self.enqueue(fd)
+
+    def discard(self, int fd):
+        """Stop watching fd; never an error, even if fd is already closed."""
+        if fd < 0 or <unsigned>fd >= self.cap or not self.want[fd]:
+            return
+        self.want[fd] = 0
+        self.keys[fd] = None
+        if (self.state[fd] & ST_ARMED) and self.ring is not None:
+            self.prep_remove(fd)
+            self.ring.submit()
+
+    def select(self, timeout):
+        """[(key, events)] of the watched fds that are ready, like
+        EpollSelector.select(): wait up to `timeout` seconds (None: until one
+        is; 0 or less: not at all). A signal whose handler returns does not
+        end the wait early (PEP 475); one whose handler raises does."""
+        cdef Ring r = self.live_ring()
+        cdef int ret
+        cdef int64_t timeout_ns
+        cdef double deadline = 0.0
+        self.selects += 1
+        self.arm_queued()
+        if timeout is not None:
+            deadline = _monotonic() + max(0.0, timeout)
+        while True:
+            timeout_ns = -1
+            if timeout is not None:
+                timeout_ns = <int64_t>(max(0.0, deadline - _monotonic()) * 1e9)
+            # No syscall when answers already wait in the CQ, or when a
+            # zero wait could find none that we cannot see from here.
+            if not r.must_enter() and (r.ready() or timeout_ns == 0):
+                break
+            self.enters += 1
+            with nogil:
+                ret = r.submit_and_wait(timeout_ns)
+            if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
+                raise OSError(-ret, os.strerror(-ret))
+            if r.ready() or r.cq_overflowed() or ret == -ETIME:
+                break
+            # Woken with nothing to report: a signal. (The wait's EINTR is
+            # not always what comes back: io_uring_enter returns the count
+            # submitted when it submitted anything.) Run its handler, which
+            # may raise; else wait on for what is left (PEP 475).
+            PyErr_CheckSignals()
+            if timeout is not None and _monotonic() >= deadline:
+                break
+        if r.cq_overflowed():
+            self.overflows += 1
+        return self.harvest()
+
+    cdef list harvest(self):
+        cdef io_uring_cqe *cqes[PS_BATCH]
+        cdef unsigned n, i
+        cdef uint64_t ud
+        cdef int fd
+        cdef uint32_t ready
+        cdef list out = []
+        while True:
+            n = self.ring.peek_batch(cqes, PS_BATCH)
+            if n == 0:
+                return out
+            self.cqes += n
+            for i in range(n):
+                ud = cqes[i].user_data
+                if ud_owner(ud) != OWNER_SELECTOR or ud_op(ud) != SEL_POLL:
+                    continue            # a POLL_REMOVE's own answer, or not ours
+                fd = ud_slot(ud)
+                if (<unsigned>fd >= self.cap or not (self.state[fd] & ST_ARMED)
+                        or ud_gen(ud) != ud_gen_of(self.gen[fd])):
+                    self.stale += 1     # a removed poll, or a closed fd's
+                    continue
+                self.state[fd] &= ~ST_ARMED
+                # Level-triggered: look again at the next select().
+                self.enqueue(fd)
+                if cqes[i].res < 0:
+                    # The poll itself failed (EBADF: the fd was closed before
+                    # its arm went in). Report it ready, as poll(2)'s POLLNVAL
+                    # is: the caller's next call on it says what is wrong.
+                    ready = sel_events(POLLERR)
+                else:
+                    ready = sel_events(<uint32_t>cqes[i].res)
+                ready &= (EV_READ if self.want[fd] & POLLIN else 0) | (EV_WRITE if self.want[fd] & POLLOUT else 0)
+                if ready:
+                    out.append((self.keys[fd], ready))
+            self.ring.advance(n)
+
+    def fileno(self):
+        return self.live_ring().fd
+
+    def close(self):
+        """Let the kernel go of every poll (closing the ring cancels them)."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        for i in range(self.cap):
+            self.want[i] = 0
+            self.state[i] = 0
+        self.nqueue = 0
+        self.keys = [None] * self.cap
+
+    def after_fork(self):
+        """In a child of fork(): the ring's memory is shared with the parent,
+        so leave it to the parent, and arm every watched fd again on a ring
+        of the child's own at its next select()."""
+        if self.ring is not None:
+            self.ring.close()       # unmaps and closes only the child's copy
+            self.ring = None
+        self.nqueue = 0
+        for fd in range(self.cap):
+            self.state[fd] = 0
+            if self.want[fd]:
+                self.enqueue(fd)
+
+    def stats(self):
+        return {"arms": self.arms, "removes": self.removes, "cqes": self.cqes,
+                "stale": self.stale, "selects": self.selects, "enters": self.enters,
+                "overflows": self.overflows,
+                "setup": None if self.ring is None else self.ring.setup_mode}
