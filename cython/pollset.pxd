@@ -1,6 +1,8 @@
 # PollSet: level-triggered readiness for a selector, from one-shot POLL_ADDs
 # on a Ring (pollset.pyx says how and why).
 
+cdef class LoopOps             # loopops.pxd
+
 @cython.final
 cdef class PollSet:
     cdef Ring ring              # None once closed, and in a forked child until used
@@ -11,7 +13,13 @@ cdef class PollSet:
     cdef int *queue             # fds to arm at the next select()
     cdef unsigned nqueue
     cdef list keys              # per fd: what select() reports for it
-    cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows
+    cdef LoopOps ops            # the event loop's operations on this ring, if any
+    cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows, parked
+    # Write-only fds whose peer has half-closed, watched by an epoll set of
+    # our own whose fd the ring polls (pollset.pyx says why).
+    cdef int epfd
+    cdef bint ep_armed, ep_queued
+    cdef uint16_t ep_gen
 
     cdef int grow(self, int fd) except -1
     cdef Ring live_ring(self)
@@ -19,3 +27,6 @@ cdef class PollSet:
     cdef void prep_remove(self, int fd) noexcept
     cdef void arm_queued(self) noexcept
     cdef list harvest(self)
+    cdef void park(self, int fd, list out) noexcept
+    cdef void unpark(self, int fd) noexcept
+    cdef void epoll_ready(self, list out) noexcept

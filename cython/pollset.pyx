@@ -20,6 +20,14 @@
 # to the file, and a caller that closes the socket right after unregister()
 # expects the peer to see its FIN then, not at the next select().
 #
+# One exception to polls on the ring: io_uring adds POLLRDHUP to every poll
+# (IO_POLL_UNMASK), whatever it was asked for. An fd registered for writing
+# only, whose peer has sent its FIN, wakes with POLLRDHUP alone, and would
+# again at every re-arm: a loop waiting for the peer to read would spin.
+# Such an fd is parked in an epoll set of our own, which asks for exactly the
+# events registered; the ring polls that set's fd like any other, and the fd
+# leaves it when it is modified or unregistered.
+#
 # user_data (userdata.pxd): owner OWNER_SELECTOR, slot = the fd, gen = the
 # fd's arm generation. Every arm takes a new generation, so the completion of
 # a poll that was removed, or that watched an fd number since closed and
@@ -31,10 +39,12 @@ from time import monotonic as _monotonic
 cdef enum SelOp:
     SEL_POLL = 1
     SEL_REMOVE = 2
+    SEL_EPOLL = 3       # the poll of the parking epoll set's fd
 
 cdef enum:
     ST_ARMED = 1        # a POLL_ADD of generation gen[fd] is in the kernel
     ST_QUEUED = 2       # fd is in queue[]: arm it at the next select()
+    ST_PARKED = 4       # fd is watched by the parking epoll set, not by a poll
     PS_MAX_FDS = 1 << UD_SLOT_BITS
     PS_BATCH = 256
 
@@ -61,8 +71,11 @@ cdef class PollSet:
     def __cinit__(self):
         self.ring = None
         self.keys = []
+        self.epfd = -1
 
     def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
         free(self.want)
         free(self.gen)
         free(self.state)
@@ -125,7 +138,7 @@ cdef class PollSet:
         for i in range(self.nqueue):
             fd = self.queue[i]
             self.state[fd] &= ~ST_QUEUED
-            if self.want[fd] == 0 or (self.state[fd] & ST_ARMED):
+            if self.want[fd] == 0 or (self.state[fd] & (ST_ARMED | ST_PARKED)):
                 continue
             self.gen[fd] += 1
             s = self.ring.sqe()
@@ -134,6 +147,13 @@ cdef class PollSet:
             self.state[fd] |= ST_ARMED
             self.arms += 1
         self.nqueue = 0
+        if self.ep_queued and not self.ep_armed and self.epfd >= 0:
+            self.ep_queued = False
+            self.ep_gen += 1
+            s = self.ring.sqe()
+            io_uring_prep_poll_add(s, self.epfd, POLLIN)
+            io_uring_sqe_set_data64(s, ud_make(OWNER_SELECTOR, 0, self.ep_gen, SEL_EPOLL, 0))
+            self.ep_armed = True
 
     # --- the selector's calls ---------------------------------------------
 
@@ -156,6 +176,7 @@ cdef class PollSet:
             return
         if self.state[fd] & ST_ARMED:
             self.prep_remove(fd)
+        self.unpark(fd)
         self.want[fd] = mask
         self.enqueue(fd)
 
@@ -165,6 +186,7 @@ cdef class PollSet:
             return
         self.want[fd] = 0
         self.keys[fd] = None
+        self.unpark(fd)
         if (self.state[fd] & ST_ARMED) and self.ring is not None:
             self.prep_remove(fd)
             self.ring.submit()
@@ -222,6 +244,17 @@ cdef class PollSet:
             self.cqes += n
             for i in range(n):
                 ud = cqes[i].user_data
+                if ud_owner(ud) == OWNER_LOOP and self.ops is not None:
+                    self.ops.finish(cqes[i])
+                    continue
+                if ud_owner(ud) == OWNER_SELECTOR and ud_op(ud) == SEL_EPOLL:
+                    if self.ep_armed and ud_gen(ud) == ud_gen_of(self.ep_gen):
+                        self.ep_armed = False
+                        self.ep_queued = True       # level-triggered too
+                        self.epoll_ready(out)
+                    else:
+                        self.stale += 1
+                    continue
                 if ud_owner(ud) != OWNER_SELECTOR or ud_op(ud) != SEL_POLL:
                     continue            # a POLL_REMOVE's own answer, or not ours
                 fd = ud_slot(ud)
@@ -230,6 +263,10 @@ cdef class PollSet:
                     self.stale += 1     # a removed poll, or a closed fd's
                     continue
                 self.state[fd] &= ~ST_ARMED
+                if cqes[i].res >= 0 and not (<uint32_t>cqes[i].res
+                                             & (self.want[fd] | POLLERR | POLLHUP)):
+                    self.park(fd, out)  # POLLRDHUP alone: see the top of the file
+                    continue
                 # Level-triggered: look again at the next select().
                 self.enqueue(fd)
                 if cqes[i].res < 0:
@@ -238,20 +275,64 @@ cdef class PollSet:
                     # is: the caller's next call on it says what is wrong.
                     ready = sel_events(POLLERR)
                 else:
-                    ready = sel_events(<uint32_t>cqes[i].res)
+                    # As epoll reports: what was asked for, errors, hang-ups
+                    # (not the POLLRDHUP io_uring adds).
+                    ready = sel_events(<uint32_t>cqes[i].res
+                                       & (self.want[fd] | POLLERR | POLLHUP))
                 ready &= (EV_READ if self.want[fd] & POLLIN else 0) | (EV_WRITE if self.want[fd] & POLLOUT else 0)
                 if ready:
                     out.append((self.keys[fd], ready))
             self.ring.advance(n)
+
+    cdef void park(self, int fd, list out) noexcept:
+        cdef epoll_event ev
+        if self.epfd < 0:
+            self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        ev.events = self.want[fd]          # POLLIN/POLLOUT are EPOLLIN/EPOLLOUT
+        ev.data.u64 = 0
+        ev.data.fd = fd
+        if self.epfd < 0 or epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            # No epoll set (EMFILE...) or the fd is gone: look again with a
+            # poll at the next select(), as before.
+            self.enqueue(fd)
+            return
+        self.state[fd] |= ST_PARKED
+        self.ep_queued = True
+        self.parked += 1
+
+    cdef void unpark(self, int fd) noexcept:
+        if self.state[fd] & ST_PARKED:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)   # EBADF if closed: gone anyway
+            self.state[fd] &= ~ST_PARKED
+
+    cdef void epoll_ready(self, list out) noexcept:
+        cdef epoll_event evs[64]
+        cdef int n, i, fd
+        cdef uint32_t ready
+        n = epoll_wait(self.epfd, evs, 64, 0)
+        for i in range(n):
+            fd = evs[i].data.fd
+            if <unsigned>fd >= self.cap or not (self.state[fd] & ST_PARKED) or not self.want[fd]:
+                continue
+            ready = sel_events(evs[i].events) & ((EV_READ if self.want[fd] & POLLIN else 0)
+                                                 | (EV_WRITE if self.want[fd] & POLLOUT else 0))
+            if ready:
+                out.append((self.keys[fd], ready))
 
     def fileno(self):
         return self.live_ring().fd
 
     def close(self):
         """Let the kernel go of every poll (closing the ring cancels them)."""
+        if self.ops is not None:
+            self.ops.abandon()      # before the ring: its buffer ring is unregistered
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        self.ep_armed = self.ep_queued = False
         for i in range(self.cap):
             self.want[i] = 0
             self.state[i] = 0
@@ -262,9 +343,15 @@ cdef class PollSet:
         """In a child of fork(): the ring's memory is shared with the parent,
         so leave it to the parent, and arm every watched fd again on a ring
         of the child's own at its next select()."""
+        if self.ops is not None:
+            self.ops.abandon(True)  # the parent's, completing in the parent
         if self.ring is not None:
             self.ring.close()       # unmaps and closes only the child's copy
             self.ring = None
+        if self.epfd >= 0:
+            close(self.epfd)        # the child's reference; the set is the parent's
+            self.epfd = -1
+        self.ep_armed = self.ep_queued = False
         self.nqueue = 0
         for fd in range(self.cap):
             self.state[fd] = 0
@@ -274,5 +361,5 @@ cdef class PollSet:
     def stats(self):
         return {"arms": self.arms, "removes": self.removes, "cqes": self.cqes,
                 "stale": self.stale, "selects": self.selects, "enters": self.enters,
-                "overflows": self.overflows,
+                "overflows": self.overflows, "parked": self.parked,
                 "setup": None if self.ring is None else self.ring.setup_mode}
