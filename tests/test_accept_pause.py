@@ -53,9 +53,9 @@ def test_emfile_pauses_accept_then_recovers(proxy, echo_server):
 
     # Paused, the proxy must sleep: a spin on accept would burn a whole core here.
     cpu0, t0 = p.cpu_seconds(), time.monotonic()
-    time.sleep(2.0)
+    time.sleep(1.0)
     cpu_used = p.cpu_seconds() - cpu0
-    assert cpu_used < 0.3, f"{cpu_used:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
+    assert cpu_used < 0.15, f"{cpu_used:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
     for s in waiting:
         s.settimeout(0.2)
         try:
