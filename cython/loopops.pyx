@@ -1,0 +1,284 @@
+# LoopOps: the operations uring_net.aio's event loop hands to the kernel
+# whole -- recv, send, accept, connect -- on the ring of its selector's
+# PollSet, so that socket I/O is a completion, not readiness plus a syscall.
+#
+# Each op takes a slot; user_data carries OWNER_LOOP, the slot, the slot's
+# generation and the op. PollSet.harvest hands every OWNER_LOOP completion to
+# finish(), which releases the slot and queues (waiter, res); the loop calls
+# each waiter once, after the select() that harvested it. Per completion that
+# is one Python call, the least asyncio's semantics need (a future's result
+# or a transport's callback); nothing else in Python.
+#
+# Buffers have one owner: from prep to completion the kernel may write into
+# (recv) or read from (send, connect's address) the object, so the slot holds
+# a buffer export of it (the object cannot be resized or freed meanwhile) and
+# releases it only in finish().
+#
+# cancel() submits at once: an op in flight holds its socket's file, so the
+# caller's close() would neither send a FIN nor free a listening port until
+# the kernel lets go (docs/kernel-notes.md, "Polls for a selector").
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+cdef enum LoopOp:
+    LOP_RECV = 1
+    LOP_SEND = 2
+    LOP_ACCEPT = 3
+    LOP_CONNECT = 4
+    LOP_CANCEL = 5
+    LOP_RECV_POOL = 6
+
+cdef enum:
+    POOL_N = 128                # buffers (a power of two)
+    POOL_SIZE = 64 * 1024       # bytes each: 8 MiB in all, touched as used
+
+cdef enum:
+    LOOP_MAX_SLOTS = 1 << UD_SLOT_BITS
+
+
+cdef class LoopOps:
+    def __cinit__(self, PollSet polls):
+        self.polls = polls
+        self.pool_ring = None
+        self.waiters = []
+        self.keep = []
+        self.done = []
+        polls.ops = self
+
+    def __dealloc__(self):
+        cdef unsigned i
+        for i in range(self.cap):
+            if self.has_view[i]:
+                PyBuffer_Release(&self.views[i])
+        self.pool_drop(False)
+        free(self.gen)
+        free(self.opc)
+        free(self.free_slots)
+        free(self.views)
+        free(self.has_view)
+
+    cdef int take_slot(self) except -1:
+        cdef unsigned n, i
+        if self.nfree == 0:
+            n = self.cap * 2 if self.cap else 64
+            if n > LOOP_MAX_SLOTS:
+                raise OSError(ENOBUFS, f"more than {LOOP_MAX_SLOTS} loop operations in flight")
+            gen = <uint16_t *>realloc(self.gen, n * sizeof(uint16_t))
+            if gen != NULL:
+                self.gen = gen
+            opc = <uint8_t *>realloc(self.opc, n * sizeof(uint8_t))
+            if opc != NULL:
+                self.opc = opc
+            fs = <int *>realloc(self.free_slots, n * sizeof(int))
+            if fs != NULL:
+                self.free_slots = fs
+            views = <Py_buffer *>realloc(self.views, n * sizeof(Py_buffer))
+            if views != NULL:
+                self.views = views
+            hv = <uint8_t *>realloc(self.has_view, n * sizeof(uint8_t))
+            if hv != NULL:
+                self.has_view = hv
+            if gen == NULL or opc == NULL or fs == NULL or views == NULL or hv == NULL:
+                raise MemoryError()
+            for i in range(self.cap, n):
+                self.gen[i] = 0
+                self.opc[i] = 0
+                self.has_view[i] = 0
+            for i in range(n - self.cap):       # the lowest slot is taken first
+                self.free_slots[self.nfree] = n - 1 - i
+                self.nfree += 1
+            self.waiters.extend([None] * (n - self.cap))
+            self.keep.extend([None] * (n - self.cap))
+            self.cap = n
+        self.nfree -= 1
+        return self.free_slots[self.nfree]
+
+    cdef io_uring_sqe *prep(self, int slot, uint32_t op, object waiter) except NULL:
+        cdef io_uring_sqe *s = self.polls.live_ring().sqe()
+        self.opc[slot] = op
+        self.waiters[slot] = waiter
+        self.submitted += 1
+        return s
+
+    cdef void release(self, int slot) noexcept:
+        if self.has_view[slot]:
+            PyBuffer_Release(&self.views[slot])
+            self.has_view[slot] = 0
+        self.waiters[slot] = None
+        self.keep[slot] = None
+        self.opc[slot] = 0
+        self.gen[slot] += 1
+        self.free_slots[self.nfree] = slot
+        self.nfree += 1
+
+    cdef void finish(self, io_uring_cqe *cqe) noexcept:
+        cdef uint64_t ud = cqe.user_data
+        cdef int slot = ud_slot(ud)
+        cdef uint32_t op = ud_op(ud)
+        cdef unsigned bid
+        if op == LOP_CANCEL:
+            return
+        if (<unsigned>slot >= self.cap or self.opc[slot] != op
+                or ud_gen(ud) != ud_gen_of(self.gen[slot])):
+            self.stale += 1
+            return
+        waiter = self.waiters[slot]
+        self.release(slot)
+        self.completed += 1
+        if op != LOP_RECV_POOL:
+            self.done.append((waiter, cqe.res))
+        elif cqe.res > 0 and (cqe.flags & IORING_CQE_F_BUFFER):
+            # Copy out and give the buffer straight back: the bytes object is
+            # what data_received() takes anyway.
+            bid = cqe.flags >> IORING_CQE_BUFFER_SHIFT
+            self.done.append((waiter, PyBytes_FromStringAndSize(
+                self.pool + <size_t>bid * POOL_SIZE, cqe.res)))
+            io_uring_buf_ring_add(self.br, self.pool + <size_t>bid * POOL_SIZE, POOL_SIZE,
+                                  bid, io_uring_buf_ring_mask(POOL_N), 0)
+            io_uring_buf_ring_advance(self.br, 1)
+        else:
+            if cqe.res == -ENOBUFS:
+                self.nobufs += 1
+            self.done.append((waiter, b"" if cqe.res == 0 else cqe.res))
+
+    cdef uint64_t ud(self, int slot) noexcept:
+        return ud_make(OWNER_LOOP, slot, self.gen[slot], self.opc[slot], 0)
+
+    # --- what the loop calls: each returns the op's slot ------------------
+
+    def recv(self, int fd, buf, waiter, int flags=0):
+        """Receive into `buf` (a writable buffer); waiter(nbytes or -errno)."""
+        cdef int slot = self.take_slot()
+        if PyObject_GetBuffer(buf, &self.views[slot], PyBUF_WRITABLE) < 0:
+            self.free_slots[self.nfree] = slot
+            self.nfree += 1
+            raise TypeError("recv needs a writable buffer")
+        self.has_view[slot] = 1
+        cdef io_uring_sqe *s = self.prep(slot, LOP_RECV, waiter)
+        io_uring_prep_recv(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
+        io_uring_sqe_set_data64(s, self.ud(slot))
+        return slot
+
+    cdef int pool_ready(self) except -1:
+        cdef int err = 0
+        cdef unsigned i
+        cdef Ring r = self.polls.live_ring()
+        if self.pool_ring is r:
+            return 0
+        self.pool_drop(False)
+        if self.pool == NULL:
+            self.pool = <char *>reserve_zeroed(<size_t>POOL_N * POOL_SIZE)
+            if self.pool == NULL:
+                raise MemoryError()
+        self.br = r.buf_ring_setup(POOL_N, False, &err)
+        if self.br == NULL:
+            raise OSError(-err, f"provided-buffer ring: {os.strerror(-err)}")
+        for i in range(POOL_N):
+            io_uring_buf_ring_add(self.br, self.pool + <size_t>i * POOL_SIZE, POOL_SIZE, i,
+                                  io_uring_buf_ring_mask(POOL_N), i)
+        io_uring_buf_ring_advance(self.br, POOL_N)
+        self.pool_ring = r
+        self.pool_n = POOL_N
+        self.pool_size = POOL_SIZE
+        return 0
+
+    # forked: the registration is the parent's (shared ring): only unmap
+    # the child's copy of the entries.
+    cdef void pool_drop(self, bint forked) noexcept:
+        if self.br != NULL:
+            if forked or self.pool_ring is None:
+                munmap(self.br, <size_t>POOL_N * sizeof(io_uring_buf))
+            else:
+                self.pool_ring.buf_ring_free(self.br, POOL_N)
+            self.br = NULL
+        self.pool_ring = None
+
+    def recv_pooled(self, int fd, waiter):
+        """Receive into a buffer of the pool; waiter(bytes, b"" at EOF, or
+        -errno; -ENOBUFS when every buffer was in use)."""
+        self.pool_ready()
+        cdef int slot = self.take_slot()
+        cdef io_uring_sqe *s = self.prep(slot, LOP_RECV_POOL, waiter)
+        uc_prep_recv_select(s, fd, 0, 0, 0)
+        io_uring_sqe_set_data64(s, self.ud(slot))
+        return slot
+
+    def pool_available(self):
+        """Whether the receive pool can be set up here (5.19+), and if not why."""
+        try:
+            self.pool_ready()
+            return (True, "")
+        except OSError as e:
+            return (False, e.strerror or str(e))
+
+    def send(self, int fd, data, waiter, int flags=MSG_NOSIGNAL):
+        """Send from `data` (a bytes-like object); waiter(nbytes or -errno)."""
+        cdef int slot = self.take_slot()
+        if PyObject_GetBuffer(data, &self.views[slot], PyBUF_SIMPLE) < 0:
+            self.free_slots[self.nfree] = slot
+            self.nfree += 1
+            raise TypeError("send needs a bytes-like object")
+        self.has_view[slot] = 1
+        cdef io_uring_sqe *s = self.prep(slot, LOP_SEND, waiter)
+        io_uring_prep_send(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
+        io_uring_sqe_set_data64(s, self.ud(slot))
+        return slot
+
+    def accept(self, int fd, waiter):
+        """Accept one connection, non-blocking and close-on-exec; waiter(fd or -errno)."""
+        cdef int slot = self.take_slot()
+        cdef io_uring_sqe *s = self.prep(slot, LOP_ACCEPT, waiter)
+        io_uring_prep_accept(s, fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        io_uring_sqe_set_data64(s, self.ud(slot))
+        return slot
+
+    def connect(self, int fd, bytes sockaddr, waiter):
+        """Connect to a packed struct sockaddr; waiter(0 or -errno)."""
+        cdef int slot = self.take_slot()
+        cdef io_uring_sqe *s = self.prep(slot, LOP_CONNECT, waiter)
+        self.keep[slot] = sockaddr
+        io_uring_prep_connect(s, fd, <const char *>sockaddr, <unsigned>len(sockaddr))
+        io_uring_sqe_set_data64(s, self.ud(slot))
+        # Submitted now, as connect(2) would be: the SYN leaves before the
+        # caller's next step (which may be a blocking accept() elsewhere).
+        self.polls.ring.submit()
+        return slot
+
+    def cancel(self, int slot, waiter):
+        """Ask the kernel to end `slot`'s op (if `waiter` still owns it), now:
+        its completion still comes, with -ECANCELED or what it had done."""
+        if <unsigned>slot >= self.cap or self.waiters[slot] is not waiter or self.opc[slot] == 0:
+            return False
+        cdef Ring r = self.polls.live_ring()
+        cdef io_uring_sqe *s = r.sqe()
+        io_uring_prep_cancel64(s, self.ud(slot), 0)
+        io_uring_sqe_set_data64(s, ud_make(OWNER_LOOP, slot, 0, LOP_CANCEL, 0))
+        r.submit()
+        self.cancels += 1
+        return True
+
+    def take_done(self):
+        """The completions harvested since the last call, as (waiter, res)."""
+        if not self.done:
+            return ()
+        done = self.done
+        self.done = []
+        return done
+
+    def in_flight(self):
+        return self.cap - self.nfree
+
+    def abandon(self, bint forked=False):
+        """The ring is going (closed, or left to the parent after fork): no
+        op will complete. Buffers are released; waiters are dropped uncalled."""
+        cdef unsigned i
+        for i in range(self.cap):
+            if self.opc[i]:
+                self.release(i)
+        self.done = []
+        self.pool_drop(forked)
+
+    def stats(self):
+        return {"submitted": self.submitted, "completed": self.completed,
+                "cancels": self.cancels, "stale": self.stale, "in_flight": self.in_flight()}

@@ -1,0 +1,296 @@
+"""uring_net.aio beyond CPython's suites: activation, that socket I/O really
+is completions, and the traps of completions (cancel before close, nothing
+lost to a cancelled operation, bounded memory, fork, the fallback)."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uring_net import aio
+
+HERE = Path(__file__).resolve().parent
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def echo_client(addr, messages):
+    r, w = await asyncio.open_connection(*addr)
+    for m in messages:
+        w.write(m)
+        assert await r.readexactly(len(m)) == m
+    w.close()
+    await w.wait_closed()
+
+
+def test_activation_the_uvloop_ways():
+    async def main():
+        return type(asyncio.get_running_loop())
+
+    assert aio.run(main()) is aio.Loop
+    with asyncio.Runner(loop_factory=aio.new_event_loop) as runner:
+        assert runner.run(main()) is aio.Loop
+    if hasattr(aio, "install"):
+        old = asyncio.get_event_loop_policy()
+        try:
+            aio.install()
+            loop = asyncio.new_event_loop()
+            assert type(loop) is aio.Loop
+            loop.close()
+        finally:
+            asyncio.set_event_loop_policy(old)
+
+
+def test_stream_reads_are_completions_not_polls():
+    async def main():
+        async def handle(r, w):
+            while data := await r.read(65536):
+                w.write(data)
+            w.close()
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        before = loop.stats()
+        await echo_client(srv.sockets[0].getsockname(), [b"m%d" % i * 100 for i in range(200)])
+        after = loop.stats()
+        srv.close()
+        await srv.wait_closed()
+        return before, after
+
+    before, after = aio.run(main())
+    ops = after["ops"]["completed"] - before["ops"]["completed"]
+    arms = after["polls"]["arms"] - before["polls"]["arms"]
+    # 200 messages each way: a receive completion per message on both sides;
+    # polls only for the listener and the loop's own wake-up socket.
+    assert ops >= 400, (before, after)
+    assert arms < 20, (before, after)
+
+
+def test_sock_methods_are_completions():
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        c = socket.socket()
+        c.setblocking(False)
+        before = loop.stats()["ops"]["completed"]
+        conn_task = asyncio.ensure_future(loop.sock_accept(lsock))
+        await loop.sock_connect(c, lsock.getsockname())
+        s, addr = await conn_task
+        assert addr == c.getsockname()
+        for i in range(50):
+            await loop.sock_sendall(c, b"x" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += await loop.sock_recv(s, 1000 - len(got))
+        buf = bytearray(10)
+        await loop.sock_sendall(s, b"0123456789")
+        n = await loop.sock_recv_into(c, buf)
+        assert buf[:n] == b"0123456789"[:n]
+        done = loop.stats()["ops"]["completed"] - before
+        for x in (s, c, lsock):
+            x.close()
+        return done
+
+    assert aio.run(main()) >= 52        # accept, connect, 50 receives
+
+
+def test_transport_close_with_a_receive_in_flight_sends_the_fin_at_once():
+    # Cancel first, then close: a receive in flight holds the socket's file,
+    # so closing the fd under it would keep the FIN back.
+    async def main():
+        closed = asyncio.Event()
+
+        class Closer(asyncio.Protocol):
+            def connection_made(self, t):
+                asyncio.get_running_loop().call_later(0.05, t.close)
+
+            def connection_lost(self, exc):
+                closed.set()
+
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(Closer, "127.0.0.1", 0)
+        c = socket.create_connection(srv.sockets[0].getsockname())
+        await closed.wait()
+        c.settimeout(10)
+        got = await loop.run_in_executor(None, c.recv, 10)
+        c.close()
+        srv.close()
+        return got
+
+    assert aio.run(main()) == b""
+
+
+def test_cancelled_sock_recv_loses_no_bytes():
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_recv(a, 100))
+        await asyncio.sleep(0)          # its receive is prepared, not yet submitted
+        b.send(b"early bytes")
+        task.cancel()                   # the receive and its cancel go in together
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        b.send(b", and later ones")
+        got = b""
+        while len(got) < len(b"early bytes, and later ones"):
+            got += await asyncio.wait_for(loop.sock_recv(a, 100), 10)
+        a.close()
+        b.close()
+        return got
+
+    assert aio.run(main()) == b"early bytes, and later ones"
+
+
+def test_cancelled_sock_accept_loses_no_connection():
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_accept(lsock))
+        await asyncio.sleep(0)
+        c = socket.create_connection(lsock.getsockname())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        s, _ = await asyncio.wait_for(loop.sock_accept(lsock), 10)
+        c.sendall(b"hi")
+        got = await loop.sock_recv(s, 10)
+        for x in (s, c, lsock):
+            x.close()
+        return got
+
+    assert aio.run(main()) == b"hi"
+
+
+def test_paused_transport_gets_nothing_until_resumed():
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = []
+        first = asyncio.Event()
+
+        class Pauser(asyncio.Protocol):
+            def connection_made(self, t):
+                self.t = t
+
+            def data_received(self, data):
+                got.append(data)
+                self.t.pause_reading()
+                first.set()
+
+        a, b = socket.socketpair()
+        t, proto = await loop.create_connection(Pauser, sock=a)
+        b.send(b"one")
+        await first.wait()
+        b.send(b"two")
+        for _ in range(20):             # loop turns: nothing may be delivered
+            await asyncio.sleep(0)
+        paused = list(got)
+        t.resume_reading()
+        while b"".join(got) != b"onetwo":
+            await asyncio.sleep(0.01)
+        t.close()
+        b.close()
+        return paused
+
+    assert aio.run(main()) == [b"one"]
+
+
+def test_idle_transports_hold_no_receive_buffer_each():
+    # Each reading transport has a receive in the kernel; with a buffer of
+    # its own (256 KiB, as asyncio reads) 1,000 would take 256 MB. The
+    # shared pool bounds it.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2200:
+        pytest.skip(f"needs 2,200 fds; the hard limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2200), hard))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(1000)]
+        base = rss_bytes()
+        transports = []
+        for a, b in pairs:
+            t, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+            transports.append(t)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        inflight = loop.stats()["ops"]["in_flight"]
+        grown = rss_bytes() - base
+        for t in transports:
+            t.close()
+        await asyncio.sleep(0.1)
+        for a, b in pairs:
+            b.close()
+        return inflight, grown
+
+    inflight, grown = aio.run(main())
+    assert inflight >= 1000
+    assert grown < 64 << 20, f"RSS grew {grown >> 20} MiB for 1,000 idle transports"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_runs_a_loop_of_its_own():
+    async def serve_once():
+        a, b = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        a.setblocking(False)
+        b.send(b"ping")
+        data = await loop.sock_recv(a, 10)
+        a.close()
+        b.close()
+        return data
+
+    loop = aio.new_event_loop()
+    try:
+        assert loop.run_until_complete(serve_once()) == b"ping"
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if aio.run(serve_once()) == b"ping" else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert loop.run_until_complete(serve_once()) == b"ping"
+    finally:
+        loop.close()
+
+
+def test_fallback_without_io_uring_warns_once_and_runs():
+    code = ("import asyncio, warnings\nwarnings.simplefilter('always')\n"
+            "from uring_net import aio\n"
+            "async def main():\n    return type(asyncio.get_running_loop()).__name__\n"
+            "print(aio.run(main()))\nprint(aio.run(main()))\n")
+    r = subprocess.run([sys.executable, str(HERE / "seccomp_deny_uring.py"), sys.executable,
+                        "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["_UnixSelectorEventLoop"] * 2
+    warnings = [line for line in r.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warnings) == 1 and "EPERM" in warnings[0], r.stderr
+
+
+def test_cpython_suites_pass_on_the_fallback():
+    # The same CPython tests, in a process where io_uring_setup fails: every
+    # loop the hooks make is the fallback. (make test-full runs them all.)
+    which = "TestAio" if os.environ.get("URING_NET_TEST_FULL") else \
+        "TestAioSockLowlevel or TestAioBufferedProtocol or TestAioStartServer"
+    r = subprocess.run([sys.executable, str(HERE / "seccomp_deny_uring.py"), sys.executable,
+                        "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+                        "ignore::RuntimeWarning", str(HERE / "test_cpython_aio.py"), "-k", which],
+                       capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
