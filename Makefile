@@ -2,7 +2,8 @@
 #
 #   make run    install what is missing, build, run the demo (proxy + built-in upstream)
 #   make test   install what is missing, build, run the whole test suite
-#               (make test-full: every variant, past the CI time budget)
+#               (make test-full: every variant, past the CI time budget;
+#               make test-pythons: the selector and loop suites on Python 3.12, 3.13)
 #   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat) and matplotlib, run
 #               every benchmark scenario (bench/suite.py); QUICK=1 runs a ~2-minute subset
 #   make bench-tools  install the perf tooling of bench/perf/ (linux-perf, strace, pyinferno)
@@ -25,10 +26,11 @@ BENCH_DEBS  := iperf3 haproxy socat nginx-light libnginx-mod-stream wrk gcc util
 # The perf tooling: perf itself (Debian's linux-perf), strace where perf trace
 # cannot run, and the flame-graph renderer (pyinferno, a wheel of the inferno crate).
 TOOLS_DEBS  := linux-perf strace
-STAMP_BENCH := $(VENV)/.bench-installed
+# -2: uvloop joined matplotlib (a new name, so venvs made before install it)
+STAMP_BENCH := $(VENV)/.bench-installed-2
 STAMP_TOOLS := $(VENV)/.bench-tools-installed
 
-.PHONY: run test test-full bench bench-tools probe clean deps-build deps-bench
+.PHONY: run test test-full test-pythons bench bench-tools probe clean deps-build deps-bench
 
 run: $(CORE_SO)
 	$(VENV)/bin/uring-proxy demo
@@ -40,6 +42,22 @@ test: $(CORE_SO)
 # marked epoll_modes run those modes only on the epoll backend there).
 test-full: $(CORE_SO)
 	URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=15 tests
+
+# The selector and event loop against CPython's own suites on the other
+# Pythons of this machine (PYTHONS, found on PATH or under pyenv), each in a
+# venv of its own (.venv-3.12 ...), the extension built for it in place.
+PYTHONS ?= 3.12 3.13
+test-pythons: $(CORE_SO)
+	@for v in $(PYTHONS); do \
+	  py=$$(command -v python$$v || ls -d $$HOME/.pyenv/versions/$$v*/bin/python3 2>/dev/null | tail -1); \
+	  if [ -z "$$py" ]; then echo "no Python $$v on this machine" >&2; exit 1; fi; \
+	  echo "== Python $$v ($$py)"; \
+	  test -x .venv-$$v/bin/python || $$py -m venv .venv-$$v || exit 1; \
+	  .venv-$$v/bin/python -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" \
+	    && .venv-$$v/bin/python -m pip install -q --no-build-isolation -e . \
+	    && .venv-$$v/bin/python -m pytest -q -p no:cacheprovider tests/test_cpython_selectors.py \
+	       tests/test_cpython_aio.py tests/test_selector.py tests/test_aio.py || exit 1; \
+	done
 
 bench: $(CORE_SO) deps-bench $(STAMP_BENCH)
 	$(VPY) bench/suite.py $(if $(QUICK),--quick)
@@ -77,7 +95,7 @@ deps-bench:
 	$(call apt_install,$(BENCH_DEBS))
 
 $(STAMP_BENCH): $(STAMP_DEPS)
-	$(VPY) -m pip install -q matplotlib
+	$(VPY) -m pip install -q matplotlib uvloop
 	@touch $@
 
 $(STAMP_TOOLS): $(STAMP_DEPS)

@@ -11,6 +11,10 @@
  *       moment it could be sent, to the moment its whole echo is read: a stall
  *       delays the messages queued behind it and their latency says so (no
  *       coordinated omission).
+ *       RATE 0 is CLOSED LOOP instead: each connection sends its next message as
+ *       soon as the echo of the previous one is back, as fast as the path allows
+ *       (the concurrency is CONNS); latency runs from the send, and
+ *       `achieved_rate` is the echoes completed per second of the measured SECONDS.
  *       The run lasts WARMUP_S (default 1, may be fractional) + SECONDS; messages
  *       due in the warm-up are sent and checked but not recorded. Then the
  *       messages still out get up to DRAIN_S to come back.
@@ -153,6 +157,7 @@ struct conn {
 static struct conn *conns;
 static int nconns, size, ep;
 static uint64_t rate, total;    /* messages due before the end of the run */
+static int closed_loop;         /* RATE 0: each echo releases the next message */
 static int64_t t0, t_warm, t_end;
 static struct hist lat, lag;
 static uint64_t sent_all, sent_window, echoed, recorded, busy;
@@ -234,9 +239,15 @@ static void send_due(struct conn *c, int k, int64_t now)
 {
 	uint64_t i = c->next_j * nconns + k;
 
-	if (c->state != IDLE || i >= total || due_of(i) > now)
-		return;
-	c->due = due_of(i);
+	if (closed_loop) {
+		if (c->state != IDLE || now >= t_end)
+			return;
+		c->due = now;
+	} else {
+		if (c->state != IDLE || i >= total || due_of(i) > now)
+			return;
+		c->due = due_of(i);
+	}
 	fill(c->sbuf, (uint64_t)k << 40 | c->next_j);
 	c->next_j++;
 	c->wpos = c->got = 0;
@@ -379,9 +390,9 @@ int main(int argc, char **argv)
 	size = atoi(argv[5]);
 	if (argc == 7)
 		warmup = atof(argv[6]);
-	if (port <= 0 || port > 65535 || nconns < 1 || nconns > (1 << 20) || rate < 1
+	if (port <= 0 || port > 65535 || nconns < 1 || nconns > (1 << 20)
 	    || !(seconds > 0) || size < 1 || size > (1 << 24) || !(warmup >= 0)) {
-		fprintf(stderr, "pingpong: bad arguments (PORT 1-65535, CONNS >= 1, RATE >= 1, "
+		fprintf(stderr, "pingpong: bad arguments (PORT 1-65535, CONNS >= 1, RATE >= 0, "
 			"SECONDS > 0, SIZE >= 1, WARMUP_S >= 0)\n");
 		return 2;
 	}
@@ -408,7 +419,13 @@ int main(int argc, char **argv)
 	t_end = t_warm + (int64_t)(seconds * 1e9);
 	deadline = t_end + (int64_t)DRAIN_S * 1000000000;
 	/* Messages due before t_end: the smallest i with due_of(i) >= t_end. */
-	total = (uint64_t)(((unsigned __int128)(t_end - t0) * rate + 999999999u) / 1000000000u);
+	closed_loop = rate == 0;
+	if (!closed_loop)
+		total = (uint64_t)(((unsigned __int128)(t_end - t0) * rate + 999999999u) / 1000000000u);
+	else
+		for (k = 0; k < nconns; k++)
+			if (conns[k].state == IDLE)
+				send_due(&conns[k], k, t0);
 	if (connect_errors == (uint64_t)nconns)
 		total = 0;
 
@@ -436,7 +453,7 @@ int main(int argc, char **argv)
 				send_due(c, gi % nconns, now);
 			}
 		}
-		if (gi >= total && busy == 0)
+		if (gi >= total && busy == 0 && (!closed_loop || now >= t_end))
 			break;
 		int64_t next = gi < total ? due_of(gi) : deadline;
 		if (!warm_taken && t_warm < next)
@@ -493,7 +510,8 @@ int main(int argc, char **argv)
 	       "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, "
 	       "\"max_us\": %.1f, \"sched_lag_p99_us\": %.1f, \"sched_lag_max_us\": %.1f, "
 	       "\"cpu_s\": %.3f, \"window_cpu_s\": %.3f, \"cpu_percent\": %.1f, \"wall_s\": %.3f}\n",
-	       (unsigned long long)rate, sent_window / seconds, nconns, size, seconds, warmup,
+	       (unsigned long long)rate, (closed_loop ? recorded : sent_window) / seconds, nconns,
+	       size, seconds, warmup,
 	       (unsigned long long)recorded, (unsigned long long)sent_all,
 	       (unsigned long long)echoed, (unsigned long long)unsent, (unsigned long long)errors,
 	       (unsigned long long)connect_errors, (unsigned long long)mismatches,

@@ -21,7 +21,8 @@ cdef class Driver:
     cdef int submit_and_wait(self, int64_t timeout_ns) noexcept nogil:
         return -ENOSYS
 
-    # Submit everything prepared, without waiting: 0 or a count, or -errno.
+    # Submit everything prepared, and run the completion work already due,
+    # without waiting: 0 or a count, or -errno.
     cdef int submit(self) noexcept nogil:
         return -ENOSYS
 

@@ -95,6 +95,7 @@ cdef extern from "uring_compat.h" nogil:
     void io_uring_queue_exit(io_uring *ring)
     io_uring_sqe *io_uring_get_sqe(io_uring *ring)
     int io_uring_submit(io_uring *ring)
+    int io_uring_submit_and_get_events(io_uring *ring)
     int io_uring_submit_and_wait_timeout(io_uring *ring, io_uring_cqe **cqe_ptr,
                                          unsigned wait_nr, __kernel_timespec *ts, void *sigmask)
     int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)

@@ -194,13 +194,16 @@ cdef class LoopOps:
             self.br = NULL
         self.pool_ring = None
 
-    def recv_pooled(self, int fd, waiter):
-        """Receive into a buffer of the pool; waiter(bytes, b"" at EOF, or
-        -errno; -ENOBUFS when every buffer was in use)."""
+    def recv_pooled(self, int fd, waiter, size_t limit=0):
+        """Receive into a buffer of the pool, at most `limit` bytes (0: a
+        whole buffer); waiter(bytes, b"" at EOF, or -errno; -ENOBUFS when
+        every buffer was in use)."""
         self.pool_ready()
         cdef int slot = self.take_slot()
         cdef io_uring_sqe *s = self.prep(slot, LOP_RECV_POOL, waiter)
         uc_prep_recv_select(s, fd, 0, 0, 0)
+        if 0 < limit < POOL_SIZE:
+            s.len = <unsigned>limit         # a selected buffer is filled up to len
         io_uring_sqe_set_data64(s, self.ud(slot))
         return slot
 

@@ -14,7 +14,8 @@ cdef class PollSet:
     cdef unsigned nqueue
     cdef list keys              # per fd: what select() reports for it
     cdef LoopOps ops            # the event loop's operations on this ring, if any
-    cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows, parked
+    cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows, parked, moves
+    cdef unsigned long owner_tid    # the thread the ring was set up by
     # Write-only fds whose peer has half-closed, watched by an epoll set of
     # our own whose fd the ring polls (pollset.pyx says why).
     cdef int epfd
@@ -23,6 +24,7 @@ cdef class PollSet:
 
     cdef int grow(self, int fd) except -1
     cdef Ring live_ring(self)
+    cdef int move_to_thread(self) except -1
     cdef void enqueue(self, int fd) noexcept
     cdef void prep_remove(self, int fd) noexcept
     cdef void arm_queued(self) noexcept

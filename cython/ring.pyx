@@ -170,8 +170,11 @@ cdef class Ring(Driver):
         ts.tv_nsec = timeout_ns % 1000000000
         return io_uring_submit_and_wait_timeout(&self.ring, &cqe, 1, &ts, NULL)
 
+    # With the completion work run too (GETEVENTS): under DEFER_TASKRUN a
+    # cancelled op lets go of its file only when its completion is run, and
+    # a caller that closes the socket next expects its FIN to leave now.
     cdef int submit(self) noexcept nogil:
-        return io_uring_submit(&self.ring)
+        return io_uring_submit_and_get_events(&self.ring)
 
     cdef unsigned ready(self) noexcept nogil:
         return io_uring_cq_ready(&self.ring)

@@ -273,13 +273,30 @@ class Loop(unix_events._UnixSelectorEventLoop):
         if self._recv_stash and fd in self._recv_stash:
             return self._from_stash(fd, n)
         self._ensure_fd_no_transport(fd)
-        buf = bytearray(n)
+        if n <= 0:
+            return await super().sock_recv(sock, n)
 
         def keep(res):      # a cancelled receive that still got bytes
+            if type(res) is bytes and res:
+                self._recv_stash[fd] = self._recv_stash.get(fd, b"") + res
+
+        if self._pooled:
+            # From the pool, at most n bytes: no n-byte buffer to allocate and
+            # fault in per call (asyncio asks for 256 KiB).
+            while True:
+                res = await self._op(lambda w: self._ops.recv_pooled(fd, w, n), keep)
+                if type(res) is bytes:
+                    return res
+                if res != -errno.ENOBUFS:
+                    raise _error(res)
+                await asyncio.sleep(0)      # every buffer was taken in one batch
+        buf = bytearray(n)
+
+        def keep_own(res):
             if res > 0:
                 self._recv_stash[fd] = self._recv_stash.get(fd, b"") + bytes(buf[:res])
 
-        res = await self._op(lambda w: self._ops.recv(fd, buf, w), keep)
+        res = await self._op(lambda w: self._ops.recv(fd, buf, w), keep_own)
         if res < 0:
             raise _error(res)
         del buf[res:]
