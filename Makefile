@@ -49,8 +49,9 @@ test-full: $(CORE_SO)
 PYTHONS ?= 3.12 3.13
 test-pythons: $(CORE_SO)
 	@for v in $(PYTHONS); do \
-	  py=$$(command -v python$$v || ls -d $$HOME/.pyenv/versions/$$v*/bin/python3 2>/dev/null | tail -1); \
-	  if [ -z "$$py" ]; then echo "no Python $$v on this machine" >&2; exit 1; fi; \
+	  py=$$(ls -d $$HOME/.pyenv/versions/$$v.*/bin/python3 2>/dev/null | tail -1); \
+	  [ -n "$$py" ] || py=$$(command -v python$$v); \
+	  if [ -z "$$py" ] || ! "$$py" -c pass 2>/dev/null; then echo "no Python $$v on this machine" >&2; exit 1; fi; \
 	  echo "== Python $$v ($$py)"; \
 	  test -x .venv-$$v/bin/python || $$py -m venv .venv-$$v || exit 1; \
 	  .venv-$$v/bin/python -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" \
