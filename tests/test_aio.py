@@ -283,14 +283,26 @@ def test_fallback_without_io_uring_warns_once_and_runs():
     assert len(warnings) == 1 and "EPERM" in warnings[0], r.stderr
 
 
-def test_cpython_suites_pass_on_the_fallback():
-    # The same CPython tests, in a process where io_uring_setup fails: every
-    # loop the hooks make is the fallback. (make test-full runs them all.)
-    which = "TestAio" if os.environ.get("URING_NET_TEST_FULL") else \
-        "TestAioSockLowlevel or TestAioBufferedProtocol or TestAioStartServer"
-    r = subprocess.run([sys.executable, str(HERE / "seccomp_deny_uring.py"), sys.executable,
-                        "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-                        "ignore::RuntimeWarning", str(HERE / "test_cpython_aio.py"), "-k", which],
-                       capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+# The same CPython tests again, in a process where io_uring_setup fails (every
+# loop the hooks make is the fallback), and with asyncio's debug mode on. The
+# default tier runs three of the suites each way; make test-full runs them all.
+SUBSET = "TestAioSockLowlevel or TestAioBufferedProtocol or TestAioStartServer"
+
+
+def run_cpython_aio(prefix, env=None):
+    which = "TestAio" if os.environ.get("URING_NET_TEST_FULL") else SUBSET
+    r = subprocess.run(prefix + [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 "-W", "ignore::RuntimeWarning", str(HERE / "test_cpython_aio.py"),
+                                 "-k", which],
+                       capture_output=True, text=True, timeout=600, cwd=HERE.parent,
+                       env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+def test_cpython_suites_pass_on_the_fallback():
+    run_cpython_aio([sys.executable, str(HERE / "seccomp_deny_uring.py")])
+
+
+def test_cpython_suites_pass_in_asyncio_debug_mode():
+    run_cpython_aio([], {"PYTHONASYNCIODEBUG": "1"})
