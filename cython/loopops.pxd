@@ -24,6 +24,7 @@ cdef class LoopOps:
     cdef void pool_drop(self, bint forked) noexcept
 
     cdef int take_slot(self) except -1
+    cdef int take_slot_viewing(self, obj, int flags) except -1
     cdef io_uring_sqe *prep(self, int slot, uint32_t op, object waiter) except NULL
     cdef void release(self, int slot) noexcept
     cdef void finish(self, io_uring_cqe *cqe) noexcept

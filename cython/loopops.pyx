@@ -64,27 +64,12 @@ cdef class LoopOps:
             n = self.cap * 2 if self.cap else 64
             if n > LOOP_MAX_SLOTS:
                 raise OSError(ENOBUFS, f"more than {LOOP_MAX_SLOTS} loop operations in flight")
-            gen = <uint16_t *>realloc(self.gen, n * sizeof(uint16_t))
-            if gen != NULL:
-                self.gen = gen
-            opc = <uint8_t *>realloc(self.opc, n * sizeof(uint8_t))
-            if opc != NULL:
-                self.opc = opc
-            fs = <int *>realloc(self.free_slots, n * sizeof(int))
-            if fs != NULL:
-                self.free_slots = fs
-            views = <Py_buffer *>realloc(self.views, n * sizeof(Py_buffer))
-            if views != NULL:
-                self.views = views
-            hv = <uint8_t *>realloc(self.has_view, n * sizeof(uint8_t))
-            if hv != NULL:
-                self.has_view = hv
-            if gen == NULL or opc == NULL or fs == NULL or views == NULL or hv == NULL:
+            if (grow_zeroed(<void **>&self.gen, sizeof(uint16_t), self.cap, n)
+                    or grow_zeroed(<void **>&self.opc, sizeof(uint8_t), self.cap, n)
+                    or grow_zeroed(<void **>&self.free_slots, sizeof(int), self.cap, n)
+                    or grow_zeroed(<void **>&self.views, sizeof(Py_buffer), self.cap, n)
+                    or grow_zeroed(<void **>&self.has_view, sizeof(uint8_t), self.cap, n)):
                 raise MemoryError()
-            for i in range(self.cap, n):
-                self.gen[i] = 0
-                self.opc[i] = 0
-                self.has_view[i] = 0
             for i in range(n - self.cap):       # the lowest slot is taken first
                 self.free_slots[self.nfree] = n - 1 - i
                 self.nfree += 1
@@ -147,14 +132,22 @@ cdef class LoopOps:
 
     # --- what the loop calls: each returns the op's slot ------------------
 
-    def recv(self, int fd, buf, waiter, int flags=0):
-        """Receive into `buf` (a writable buffer); waiter(nbytes or -errno)."""
+    # A slot holding a buffer export of obj, which the kernel may then use
+    # until the op completes (PyBUF_WRITABLE: it writes into it).
+    cdef int take_slot_viewing(self, obj, int flags) except -1:
         cdef int slot = self.take_slot()
-        if PyObject_GetBuffer(buf, &self.views[slot], PyBUF_WRITABLE) < 0:
+        try:
+            PyObject_GetBuffer(obj, &self.views[slot], flags)
+        except BaseException:
             self.free_slots[self.nfree] = slot
             self.nfree += 1
-            raise TypeError("recv needs a writable buffer")
+            raise
         self.has_view[slot] = 1
+        return slot
+
+    def recv(self, int fd, buf, waiter, int flags=0):
+        """Receive into `buf` (a writable buffer); waiter(nbytes or -errno)."""
+        cdef int slot = self.take_slot_viewing(buf, PyBUF_WRITABLE)
         cdef io_uring_sqe *s = self.prep(slot, LOP_RECV, waiter)
         io_uring_prep_recv(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
         io_uring_sqe_set_data64(s, self.ud(slot))
@@ -217,12 +210,7 @@ cdef class LoopOps:
 
     def send(self, int fd, data, waiter, int flags=MSG_NOSIGNAL):
         """Send from `data` (a bytes-like object); waiter(nbytes or -errno)."""
-        cdef int slot = self.take_slot()
-        if PyObject_GetBuffer(data, &self.views[slot], PyBUF_SIMPLE) < 0:
-            self.free_slots[self.nfree] = slot
-            self.nfree += 1
-            raise TypeError("send needs a bytes-like object")
-        self.has_view[slot] = 1
+        cdef int slot = self.take_slot_viewing(data, PyBUF_SIMPLE)
         cdef io_uring_sqe *s = self.prep(slot, LOP_SEND, waiter)
         io_uring_prep_send(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
         io_uring_sqe_set_data64(s, self.ud(slot))

@@ -90,23 +90,11 @@ cdef class PollSet:
             return 0
         while n <= <unsigned>fd:
             n *= 2
-        want = <uint32_t *>realloc(self.want, n * sizeof(uint32_t))
-        if want != NULL:
-            self.want = want
-        gen = <uint16_t *>realloc(self.gen, n * sizeof(uint16_t))
-        if gen != NULL:
-            self.gen = gen
-        state = <uint8_t *>realloc(self.state, n * sizeof(uint8_t))
-        if state != NULL:
-            self.state = state
-        queue = <int *>realloc(self.queue, n * sizeof(int))
-        if queue != NULL:
-            self.queue = queue
-        if want == NULL or gen == NULL or state == NULL or queue == NULL:
-            raise MemoryError()
-        memset(self.want + self.cap, 0, (n - self.cap) * sizeof(uint32_t))
-        memset(self.gen + self.cap, 0, (n - self.cap) * sizeof(uint16_t))
-        memset(self.state + self.cap, 0, (n - self.cap) * sizeof(uint8_t))
+        if (grow_zeroed(<void **>&self.want, sizeof(uint32_t), self.cap, n)
+                or grow_zeroed(<void **>&self.gen, sizeof(uint16_t), self.cap, n)
+                or grow_zeroed(<void **>&self.state, sizeof(uint8_t), self.cap, n)
+                or grow_zeroed(<void **>&self.queue, sizeof(int), self.cap, n)):
+            raise MemoryError()     # (the arrays grown so far keep their new size)
         self.keys.extend([None] * (n - self.cap))
         self.cap = n
         return 0

@@ -149,3 +149,16 @@ cdef inline void *reserve_zeroed(size_t n) noexcept nogil:
     cdef void *p = mmap(NULL, n, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     return NULL if p == MAP_FAILED else p
+
+from libc.string cimport memset
+
+
+# Grow the array *p of `old` elements of `size` bytes to `new`, the new ones
+# zeroed. -1 (and *p as it was) when out of memory.
+cdef inline int grow_zeroed(void **p, size_t size, size_t old, size_t new) noexcept nogil:
+    cdef void *q = realloc(p[0], new * size)
+    if q == NULL:
+        return -1
+    memset(<char *>q + old * size, 0, (new - old) * size)
+    p[0] = q
+    return 0

@@ -15,9 +15,12 @@ import random
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 # Upper bound for one blocking socket operation. Generous because the suite shares two
@@ -702,3 +705,14 @@ class LoadClient:
                 if s is not None and s.fileno() >= 0:
                     s.close()
             sel.close()
+
+
+def run_without_io_uring(code: str, timeout: float = 60) -> tuple[str, list[str]]:
+    """Run ``python -c code`` where io_uring_setup fails EPERM, as under a
+    container's seccomp profile (tests/seccomp_deny_uring.py). Returns its
+    stdout and the RuntimeWarning lines of its stderr; asserts it exited 0."""
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, str(here / "seccomp_deny_uring.py"), sys.executable,
+                        "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r.stdout, [line for line in r.stderr.splitlines() if "RuntimeWarning" in line]

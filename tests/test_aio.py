@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from netutil import run_without_io_uring
 from uring_net import aio
 
 HERE = Path(__file__).resolve().parent
@@ -275,12 +276,9 @@ def test_fallback_without_io_uring_warns_once_and_runs():
             "from uring_net import aio\n"
             "async def main():\n    return type(asyncio.get_running_loop()).__name__\n"
             "print(aio.run(main()))\nprint(aio.run(main()))\n")
-    r = subprocess.run([sys.executable, str(HERE / "seccomp_deny_uring.py"), sys.executable,
-                        "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["_UnixSelectorEventLoop"] * 2
-    warnings = [line for line in r.stderr.splitlines() if "RuntimeWarning" in line]
-    assert len(warnings) == 1 and "EPERM" in warnings[0], r.stderr
+    out, warnings = run_without_io_uring(code)
+    assert out.split() == ["_UnixSelectorEventLoop"] * 2
+    assert len(warnings) == 1 and "EPERM" in warnings[0], warnings
 
 
 # The same CPython tests again, in a process where io_uring_setup fails (every

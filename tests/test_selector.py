@@ -6,19 +6,16 @@ thousands of fds), checked against EpollSelector as the reference."""
 import os
 import selectors
 import socket
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netutil import run_without_io_uring
 from uring_net.selectors import UringSelector
 
 R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
-HERE = Path(__file__).resolve().parent
 
 
 def by_fd(ready):
@@ -68,7 +65,7 @@ def test_changes_are_batched_into_the_wait(sel):
 def test_modify_with_the_poll_armed_replaces_it(sel):
     a, b = socket.socketpair()
     with a, b:
-        key = sel.register(a, R, "old")
+        sel.register(a, R, "old")
         assert sel.select(0) == []          # the READ poll is now in the kernel
         key2 = sel.modify(a, W, "new")
         assert key2.data == "new" and sel.get_key(a) is key2
@@ -260,12 +257,9 @@ def test_default_selector_falls_back_to_epoll_once_with_a_warning():
             "assert s.DefaultSelector is selectors.EpollSelector;"
             "assert s.DefaultSelector is selectors.EpollSelector;"
             "sel = s.DefaultSelector(); sel.close(); print('ok')")
-    r = subprocess.run([sys.executable, str(HERE / "seccomp_deny_uring.py"), sys.executable,
-                        "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ok"
-    warnings = [line for line in r.stderr.splitlines() if "RuntimeWarning" in line]
-    assert len(warnings) == 1, r.stderr
+    out, warnings = run_without_io_uring(code)
+    assert out.strip() == "ok"
+    assert len(warnings) == 1, warnings
     assert "io_uring is unavailable" in warnings[0] and "EPERM" in warnings[0]
 
 

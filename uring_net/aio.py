@@ -84,6 +84,11 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
     _held = None                # a result that came while not reading
     _lost = None                # (exc,): connection_lost waits for the receive
 
+    def set_protocol(self, protocol):
+        super().set_protocol(protocol)
+        # Asked once here, not per completion.
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
     def _add_reader(self, fd, callback, *args):
         # asyncio's transport registers its reader here (at start and on
         # resume_reading); this one submits a receive instead.
@@ -99,7 +104,7 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
             return
         waiter = self._recv_done
         ops = self._loop._ops
-        if self._read_ready_cb == self._read_ready__get_buffer:
+        if self._buffered:
             try:
                 buf = self._protocol.get_buffer(-1)
                 if not len(buf):
@@ -155,7 +160,7 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
                 self._read_ready__on_eof()
                 return
             # Into the protocol's buffer (BufferedProtocol), or our bytearray.
-            if self._read_ready_cb == self._read_ready__get_buffer:
+            if self._buffered:
                 try:
                     self._protocol.buffer_updated(res)
                 except (SystemExit, KeyboardInterrupt):
