@@ -226,7 +226,8 @@ cdef class PollSet:
         while True:
             timeout_ns = -1
             if timeout is not None:
-                timeout_ns = <int64_t>(max(0.0, deadline - _monotonic()) * 1e9)
+                # (capped at ~146 years: a larger double would not fit)
+                timeout_ns = <int64_t>(min(max(0.0, deadline - _monotonic()), 4.6e9) * 1e9)
             # No syscall when answers already wait in the CQ, or when a
             # zero wait could find none that we cannot see from here.
             if not r.must_enter() and (r.ready() or timeout_ns == 0):

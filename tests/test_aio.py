@@ -242,6 +242,32 @@ def test_idle_transports_hold_no_receive_buffer_each():
     assert grown < 64 << 20, f"RSS grew {grown >> 20} MiB for 1,000 idle transports"
 
 
+def test_loop_made_in_one_thread_runs_in_another():
+    # The ring is its thread's (SINGLE_ISSUER): the loop's selector moves to a
+    # ring of the thread that runs it, and the receive pool with it.
+    import threading
+    loop = aio.new_event_loop()
+    out = []
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.send(b"moved")
+        data = await loop.sock_recv(a, 10)
+        a.close()
+        b.close()
+        return data
+
+    t = threading.Thread(target=lambda: out.append(loop.run_until_complete(main())))
+    t.start()
+    t.join(30)
+    try:
+        assert out == [b"moved"]
+        assert loop.stats()["polls"]["moves"] == 1
+    finally:
+        loop.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_child_runs_a_loop_of_its_own():
     async def serve_once():

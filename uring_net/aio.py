@@ -82,6 +82,7 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
     _recv_waiter = None         # the completion callback of the receive in flight
     _recv_slot = -1
     _held = None                # a result that came while not reading
+    _held_due = False           # _deliver_held is scheduled
     _lost = None                # (exc,): connection_lost waits for the receive
 
     def set_protocol(self, protocol):
@@ -99,8 +100,12 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
         if self._recv_waiter is not None or self._conn_lost:
             return
         if self._held is not None:
-            held, self._held = self._held, None
-            self._loop.call_soon(self._deliver, held)
+            # What came while paused goes first, from a callback of its own
+            # (resume_reading() may be called from data_received()); no new
+            # receive until it is delivered, so bytes stay in order.
+            if not self._held_due:
+                self._held_due = True
+                self._loop.call_soon(self._deliver_held)
             return
         waiter = self._recv_done
         ops = self._loop._ops
@@ -121,6 +126,12 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
             self._rbuf = buf = bytearray(self.max_size)
             self._recv_slot = ops.recv(self._sock_fd, buf, waiter)
         self._recv_waiter = waiter
+
+    def _deliver_held(self):
+        self._held_due = False
+        if self._held is not None and self.is_reading():
+            held, self._held = self._held, None
+            self._deliver(held)
 
     def _stop_recv(self):
         if self._recv_waiter is not None:
