@@ -31,8 +31,8 @@ EVENT_WRITE = _std.EVENT_WRITE
 class UringSelector(_std._BaseSelectorImpl):
     """Selector on io_uring polls, level-triggered like EpollSelector.
 
-    Raises ``RingUnavailable`` (an OSError) from its first use where io_uring
-    cannot be set up; ``DefaultSelector`` checks that once for you."""
+    Raises ``RingUnavailable`` (an OSError) when made where io_uring cannot be
+    set up; ``DefaultSelector`` checks that once for you and falls back."""
 
     def __init__(self):
         super().__init__()
