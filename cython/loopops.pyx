@@ -123,6 +123,13 @@ cdef class LoopOps:
                                   bid, io_uring_buf_ring_mask(POOL_N), 0)
             io_uring_buf_ring_advance(self.br, 1)
         else:
+            if cqe.flags & IORING_CQE_F_BUFFER:
+                # A buffer taken for no bytes (EOF): back to the ring all the
+                # same, or every EOF would shrink the pool by one.
+                bid = cqe.flags >> IORING_CQE_BUFFER_SHIFT
+                io_uring_buf_ring_add(self.br, self.pool + <size_t>bid * POOL_SIZE, POOL_SIZE,
+                                      bid, io_uring_buf_ring_mask(POOL_N), 0)
+                io_uring_buf_ring_advance(self.br, 1)
             if cqe.res == -ENOBUFS:
                 self.nobufs += 1
             self.done.append((waiter, b"" if cqe.res == 0 else cqe.res))
@@ -272,4 +279,5 @@ cdef class LoopOps:
 
     def stats(self):
         return {"submitted": self.submitted, "completed": self.completed,
-                "cancels": self.cancels, "stale": self.stale, "in_flight": self.in_flight()}
+                "cancels": self.cancels, "stale": self.stale, "nobufs": self.nobufs,
+                "in_flight": self.in_flight()}

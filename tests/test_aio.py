@@ -175,6 +175,36 @@ def test_cancelled_sock_accept_loses_no_connection():
     assert aio.run(main()) == b"hi"
 
 
+def test_receive_pool_survives_more_eofs_than_it_has_buffers():
+    # 128 pool buffers; 300 connections that end with an EOF on one loop, then
+    # data must still arrive (an EOF whose buffer was not given back would
+    # shrink the pool to nothing).
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = asyncio.Queue()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data):
+                got.put_nowait(data)
+
+        srv = await loop.create_server(Sink, "127.0.0.1", 0)
+        addr = srv.sockets[0].getsockname()
+        for _ in range(300):
+            r, w = await asyncio.open_connection(*addr)
+            w.close()
+            await w.wait_closed()
+        r, w = await asyncio.open_connection(*addr)
+        w.write(b"after the EOFs")
+        data = await asyncio.wait_for(got.get(), 10)
+        w.close()
+        srv.close()
+        return data, loop.stats()["ops"]["nobufs"]
+
+    data, nobufs = aio.run(main())
+    assert data == b"after the EOFs"
+    assert nobufs == 0
+
+
 def test_paused_transport_gets_nothing_until_resumed():
     async def main():
         loop = asyncio.get_running_loop()
