@@ -64,23 +64,14 @@ def io_uring_disabled_sysctl():
 
 cdef class Ring(Driver):
     def __cinit__(self, unsigned entries=1024, unsigned cq_factor=8, str force_setup=None,
-                  unsigned cq_entries=0, bint any_thread=False):
+                  unsigned cq_entries=0):
         cdef io_uring_params p
         cdef int ret = -EINVAL
         self.closed = True
         self.op_supported = bytearray(256)
         if force_setup is None:
             force_setup = _os.environ.get("URING_NET_FORCE_SETUP") or None
-        modes = _SETUP_CHAIN
-        if any_thread:
-            # A ring its owner may hand to another thread (a selector or an
-            # event loop created in one thread and run in another): without
-            # SINGLE_ISSUER, whose submits from a second thread fail EEXIST.
-            # A forced single-issuer mode (the environment's) does not apply.
-            modes = [c for c in modes if not (c[1] & IORING_SETUP_SINGLE_ISSUER)]
-            if force_setup not in [c[0] for c in modes]:
-                force_setup = None
-        chain = [c for c in modes if force_setup is None or c[0] == force_setup]
+        chain = [c for c in _SETUP_CHAIN if force_setup is None or c[0] == force_setup]
         if not chain:
             raise ValueError(f"unknown set-up mode {force_setup!r}")
         for name, flags in chain:
@@ -122,9 +113,8 @@ cdef class Ring(Driver):
             io_uring_free_probe(probe)
         # A registered ring fd saves an fdget/fdput on every io_uring_enter,
         # but only in the thread that registered it: the index is the
-        # thread's own, and another thread's enter with it fails EINVAL.
-        if not any_thread:
-            self.ring_fd_registered = io_uring_register_ring_fd(&self.ring) == 1
+        # thread's own (a PollSet moves to a new ring when its thread changes).
+        self.ring_fd_registered = io_uring_register_ring_fd(&self.ring) == 1
 
     def __dealloc__(self):
         if not self.closed:

@@ -83,6 +83,7 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
     _recv_slot = -1
     _held = None                # a result that came while not reading
     _held_due = False           # _deliver_held is scheduled
+    _rbuf = None                # without the pool: this transport's receive buffer
     _lost = None                # (exc,): connection_lost waits for the receive
 
     def set_protocol(self, protocol):
@@ -123,8 +124,11 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
         elif self._loop._pooled:
             self._recv_slot = ops.recv_pooled(self._sock_fd, waiter)
         else:
-            self._rbuf = buf = bytearray(self.max_size)
-            self._recv_slot = ops.recv(self._sock_fd, buf, waiter)
+            # No pool (Linux < 5.19): one buffer per transport, made once, not
+            # a zeroed 256 KiB per receive.
+            if self._rbuf is None:
+                self._rbuf = bytearray(self.max_size)
+            self._recv_slot = ops.recv(self._sock_fd, self._rbuf, waiter)
         self._recv_waiter = waiter
 
     def _deliver_held(self):

@@ -119,7 +119,7 @@ def uring_available():
     global _verdict
     if _verdict is None:
         try:
-            ring = Ring(entries=8, any_thread=True)
+            ring = Ring(entries=8)
             try:
                 if not ring.supports("POLL_ADD"):
                     raise RingUnavailable(0, "the kernel has no IORING_OP_POLL_ADD")
