@@ -19,6 +19,7 @@ cdef class LoopOps:
     cdef io_uring_buf_ring *br
     cdef char *pool
     cdef readonly unsigned pool_n, pool_size
+    cdef readonly bint pooled   # the pool is set up (pool_available() said so)
 
     cdef int pool_ready(self) except -1
     cdef void pool_drop(self, bint forked) noexcept
@@ -29,3 +30,8 @@ cdef class LoopOps:
     cdef void release(self, int slot) noexcept
     cdef void finish(self, io_uring_cqe *cqe) noexcept
     cdef uint64_t ud(self, int slot) noexcept
+    # What StreamIO calls (the def methods of the same names wrap them).
+    cdef int c_recv(self, int fd, object buf, object waiter, int flags) except -1
+    cdef int c_recv_pooled(self, int fd, object waiter, size_t limit) except -1
+    cdef int c_send(self, int fd, object data, object waiter, int flags) except -1
+    cdef bint c_cancel(self, int slot, object waiter, uint32_t op) except -1

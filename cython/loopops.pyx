@@ -20,6 +20,7 @@
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING
 
 cdef enum LoopOp:
     LOP_RECV = 1
@@ -112,13 +113,13 @@ cdef class LoopOps:
         self.release(slot)
         self.completed += 1
         if op != LOP_RECV_POOL:
-            self.done.append((waiter, cqe.res))
+            self.done.append((waiter, cqe.res, op))
         elif cqe.res > 0 and (cqe.flags & IORING_CQE_F_BUFFER):
             # Copy out and give the buffer straight back: the bytes object is
             # what data_received() takes anyway.
             bid = cqe.flags >> IORING_CQE_BUFFER_SHIFT
             self.done.append((waiter, PyBytes_FromStringAndSize(
-                self.pool + <size_t>bid * POOL_SIZE, cqe.res)))
+                self.pool + <size_t>bid * POOL_SIZE, cqe.res), op))
             io_uring_buf_ring_add(self.br, self.pool + <size_t>bid * POOL_SIZE, POOL_SIZE,
                                   bid, io_uring_buf_ring_mask(POOL_N), 0)
             io_uring_buf_ring_advance(self.br, 1)
@@ -132,7 +133,7 @@ cdef class LoopOps:
                 io_uring_buf_ring_advance(self.br, 1)
             if cqe.res == -ENOBUFS:
                 self.nobufs += 1
-            self.done.append((waiter, b"" if cqe.res == 0 else cqe.res))
+            self.done.append((waiter, b"" if cqe.res == 0 else cqe.res, op))
 
     cdef uint64_t ud(self, int slot) noexcept:
         return ud_make(OWNER_LOOP, slot, self.gen[slot], self.opc[slot], 0)
@@ -154,6 +155,9 @@ cdef class LoopOps:
 
     def recv(self, int fd, buf, waiter, int flags=0):
         """Receive into `buf` (a writable buffer); waiter(nbytes or -errno)."""
+        return self.c_recv(fd, buf, waiter, flags)
+
+    cdef int c_recv(self, int fd, object buf, object waiter, int flags) except -1:
         cdef int slot = self.take_slot_viewing(buf, PyBUF_WRITABLE)
         cdef io_uring_sqe *s = self.prep(slot, LOP_RECV, waiter)
         io_uring_prep_recv(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
@@ -198,6 +202,9 @@ cdef class LoopOps:
         """Receive into a buffer of the pool, at most `limit` bytes (0: a
         whole buffer); waiter(bytes, b"" at EOF, or -errno; -ENOBUFS when
         every buffer was in use)."""
+        return self.c_recv_pooled(fd, waiter, limit)
+
+    cdef int c_recv_pooled(self, int fd, object waiter, size_t limit) except -1:
         self.pool_ready()
         cdef int slot = self.take_slot()
         cdef io_uring_sqe *s = self.prep(slot, LOP_RECV_POOL, waiter)
@@ -211,12 +218,16 @@ cdef class LoopOps:
         """Whether the receive pool can be set up here (5.19+), and if not why."""
         try:
             self.pool_ready()
+            self.pooled = True
             return (True, "")
         except OSError as e:
             return (False, e.strerror or str(e))
 
     def send(self, int fd, data, waiter, int flags=MSG_NOSIGNAL):
         """Send from `data` (a bytes-like object); waiter(nbytes or -errno)."""
+        return self.c_send(fd, data, waiter, flags)
+
+    cdef int c_send(self, int fd, object data, object waiter, int flags) except -1:
         cdef int slot = self.take_slot_viewing(data, PyBUF_SIMPLE)
         cdef io_uring_sqe *s = self.prep(slot, LOP_SEND, waiter)
         io_uring_prep_send(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
@@ -246,7 +257,14 @@ cdef class LoopOps:
     def cancel(self, int slot, waiter):
         """Ask the kernel to end `slot`'s op (if `waiter` still owns it), now:
         its completion still comes, with -ECANCELED or what it had done."""
-        if <unsigned>slot >= self.cap or self.waiters[slot] is not waiter or self.opc[slot] == 0:
+        return self.c_cancel(slot, waiter, 0)
+
+    # op (0: any): a waiter with several ops in flight (a StreamIO's receive
+    # and send) names the one it means, as its slot may already have been
+    # released and taken by its other op.
+    cdef bint c_cancel(self, int slot, object waiter, uint32_t op) except -1:
+        if (<unsigned>slot >= self.cap or self.waiters[slot] is not waiter or self.opc[slot] == 0
+                or (op != 0 and self.opc[slot] != op)):
             return False
         cdef Ring r = self.polls.live_ring()
         cdef io_uring_sqe *s = r.sqe()
@@ -256,13 +274,33 @@ cdef class LoopOps:
         self.cancels += 1
         return True
 
-    def take_done(self):
-        """The completions harvested since the last call, as (waiter, res)."""
-        if not self.done:
-            return ()
-        done = self.done
+    def dispatch(self, loop):
+        """Hand each completion harvested since the last call to its waiter:
+        a StreamIO by a C call, any other waiter by calling it with the
+        result. An exception goes to the loop's exception handler; the
+        completions after it are still handed out (SystemExit and
+        KeyboardInterrupt propagate, and the rest wait for the next call)."""
+        cdef list done = self.done
+        cdef Py_ssize_t i, n = len(done)
+        cdef tuple item
+        if n == 0:
+            return
         self.done = []
-        return done
+        for i in range(n):
+            item = <tuple>done[i]
+            waiter = item[0]
+            try:
+                if type(waiter) is StreamIO:
+                    (<StreamIO>waiter).completed(<uint32_t>item[2], item[1])
+                else:
+                    waiter(item[1])
+            except BaseException as exc:
+                if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                    self.done = done[i + 1:] + self.done
+                    raise
+                loop.call_exception_handler({
+                    'message': 'Exception in an io_uring completion callback',
+                    'exception': exc})
 
     def in_flight(self):
         return self.cap - self.nfree

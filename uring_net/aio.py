@@ -35,13 +35,11 @@ import sys
 import warnings
 from asyncio import base_events, selector_events, unix_events
 
-from ._core import LoopOps
+from ._core import LoopOps, StreamIO
 from .selectors import UringSelector, uring_available
 
 __all__ = ["Loop", "new_event_loop", "run", "install", "EventLoopPolicy"]
 
-_ECANCELED = errno.ECANCELED
-_retry = frozenset((errno.EAGAIN, errno.EINTR, errno.ENOBUFS))
 
 
 def _error(res):
@@ -69,145 +67,87 @@ def _pack_sockaddr(family, address):
     return None
 
 
+def _io_field(name):
+    """A transport attribute of asyncio's that lives in the StreamIO."""
+    return property(lambda self: getattr(self._io, name),
+                    lambda self, value: setattr(self._io, name, value))
+
+
 class _UringSocketTransport(selector_events._SelectorSocketTransport):
-    """asyncio's socket transport, reading by completions.
+    """asyncio's socket transport with its data path on io_uring.
 
-    One receive is in the kernel while the transport reads. pause_reading(),
-    close() and EOF-with-keep-open cancel it (through the loop's
-    _remove_reader); bytes that still arrive while paused are held and
-    delivered on resume_reading(). The socket is closed only after that
-    receive has completed: an op in flight holds the file, and closing
-    under it would delay the FIN until the kernel let go."""
+    The hot path -- each completion, write() -- is a StreamIO (Cython,
+    cython/stream.pyx, which says how reads, writes and the end work); this
+    class keeps asyncio's code for everything else, and asyncio's state
+    attributes below are properties over the StreamIO's fields, so that both
+    see one state."""
 
-    _recv_waiter = None         # the completion callback of the receive in flight
-    _recv_slot = -1
-    _held = None                # a result that came while not reading
-    _held_due = False           # _deliver_held is scheduled
-    _rbuf = None                # without the pool: this transport's receive buffer
-    _lost = None                # (exc,): connection_lost waits for the receive
+    _conn_lost = _io_field("conn_lost")
+    _closing = _io_field("closing")
+    _paused = _io_field("paused")
+    _eof = _io_field("eof")
+    _empty_waiter = _io_field("empty_waiter")
+    _protocol_paused = _io_field("protocol_paused")
+    _high_water = _io_field("high_water")
+    _low_water = _io_field("low_water")
+
+    @property
+    def _buffer(self):
+        # What asyncio's close(), write_eof() and _make_empty_waiter() test:
+        # the bytes written and not yet sent.
+        return self._io.wsize
+
+    @_buffer.setter
+    def _buffer(self, value):
+        pass            # asyncio's __init__ makes its own: the StreamIO is the buffer
+
+    def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None):
+        self._io = StreamIO(loop._ops, sock.fileno(), self)
+        super().__init__(loop, sock, protocol, waiter, extra, server)
+        self.write = self._io.write                 # no Python frame per write
+        self.writelines = self._io.writelines
 
     def set_protocol(self, protocol):
         super().set_protocol(protocol)
-        # Asked once here, not per completion.
-        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._io.set_protocol(protocol)
+        # pause_writing() and resume_writing() come in pairs per protocol: a
+        # new protocol (start_tls, sendfile's fallback) was never paused.
+        # Bytes stay in the buffer until a send completes here, not only when
+        # the socket is full as in asyncio, so a write just before the switch
+        # may well have paused the old one.
+        self._protocol_paused = False
 
     def _add_reader(self, fd, callback, *args):
         # asyncio's transport registers its reader here (at start and on
-        # resume_reading); this one submits a receive instead.
-        if self.is_reading():
-            self._start_recv()
+        # resume_reading); this one keeps a receive in the kernel instead.
+        self._io.start()
 
-    def _start_recv(self):
-        if self._recv_waiter is not None or self._conn_lost:
-            return
-        if self._held is not None:
-            # What came while paused goes first, from a callback of its own
-            # (resume_reading() may be called from data_received()); no new
-            # receive until it is delivered, so bytes stay in order.
-            if not self._held_due:
-                self._held_due = True
-                self._loop.call_soon(self._deliver_held)
-            return
-        waiter = self._recv_done
-        ops = self._loop._ops
-        if self._buffered:
-            try:
-                buf = self._protocol.get_buffer(-1)
-                if not len(buf):
-                    raise RuntimeError('get_buffer() returned an empty buffer')
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, 'Fatal error: protocol.get_buffer() call failed.')
-                return
-            self._recv_slot = ops.recv(self._sock_fd, buf, waiter)
-        elif self._loop._pooled:
-            self._recv_slot = ops.recv_pooled(self._sock_fd, waiter)
-        else:
-            # No pool (Linux < 5.19): one buffer per transport, made once, not
-            # a zeroed 256 KiB per receive.
-            if self._rbuf is None:
-                self._rbuf = bytearray(self.max_size)
-            self._recv_slot = ops.recv(self._sock_fd, self._rbuf, waiter)
-        self._recv_waiter = waiter
+    def get_write_buffer_size(self):
+        return self._io.wsize
 
-    def _deliver_held(self):
-        self._held_due = False
-        if self._held is not None and self.is_reading():
-            held, self._held = self._held, None
-            self._deliver(held)
-
-    def _stop_recv(self):
-        if self._recv_waiter is not None:
-            self._loop._ops.cancel(self._recv_slot, self._recv_waiter)
-
-    def _recv_done(self, res):
-        self._recv_waiter = None
-        if self._lost is not None:
-            exc, = self._lost
-            self._lost = None
-            super()._call_connection_lost(exc)
-            return
+    def _force_close(self, exc):
         if self._conn_lost:
             return
-        if res == -_ECANCELED:
-            return
-        if not self.is_reading():
-            if self._closing:
-                return          # close() discards what is still to come
-            self._held = res    # paused: keep it for resume_reading()
-            return
-        self._deliver(res)
-
-    def _deliver(self, res):
-        if self._conn_lost:
-            return
-        if type(res) is int:
-            if res < 0:
-                if -res in _retry:
-                    # ENOBUFS: every pool buffer was taken in one batch; they
-                    # are back by the next iteration.
-                    self._loop.call_soon(self._start_recv)
-                    return
-                self._fatal_error(_error(res), 'Fatal read error on socket transport')
-                return
-            if res == 0:
-                self._read_ready__on_eof()
-                return
-            # Into the protocol's buffer (BufferedProtocol), or our bytearray.
-            if self._buffered:
-                try:
-                    self._protocol.buffer_updated(res)
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    self._fatal_error(exc, 'Fatal error: protocol.buffer_updated() call failed.')
-                    return
-            else:
-                self._data_received(bytes(memoryview(self._rbuf)[:res]))
-        elif not res:
-            self._read_ready__on_eof()
-            return
-        else:
-            self._data_received(res)
-        if self.is_reading():
-            self._start_recv()
-
-    def _data_received(self, data):
-        try:
-            self._protocol.data_received(data)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+        self._io.drop_writes()
+        if not self._closing:
+            self._closing = True
+            self._loop._remove_reader(self._sock_fd)
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc):
-        if self._recv_waiter is not None:
-            # Cancel first, then close: _recv_done finishes this.
-            self._lost = (exc,)
-            self._stop_recv()
+        if self._io.busy():
+            # Cancel first, then close: the last completion calls
+            # _connection_lost_now.
+            self._io.lose(exc)
             return
-        super()._call_connection_lost(exc)
+        self._connection_lost_now(exc)
+
+    def _connection_lost_now(self, exc):
+        try:
+            super()._call_connection_lost(exc)
+        finally:
+            self._io.detach()
 
 
 class Loop(unix_events._UnixSelectorEventLoop):
@@ -231,20 +171,12 @@ class Loop(unix_events._UnixSelectorEventLoop):
     def _process_events(self, event_list):
         if event_list:
             super()._process_events(event_list)
-        for waiter, res in self._ops.take_done():
-            try:
-                waiter(res)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self.call_exception_handler({
-                    'message': 'Exception in an io_uring completion callback',
-                    'exception': exc})
+        self._ops.dispatch(self)
 
     def _remove_reader(self, fd):
         t = self._transports.get(fd)
         if t is not None and type(t) is _UringSocketTransport:
-            t._stop_recv()
+            t._io.stop()
         return super()._remove_reader(fd)
 
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
