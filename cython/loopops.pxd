@@ -19,7 +19,7 @@ cdef class LoopOps:
     cdef io_uring_buf_ring *br
     cdef char *pool
     cdef readonly unsigned pool_n, pool_size
-    cdef readonly bint pooled   # the pool is set up (pool_available() said so)
+    cdef public bint pooled     # receive into the pool (pool_available() said it works)
 
     cdef int pool_ready(self) except -1
     cdef void pool_drop(self, bint forked) noexcept

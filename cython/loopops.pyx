@@ -29,6 +29,8 @@ cdef enum LoopOp:
     LOP_CONNECT = 4
     LOP_CANCEL = 5
     LOP_RECV_POOL = 6
+    LOP_SPLICE = 7
+    LOP_SPLICE_POLL = 8         # the POLLOUT linked before a LOP_SPLICE (same slot)
 
 cdef enum:
     POOL_N = 128                # buffers (a power of two)
@@ -103,8 +105,8 @@ cdef class LoopOps:
         cdef int slot = ud_slot(ud)
         cdef uint32_t op = ud_op(ud)
         cdef unsigned bid
-        if op == LOP_CANCEL:
-            return
+        if op == LOP_CANCEL or op == LOP_SPLICE_POLL:
+            return      # a poll that failed cancels its splice, whose CQE says so
         if (<unsigned>slot >= self.cap or self.opc[slot] != op
                 or ud_gen(ud) != ud_gen_of(self.gen[slot])):
             self.stale += 1
@@ -234,6 +236,28 @@ cdef class LoopOps:
         io_uring_sqe_set_data64(s, self.ud(slot))
         return slot
 
+    def splice(self, int fd_in, int64_t off_in, int fd_out, unsigned nbytes, waiter,
+               bint when_writable=False):
+        """splice(2) up to `nbytes` from fd_in (at off_in; -1: a pipe) to
+        fd_out; waiter(nbytes, 0 at EOF, or -errno). A splice always runs in
+        an io-wq worker, so it must never wait there (docs/kernel-notes.md,
+        "Splice"): the fds are non-blocking, and with `when_writable` a
+        POLLOUT on fd_out, linked before it, holds it back until fd_out has
+        room -- a poll in the ring, not a sleeping thread."""
+        cdef Ring r = self.polls.live_ring()
+        r.reserve(2)                # the poll and its splice in one submit: a link
+        cdef int slot = self.take_slot()
+        cdef io_uring_sqe *s
+        if when_writable:
+            s = r.sqe()
+            io_uring_prep_poll_add(s, fd_out, POLLOUT)
+            s.flags |= IOSQE_IO_LINK
+            io_uring_sqe_set_data64(s, ud_make(OWNER_LOOP, slot, self.gen[slot], LOP_SPLICE_POLL, 0))
+        s = self.prep(slot, LOP_SPLICE, waiter)
+        io_uring_prep_splice(s, fd_in, off_in, fd_out, -1, nbytes, SPLICE_F_NONBLOCK)
+        io_uring_sqe_set_data64(s, self.ud(slot))
+        return slot
+
     def accept(self, int fd, waiter):
         """Accept one connection, non-blocking and close-on-exec; waiter(fd or -errno)."""
         cdef int slot = self.take_slot()
@@ -270,6 +294,11 @@ cdef class LoopOps:
         cdef io_uring_sqe *s = r.sqe()
         io_uring_prep_cancel64(s, self.ud(slot), 0)
         io_uring_sqe_set_data64(s, ud_make(OWNER_LOOP, slot, 0, LOP_CANCEL, 0))
+        if self.opc[slot] == LOP_SPLICE:
+            # A splice still behind its poll is found through the poll.
+            s = r.sqe()
+            io_uring_prep_cancel64(s, ud_make(OWNER_LOOP, slot, self.gen[slot], LOP_SPLICE_POLL, 0), 0)
+            io_uring_sqe_set_data64(s, ud_make(OWNER_LOOP, slot, 0, LOP_CANCEL, 0))
         r.submit()
         self.cancels += 1
         return True

@@ -82,7 +82,7 @@ def test_transports_read_without_the_pool():
     # Linux < 5.19 has no provided-buffer rings: each reading transport then
     # receives into one buffer of its own. The same path, chosen here by hand.
     loop = aio.new_event_loop()
-    loop._pooled = False
+    loop._ops.pooled = False
 
     async def main():
         got = asyncio.Queue()

@@ -28,18 +28,23 @@ measured figures.
 
 import asyncio
 import errno
+import fcntl
+import io
 import os
 import socket
 import struct
 import sys
 import warnings
-from asyncio import base_events, selector_events, unix_events
+from asyncio import base_events, exceptions, selector_events, unix_events
 
 from ._core import LoopOps, StreamIO
 from .selectors import UringSelector, uring_available
 
 __all__ = ["Loop", "new_event_loop", "run", "install", "EventLoopPolicy"]
 
+
+
+_PIPE_SIZE = 1 << 20        # sendfile's pipe: the bytes one splice pair moves
 
 
 def _error(res):
@@ -159,8 +164,8 @@ class Loop(unix_events._UnixSelectorEventLoop):
             selector = UringSelector()
         super().__init__(selector)
         self._ops = LoopOps(selector._polls)
-        self._pooled, why = self._ops.pool_available()
-        if not self._pooled:
+        pooled, why = self._ops.pool_available()
+        if not pooled:
             warnings.warn(f"uring_net.aio: no receive buffer pool ({why}); each stream "
                           f"transport reads into a buffer of its own", RuntimeWarning)
         self._recv_stash = {}       # fd -> bytes a cancelled sock_recv received
@@ -232,7 +237,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
             if type(res) is bytes and res:
                 self._recv_stash[fd] = self._recv_stash.get(fd, b"") + res
 
-        if self._pooled:
+        if self._ops.pooled:
             # From the pool, at most n bytes: no n-byte buffer to allocate and
             # fault in per call (asyncio asks for 256 KiB).
             while True:
@@ -317,6 +322,63 @@ class Loop(unix_events._UnixSelectorEventLoop):
         except OSError:
             address = "" if sock.family == socket.AF_UNIX else None
         return conn, address
+
+    async def _sock_sendfile_native(self, sock, file, offset, count):
+        # sock_sendfile(), and a transport's sendfile(), through splice:
+        # file -> pipe -> socket, each a completion, so the loop's thread
+        # neither copies the bytes nor waits on the disk. The socket side
+        # waits for room in the ring (a linked POLLOUT), not in a thread.
+        try:
+            fileno = file.fileno()
+            fsize = os.fstat(fileno).st_size
+        except (AttributeError, io.UnsupportedOperation, OSError):
+            raise exceptions.SendfileNotAvailableError("not a regular file")
+        blocksize = count if count else fsize
+        if not blocksize:
+            return 0  # empty file
+        fd = sock.fileno()
+        self._ensure_fd_no_transport(fd)
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            try:
+                cap = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                cap = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)  # fs.pipe-max-size is lower
+            total = 0
+            try:
+                while not count or total < count:
+                    want = cap if not count else min(cap, count - total)
+                    # file -> pipe (empty, so it takes `want`), at the file offset
+                    got = await self._op(
+                        lambda waiter: self._ops.splice(fileno, offset + total, w, want, waiter))
+                    if got == 0:
+                        break                   # end of the file
+                    if got < 0:
+                        if total == 0:
+                            raise exceptions.SendfileNotAvailableError(
+                                f"splice from the file failed: {os.strerror(-got)}")
+                        raise _error(got)
+                    while got:                  # pipe -> socket, once it has room
+                        res = await self._op(
+                            lambda waiter: self._ops.splice(r, -1, fd, got, waiter, True))
+                        if res == -errno.EAGAIN:
+                            continue            # room taken again before the splice ran
+                        if res < 0:
+                            if total == 0 and res in (-errno.EINVAL, -errno.ENOTSOCK):
+                                raise exceptions.SendfileNotAvailableError(
+                                    f"splice to the socket failed: {os.strerror(-res)}")
+                            if res == -errno.ENOTCONN:
+                                raise ConnectionError("socket is not connected", errno.ENOTCONN)
+                            raise _error(res)
+                        got -= res
+                        total += res
+            finally:
+                if total > 0:
+                    os.lseek(fileno, offset + total, os.SEEK_SET)
+            return total
+        finally:
+            os.close(r)
+            os.close(w)
 
     async def sock_connect(self, sock, address):
         self._check_sock(sock)
