@@ -221,11 +221,14 @@ cdef class PollSet:
         cdef double deadline = 0.0
         self.selects += 1
         self.arm_queued()
-        if timeout is not None:
-            deadline = _monotonic() + max(0.0, timeout)
+        cdef bint poll_only = timeout is not None and timeout <= 0
+        if timeout is not None and not poll_only:
+            deadline = _monotonic() + timeout
         while True:
             timeout_ns = -1
-            if timeout is not None:
+            if poll_only:
+                timeout_ns = 0          # (an asyncio loop's every turn with callbacks ready)
+            elif timeout is not None:
                 # (capped at ~146 years: a larger double would not fit)
                 timeout_ns = <int64_t>(min(max(0.0, deadline - _monotonic()), 4.6e9) * 1e9)
             # No syscall when answers already wait in the CQ, or when a
@@ -233,6 +236,13 @@ cdef class PollSet:
             if not r.must_enter() and (r.ready() or timeout_ns == 0):
                 break
             self.enters += 1
+            if timeout_ns == 0:
+                # Submit and reap, without the timer a zero wait would arm.
+                with nogil:
+                    ret = r.submit()
+                if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
+                    raise OSError(-ret, os.strerror(-ret))
+                break
             with nogil:
                 ret = r.submit_and_wait(timeout_ns)
             if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:

@@ -37,7 +37,8 @@ import sys
 import warnings
 from asyncio import base_events, exceptions, selector_events, unix_events
 
-from ._core import LoopOps, StreamIO
+from ._core import (LoopOps, StreamIO, loop_call_soon, loop_create_future,
+                    loop_process_events, loop_run_once, loop_time)
 from .selectors import UringSelector, uring_available
 
 __all__ = ["Loop", "new_event_loop", "run", "install", "EventLoopPolicy"]
@@ -157,7 +158,14 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
 
 class Loop(unix_events._UnixSelectorEventLoop):
     """asyncio's Unix selector loop on a UringSelector, with the socket
-    operations and stream transports' reads as io_uring completions."""
+    operations and stream transports' data paths as io_uring completions."""
+
+    # asyncio's own steps, in C (cython/loopcore.pyx).
+    _run_once = loop_run_once
+    _process_events = loop_process_events
+    call_soon = loop_call_soon
+    create_future = loop_create_future
+    time = loop_time
 
     def __init__(self, selector=None):
         if selector is None:
@@ -172,11 +180,6 @@ class Loop(unix_events._UnixSelectorEventLoop):
         self._accept_stash = {}     # fd -> [fds] a cancelled sock_accept accepted
 
     # -- the completions -------------------------------------------------
-
-    def _process_events(self, event_list):
-        if event_list:
-            super()._process_events(event_list)
-        self._ops.dispatch(self)
 
     def _remove_reader(self, fd):
         t = self._transports.get(fd)

@@ -1,0 +1,142 @@
+# The turn of uring_net.aio's event loop in C: asyncio's BaseEventLoop
+# _run_once, call_soon and create_future, step for step, as functions the
+# Loop class takes as its methods (uring_net/aio.py). asyncio runs these in
+# Python once per turn and once per callback scheduled; a stream echo turns
+# the loop twice per request, so they were most of what uring_net.aio still
+# spent in Python beyond the protocol's own code.
+#
+# Same order, same attributes, same semantics as asyncio's (3.11 to 3.13
+# agree on them): the timer heap and the ready deque stay asyncio's own
+# objects, so call_later, Handle.cancel and the rest of asyncio keep working
+# on them; debug mode takes asyncio's own code paths.
+
+import heapq as _heapq
+import logging as _logging
+from asyncio import base_events as _abe, events as _aev, futures as _afutures
+
+cdef object _heappop = _heapq.heappop
+cdef object _heapify = _heapq.heapify
+cdef object _Handle = _aev.Handle
+cdef object _Future = _afutures.Future
+cdef object _base_call_soon = _abe.BaseEventLoop.call_soon
+cdef object _format_handle = _abe._format_handle
+cdef object _aio_logger = _logging.getLogger("asyncio")
+cdef double _MAX_SELECT_TIMEOUT = _abe.MAXIMUM_SELECT_TIMEOUT
+cdef Py_ssize_t _MIN_SCHEDULED = _abe._MIN_SCHEDULED_TIMER_HANDLES
+cdef double _MIN_CANCELLED_FRACTION = _abe._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+
+
+def loop_run_once(self):
+    """One turn: drop cancelled timers, wait for I/O (not at all when
+    callbacks are ready), move due timers to the ready queue, and run the
+    callbacks that were ready when the turn began."""
+    cdef list scheduled = self._scheduled
+    cdef Py_ssize_t sched_count = len(scheduled), ntodo, i
+    cdef double t
+    ready = self._ready
+    if (sched_count > _MIN_SCHEDULED
+            and self._timer_cancelled_count / sched_count > _MIN_CANCELLED_FRACTION):
+        # Too many cancelled timers: rebuild the heap without them.
+        live = []
+        for handle in scheduled:
+            if handle._cancelled:
+                handle._scheduled = False
+            else:
+                live.append(handle)
+        _heapify(live)
+        self._scheduled = scheduled = live
+        self._timer_cancelled_count = 0
+    else:
+        while scheduled and (<list>scheduled)[0]._cancelled:
+            self._timer_cancelled_count -= 1
+            handle = _heappop(scheduled)
+            handle._scheduled = False
+
+    timeout = None
+    if ready or self._stopping:
+        timeout = 0
+    elif scheduled:
+        t = scheduled[0]._when - self.time()
+        timeout = 0.0 if t < 0 else (_MAX_SELECT_TIMEOUT if t > _MAX_SELECT_TIMEOUT else t)
+
+    event_list = self._selector.select(timeout)
+    self._process_events(event_list)
+    event_list = None
+
+    end_time = self.time() + self._clock_resolution
+    while scheduled:
+        handle = scheduled[0]
+        if handle._when >= end_time:
+            break
+        handle = _heappop(scheduled)
+        handle._scheduled = False
+        ready.append(handle)
+
+    # Only the callbacks ready now: those they schedule wait for the next
+    # turn, after another look at I/O.
+    ntodo = len(ready)
+    popleft = ready.popleft
+    if self._debug:
+        for i in range(ntodo):
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            try:
+                self._current_handle = handle
+                t0 = self.time()
+                handle._run()
+                dt = self.time() - t0
+                if dt >= self.slow_callback_duration:
+                    _aio_logger.warning('Executing %s took %.3f seconds',
+                                        _format_handle(handle), dt)
+            finally:
+                self._current_handle = None
+    else:
+        for i in range(ntodo):
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            handle._run()
+    handle = None       # breaks a cycle when a callback raised
+
+
+def loop_call_soon(self, callback, *args, context=None):
+    """asyncio's call_soon; in debug mode asyncio's own, with its checks."""
+    if self._debug:
+        return _base_call_soon(self, callback, *args, context=context)
+    if self._closed:
+        raise RuntimeError('Event loop is closed')
+    handle = _Handle(callback, args, self, context)
+    self._ready.append(handle)
+    return handle
+
+
+def loop_create_future(self):
+    return _Future(loop=self)
+
+
+def loop_process_events(self, list event_list):
+    """The selector's readiness (asyncio's add_reader/add_writer callbacks
+    to the ready queue, as asyncio does), then the ring's completions
+    (LoopOps.dispatch: a transport's by a C call, a future's result)."""
+    cdef tuple item
+    cdef int mask
+    for item in event_list:
+        key = item[0]
+        mask = item[1]
+        reader, writer = key.data
+        if mask & 1 and reader is not None:         # EVENT_READ
+            if reader._cancelled:
+                self._remove_reader(key.fileobj)
+            else:
+                self._ready.append(reader)
+        if mask & 2 and writer is not None:         # EVENT_WRITE
+            if writer._cancelled:
+                self._remove_writer(key.fileobj)
+            else:
+                self._ready.append(writer)
+    (<LoopOps>self._ops).dispatch(self)
+
+
+def loop_time(self):
+    return _monotonic()
