@@ -97,7 +97,7 @@ def test_a_slow_reader_gets_every_byte_through_short_sends_and_flow_control():
 
 
 def test_write_eof_waits_for_the_queue_and_the_other_way_stays_open():
-    total = 4 << 20
+    total = 1 << 20
     data = pattern(total, 3)
 
     async def main():
