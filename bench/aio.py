@@ -22,7 +22,7 @@ What it measures
     in a new random order, and runs every size and concurrency on it; figures are
     medians over --rounds.
 
-    With --syscalls, one more run per loop and API (first size, first concurrency)
+    With --syscalls, one more run per loop, API and concurrency (first size)
     counts the server's system calls with `perf stat -e raw_syscalls:sys_enter`: per
     request, the figure that says what a UringSelector saves over EpollSelector.
 
@@ -150,12 +150,15 @@ def measure(children, exe, storm, loop, api, cells, args, workdir, rnd):
                    f"us/req  generator {run['generator_cpu_percent']:.0f}%"
                    + ("  FAILED" if run["errors"] else ""))
         if args.syscalls and rnd == 1 and loop != "c-echo":
-            size, conns = cells[0]
-            per, why = count_syscalls(exe, proc.pid, port, conns, args.seconds, size, workdir)
-            runs.append({"loop": loop, "api": api, "size": size, "conns": conns,
-                         "syscalls_per_req": per, "why": why})
-            tp.log(f"          {loop:15} {api:9} syscalls/req: "
-                   + (f"{per:.2f}" if per is not None else f"not available: {why}"))
+            # The first size at every concurrency: with one connection a loop
+            # cannot batch, with more it can, and the two differ.
+            size = cells[0][0]
+            for conns in sorted({c for _, c in cells}):
+                per, why = count_syscalls(exe, proc.pid, port, conns, args.seconds, size, workdir)
+                runs.append({"loop": loop, "api": api, "size": size, "conns": conns,
+                             "syscalls_per_req": per, "why": why})
+                tp.log(f"          {loop:15} {api:9} c{conns} syscalls/req: "
+                       + (f"{per:.2f}" if per is not None else f"not available: {why}"))
     finally:
         stop_server(children, proc)
     return runs
@@ -177,7 +180,7 @@ def summarize(runs):
 
 
 def syscalls_of(runs):
-    return {(r["loop"], r["api"]): r for r in runs if "syscalls_per_req" in r}
+    return {(r["loop"], r["api"], r["conns"]): r for r in runs if "syscalls_per_req" in r}
 
 
 def table(summary, loops, apis, sizes, conns):
@@ -232,15 +235,17 @@ def targets_table(summary, sizes, conns):
 def syscalls_table(sc, apis):
     if not sc:
         return ""
-    lines = ["| API | " + " | ".join(sorted({lp for lp, _ in sc})) + " |",
-             "|---|" + "---|" * len({lp for lp, _ in sc})]
+    loops = sorted({lp for lp, _, _ in sc})
+    lines = ["| API | conc | " + " | ".join(loops) + " |",
+             "|---|---|" + "---|" * len(loops)]
     for api in apis:
-        cells = []
-        for lp in sorted({lp for lp, _ in sc}):
-            r = sc.get((lp, api))
-            cells.append("-" if r is None else f"{r['syscalls_per_req']:.2f}"
-                         if r["syscalls_per_req"] is not None else f"n/a ({r['why']})")
-        lines.append(f"| {api} | " + " | ".join(cells) + " |")
+        for conns in sorted({c for _, _, c in sc}):
+            cells = []
+            for lp in loops:
+                r = sc.get((lp, api, conns))
+                cells.append("-" if r is None else f"{r['syscalls_per_req']:.2f}"
+                             if r["syscalls_per_req"] is not None else f"n/a ({r['why']})")
+            lines.append(f"| {api} | {conns} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -349,7 +354,7 @@ def main(argv=None):
                 f"{main_table}\n\nTargets (uring_net.aio against the others, same run):\n\n"
                 f"{targets_table(summary, sizes, conns)}\n"
                 + (f"\nServer system calls per request (`perf stat -e raw_syscalls:sys_enter`, "
-                   f"{sizes[0]} B, concurrency {conns[0]}):\n\n{syscalls_table(sc, apis)}\n"
+                   f"{sizes[0]} B):\n\n{syscalls_table(sc, apis)}\n"
                    if sc else "")
                 + f"{SECTION[1]}\n")
         tp.replace_docs_section(SECTION, text)

@@ -10,15 +10,20 @@ What is a completion here, not readiness plus a syscall:
 - ``sock_recv``, ``sock_recv_into``, ``sock_accept``, ``sock_connect``, and
   ``sock_sendall`` once the socket's buffer is full (a first ``send`` is
   tried at once, as asyncio does);
-- the reading side of every stream transport (``create_connection``,
-  ``create_server``, ``open_connection``, ``start_server``, and TLS on top of
-  them): a receive stays in the kernel while the transport reads, into a
-  shared pool of buffers for a ``Protocol``, straight into the buffer
-  ``get_buffer()`` returned for a ``BufferedProtocol``.
+- ``sock_sendfile`` and a transport's ``sendfile``: splices, file -> pipe ->
+  socket;
+- every stream transport (``create_connection``, ``create_server``,
+  ``open_connection``, ``start_server``, and TLS on top of them): a receive
+  stays in the kernel while the transport reads, into a shared pool of
+  buffers for a ``Protocol``, straight into the buffer ``get_buffer()``
+  returned for a ``BufferedProtocol``; each write() is queued as a send that
+  goes to the kernel with the loop's next wait (cython/stream.pyx).
 
-Everything else -- ``add_reader``/``add_writer``, writes a socket accepts
-at once, subprocess pipes, signals through the wake-up fd, datagrams -- is
-asyncio's own selector code on ``UringSelector``, so on the same ring's polls.
+Everything else -- ``add_reader``/``add_writer``, subprocess pipes, signals
+through the wake-up fd, datagrams -- is asyncio's own selector code on
+``UringSelector``, so on the same ring's polls. The loop's turn itself
+(``_run_once``, ``call_soon``) is asyncio's, step for step, in Cython
+(cython/loopcore.pyx).
 
 Where io_uring cannot be set up (seccomp, ``kernel.io_uring_disabled``, an
 old kernel) ``new_event_loop()`` returns asyncio's loop on ``EpollSelector``,
@@ -30,6 +35,7 @@ import asyncio
 import errno
 import fcntl
 import io
+import operator
 import os
 import socket
 import struct
@@ -42,8 +48,6 @@ from ._core import (LoopOps, StreamIO, loop_call_soon, loop_create_future,
 from .selectors import UringSelector, uring_available
 
 __all__ = ["Loop", "new_event_loop", "run", "install", "EventLoopPolicy"]
-
-
 
 _PIPE_SIZE = 1 << 20        # sendfile's pipe: the bytes one splice pair moves
 
@@ -74,8 +78,9 @@ def _pack_sockaddr(family, address):
 
 
 def _io_field(name):
-    """A transport attribute of asyncio's that lives in the StreamIO."""
-    return property(lambda self: getattr(self._io, name),
+    """A transport attribute of asyncio's that lives in the StreamIO (read
+    by an attrgetter: is_closing() and the like stay C calls)."""
+    return property(operator.attrgetter("_io." + name),
                     lambda self, value: setattr(self._io, name, value))
 
 
