@@ -14,7 +14,7 @@ cdef class StreamIO:
     cdef uint8_t recv_mode      # RM_*: where the receive in flight puts the bytes
     cdef object recv_updated    # RM_PROTO: the buffer_updated of the buffer's owner
     cdef bytearray rbuf         # RM_OWN: this transport's buffer (no pool)
-    cdef object held            # a result that came while not reading
+    cdef list held              # results that came while not reading, in order
     cdef bint held_due          # deliver_held() is scheduled
     # Writing: the bytes not yet sent, the first of them in the kernel.
     cdef list wq                # bytes objects, in order; wq[0] is being sent from wq_off

@@ -13,7 +13,10 @@
 # Reading: one receive is in the kernel while the transport reads, into the
 # loop's shared pool (Protocol), into the buffer get_buffer() returned
 # (BufferedProtocol), or, without a pool, into a buffer of the transport's
-# own. A result that comes while paused is held and delivered on resume.
+# own. pause_reading() cancels it; results that come meanwhile are held, in
+# order, and delivered on resume. (A multishot receive, armed once for many
+# messages, was measured slower: docs/architecture.md, "Measured and
+# rejected".)
 #
 # Writing: write() queues the bytes and prepares a SEND at once; it reaches
 # the kernel with the loop's next io_uring_enter, the one that also waits,
@@ -84,7 +87,7 @@ cdef class StreamIO:
     cdef int start_recv(self) except -1:
         if self.recv_slot >= 0 or self.conn_lost or self.transport is None:
             return 0
-        if self.held is not None:
+        if self.held:
             # What came while paused goes first, from a callback of its own
             # (resume_reading() may be called from data_received()); no new
             # receive until it is delivered, so bytes stay in order.
@@ -125,10 +128,11 @@ cdef class StreamIO:
             self.ops.c_cancel(self.recv_slot, self, self.recv_op())
 
     def deliver_held(self):
+        # One result per call: deliver() asks for the next (start_recv), and
+        # the protocol may pause again in between.
         self.held_due = False
-        if self.held is not None and self.reading() and self.transport is not None:
-            held, self.held = self.held, None
-            self.deliver(held)
+        if self.held and self.reading() and self.transport is not None:
+            self.deliver(self.held.pop(0))
 
     def restart(self):
         if self.reading():
@@ -146,11 +150,22 @@ cdef class StreamIO:
         if self.conn_lost:
             return 0
         if type(res) is int and <long>res == -ECANCELED:
+            # Paused, closed, or resumed before the cancel came back: in the
+            # last case nothing else would arm the next receive.
+            if self.reading():
+                self.start_recv()
             return 0
-        if not self.reading():
-            if not self.closing:
-                self.held = res     # paused: kept for resume_reading()
-            return 0                # close() discards what is still to come
+        if not self.reading() or self.held:
+            if self.closing:
+                return 0            # close() discards what is still to come
+            # Paused (kept for resume_reading()), or behind what was.
+            if self.held is None:
+                self.held = [res]
+            else:
+                self.held.append(res)
+            if self.reading():
+                self.start_recv()   # schedules the delivery
+            return 0
         return self.deliver(res)
 
     cdef int deliver(self, object res) except -1:

@@ -389,3 +389,31 @@ def test_cpython_suites_pass_on_the_fallback():
 
 def test_cpython_suites_pass_in_asyncio_debug_mode():
     run_cpython_aio([], {"PYTHONASYNCIODEBUG": "1"})
+
+
+def test_resume_before_the_cancel_of_a_pause_comes_back_reads_on():
+    # pause_reading() cancels the receive in the kernel; a resume_reading()
+    # before that cancel's completion is seen must still arm the next one.
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = asyncio.Queue()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data):
+                got.put_nowait(data)
+
+        a, b = socket.socketpair()
+        t, _ = await loop.create_connection(Sink, sock=a)
+        b.send(b"one")
+        first = await asyncio.wait_for(got.get(), 10)
+        for _ in range(3):
+            await asyncio.sleep(0)          # the next receive is armed and idle
+        t.pause_reading()
+        t.resume_reading()
+        b.send(b"two")
+        second = await asyncio.wait_for(got.get(), 10)
+        t.close()
+        b.close()
+        return first, second
+
+    assert aio.run(main()) == (b"one", b"two")
