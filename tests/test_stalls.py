@@ -340,6 +340,7 @@ FRESH_BUDGET = 5.0
 
 
 @pytest.mark.time_limit(150)
+@pytest.mark.epoll_modes("copy")    # the stall tests' tier: see tests 2 and 3 below
 def test_stalled_downloads_do_not_starve_fresh_flows(proxy):
     """200 downloads whose clients never read hold the proxy: each upstream pushes until
     its send blocks for good. 20 fresh echo flows of 32 KiB must each be served within
@@ -448,6 +449,10 @@ def test_departing_clients_are_closed_while_downloads_stall(proxy):
 # --------------------------------------------------------------------------- tests 2, 3
 
 
+# Tier: io_uring runs these stalls in every mode; the epoll driver, in copy mode
+# only in make test (every mode in make test-full), to keep make test inside its
+# time budget.
+@pytest.mark.epoll_modes("copy")
 def test_client_reset_while_upstream_stalls(proxy, upstream):
     """The upstream does not read, so the proxy's client->upstream direction is paused;
     then the client resets. The proxy must notice at once (close line client_reset/CD
@@ -484,6 +489,7 @@ def test_client_reset_while_upstream_stalls(proxy, upstream):
         c.close()
 
 
+@pytest.mark.epoll_modes("copy")
 def test_upstream_reset_while_client_stalls(proxy, upstream):
     """The mirror: the client does not read, so the proxy's upstream->client direction
     is paused; then the upstream resets. Close line upstream_reset/SD within 10 s; the
