@@ -91,6 +91,7 @@ WARMUP = 50
 @pytest.mark.skipif(NOFILE_LIMIT < 5 * N_CONNS,
                     reason=f"RLIMIT_NOFILE hard limit too low for {N_CONNS} proxied connections")
 @pytest.mark.time_limit(200)
+@pytest.mark.epoll_modes("copy")    # (every mode in make test-full)
 def test_thousand_concurrent_connections(proxy, echo_server):
     """1,000 connections open at the same moment, each echoing its own verified payload.
     Afterwards the proxy's fds are back to idle and its RSS near the post-warm-up value."""
@@ -127,6 +128,7 @@ def test_thousand_concurrent_connections(proxy, echo_server):
     assert elapsed < 60, f"1,000 echo flows took {elapsed:.1f} s"
 
 
+@pytest.mark.epoll_modes("copy")    # epoll has no io-wq to park threads in (every mode in make test-full)
 def test_idle_flows_do_not_park_threads(proxy, echo_server):
     """200 established flows with nothing to move must not cost a thread each (an io-wq
     worker parked on a blocking read, see docs/kernel-notes.md). Their thread count stays
