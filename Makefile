@@ -57,7 +57,7 @@ test-pythons: $(CORE_SO)
 	  .venv-$$v/bin/python -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" \
 	    && .venv-$$v/bin/python -m pip install -q --no-build-isolation -e . \
 	    && .venv-$$v/bin/python -m pytest -q -p no:cacheprovider tests/test_cpython_selectors.py \
-	       tests/test_cpython_aio.py tests/test_selector.py tests/test_aio.py || exit 1; \
+	       tests/test_cpython_aio.py tests/test_selector.py tests/test_aio.py tests/test_aio_writes.py || exit 1; \
 	done
 
 bench: $(CORE_SO) deps-bench $(STAMP_BENCH)
