@@ -1,13 +1,15 @@
 # LoopOps: the operations uring_net.aio's event loop hands to the kernel
-# whole -- recv, send, accept, connect -- on the ring of its selector's
-# PollSet, so that socket I/O is a completion, not readiness plus a syscall.
+# whole -- recv, send, accept, connect, splice -- on the ring of its
+# selector's PollSet, so that socket I/O is a completion, not readiness plus
+# a syscall.
 #
 # Each op takes a slot; user_data carries OWNER_LOOP, the slot, the slot's
 # generation and the op. PollSet.harvest hands every OWNER_LOOP completion to
-# finish(), which releases the slot and queues (waiter, res); the loop calls
-# each waiter once, after the select() that harvested it. Per completion that
-# is one Python call, the least asyncio's semantics need (a future's result
-# or a transport's callback); nothing else in Python.
+# finish(), which releases the slot and queues (waiter, res, op); the loop's
+# _process_events calls dispatch(), which gives each to its waiter once: a
+# stream transport's StreamIO (stream.pyx) by a C call, a future's waiter by
+# calling it. Per completion that is one Python call at most, the least
+# asyncio's semantics need (a future's result, a protocol's method).
 #
 # Buffers have one owner: from prep to completion the kernel may write into
 # (recv) or read from (send, connect's address) the object, so the slot holds

@@ -26,6 +26,16 @@ def rss_bytes():
     raise RuntimeError("no VmRSS")
 
 
+class QueueSink(asyncio.Protocol):
+    """Puts every piece it receives on a queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def data_received(self, data):
+        self.queue.put_nowait(data)
+
+
 async def echo_client(addr, messages):
     r, w = await asyncio.open_connection(*addr)
     for m in messages:
@@ -87,12 +97,8 @@ def test_transports_read_without_the_pool():
     async def main():
         got = asyncio.Queue()
 
-        class Sink(asyncio.Protocol):
-            def data_received(self, data):
-                got.put_nowait(data)
-
         a, b = socket.socketpair()
-        t, _ = await loop.create_connection(Sink, sock=a)
+        t, _ = await loop.create_connection(lambda: QueueSink(got), sock=a)
         out = []
         for msg in (b"first", b"second" * 1000):
             b.sendall(msg)
@@ -216,11 +222,7 @@ def test_receive_pool_survives_more_eofs_than_it_has_buffers():
         loop = asyncio.get_running_loop()
         got = asyncio.Queue()
 
-        class Sink(asyncio.Protocol):
-            def data_received(self, data):
-                got.put_nowait(data)
-
-        srv = await loop.create_server(Sink, "127.0.0.1", 0)
+        srv = await loop.create_server(lambda: QueueSink(got), "127.0.0.1", 0)
         addr = srv.sockets[0].getsockname()
         for _ in range(300):
             r, w = await asyncio.open_connection(*addr)
@@ -398,12 +400,8 @@ def test_resume_before_the_cancel_of_a_pause_comes_back_reads_on():
         loop = asyncio.get_running_loop()
         got = asyncio.Queue()
 
-        class Sink(asyncio.Protocol):
-            def data_received(self, data):
-                got.put_nowait(data)
-
         a, b = socket.socketpair()
-        t, _ = await loop.create_connection(Sink, sock=a)
+        t, _ = await loop.create_connection(lambda: QueueSink(got), sock=a)
         b.send(b"one")
         first = await asyncio.wait_for(got.get(), 10)
         for _ in range(3):
