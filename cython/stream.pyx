@@ -29,6 +29,8 @@
 # file, and a close under it would delay the FIN until the kernel let go.
 # So a transport that ends cancels first and closes in the last completion.
 
+from cpython.bytearray cimport PyByteArray_AS_STRING
+
 import logging
 from asyncio import constants as _aconst, protocols as _aprotocols
 
@@ -134,10 +136,6 @@ cdef class StreamIO:
         if self.held and self.reading() and self.transport is not None:
             self.deliver(self.held.pop(0))
 
-    def restart(self):
-        if self.reading():
-            self.start_recv()
-
     cdef int completed(self, uint32_t op, object res) except -1:
         if op == LOP_SEND:
             return self.send_done(res)
@@ -178,7 +176,7 @@ cdef class StreamIO:
                 if n == -EAGAIN or n == -EINTR or n == -ENOBUFS:
                     # ENOBUFS: every pool buffer was taken in one batch; they
                     # are back by the next iteration.
-                    self.transport._loop.call_soon(self.restart)
+                    self.transport._loop.call_soon(self.start)
                     return 0
                 self.transport._fatal_error(OSError(-n, os.strerror(-n)),
                                             'Fatal read error on socket transport')

@@ -1,5 +1,6 @@
 # POSIX socket and time declarations the nogil paths need.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memset
 
 cdef extern from "<sys/uio.h>" nogil:
     pass
@@ -149,8 +150,6 @@ cdef inline void *reserve_zeroed(size_t n) noexcept nogil:
     cdef void *p = mmap(NULL, n, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     return NULL if p == MAP_FAILED else p
-
-from libc.string cimport memset
 
 
 # Grow the array *p of `old` elements of `size` bytes to `new`, the new ones

@@ -341,50 +341,47 @@ class Loop(unix_events._UnixSelectorEventLoop):
             fsize = os.fstat(fileno).st_size
         except (AttributeError, io.UnsupportedOperation, OSError):
             raise exceptions.SendfileNotAvailableError("not a regular file")
-        blocksize = count if count else fsize
-        if not blocksize:
+        if not (count or fsize):
             return 0  # empty file
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        total = 0
         try:
             try:
                 cap = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
             except OSError:
                 cap = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)  # fs.pipe-max-size is lower
-            total = 0
-            try:
-                while not count or total < count:
-                    want = cap if not count else min(cap, count - total)
-                    # file -> pipe (empty, so it takes `want`), at the file offset
-                    got = await self._op(
-                        lambda waiter: self._ops.splice(fileno, offset + total, w, want, waiter))
-                    if got == 0:
-                        break                   # end of the file
-                    if got < 0:
-                        if total == 0:
+            while not count or total < count:
+                want = cap if not count else min(cap, count - total)
+                # file -> pipe (empty, so it takes `want`), at the file offset
+                got = await self._op(
+                    lambda waiter: self._ops.splice(fileno, offset + total, w, want, waiter))
+                if got == 0:
+                    break                   # end of the file
+                if got < 0:
+                    if total == 0:
+                        raise exceptions.SendfileNotAvailableError(
+                            f"splice from the file failed: {os.strerror(-got)}")
+                    raise _error(got)
+                while got:                  # pipe -> socket, once it has room
+                    res = await self._op(
+                        lambda waiter: self._ops.splice(r, -1, fd, got, waiter, True))
+                    if res == -errno.EAGAIN:
+                        continue            # room taken again before the splice ran
+                    if res < 0:
+                        if total == 0 and res in (-errno.EINVAL, -errno.ENOTSOCK):
                             raise exceptions.SendfileNotAvailableError(
-                                f"splice from the file failed: {os.strerror(-got)}")
-                        raise _error(got)
-                    while got:                  # pipe -> socket, once it has room
-                        res = await self._op(
-                            lambda waiter: self._ops.splice(r, -1, fd, got, waiter, True))
-                        if res == -errno.EAGAIN:
-                            continue            # room taken again before the splice ran
-                        if res < 0:
-                            if total == 0 and res in (-errno.EINVAL, -errno.ENOTSOCK):
-                                raise exceptions.SendfileNotAvailableError(
-                                    f"splice to the socket failed: {os.strerror(-res)}")
-                            if res == -errno.ENOTCONN:
-                                raise ConnectionError("socket is not connected", errno.ENOTCONN)
-                            raise _error(res)
-                        got -= res
-                        total += res
-            finally:
-                if total > 0:
-                    os.lseek(fileno, offset + total, os.SEEK_SET)
+                                f"splice to the socket failed: {os.strerror(-res)}")
+                        if res == -errno.ENOTCONN:
+                            raise ConnectionError("socket is not connected", errno.ENOTCONN)
+                        raise _error(res)
+                    got -= res
+                    total += res
             return total
         finally:
+            if total > 0:
+                os.lseek(fileno, offset + total, os.SEEK_SET)
             os.close(r)
             os.close(w)
 
