@@ -303,23 +303,23 @@ def test_idle_transports_hold_no_receive_buffer_each():
     assert grown < 64 << 20, f"RSS grew {grown >> 20} MiB for 1,000 idle transports"
 
 
+async def echo_of_a_socketpair(msg):
+    """What sock_recv gets of `msg` sent on a new socketpair, on the running loop."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        b.send(msg)
+        return await asyncio.get_running_loop().sock_recv(a, 10)
+
+
 def test_loop_made_in_one_thread_runs_in_another():
     # The ring is its thread's (SINGLE_ISSUER): the loop's selector moves to a
     # ring of the thread that runs it, and the receive pool with it.
     import threading
     loop = aio.new_event_loop()
     out = []
-
-    async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.send(b"moved")
-        data = await loop.sock_recv(a, 10)
-        a.close()
-        b.close()
-        return data
-
-    t = threading.Thread(target=lambda: out.append(loop.run_until_complete(main())))
+    t = threading.Thread(target=lambda: out.append(
+        loop.run_until_complete(echo_of_a_socketpair(b"moved"))))
     t.start()
     t.join(30)
     try:
@@ -331,15 +331,8 @@ def test_loop_made_in_one_thread_runs_in_another():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_child_runs_a_loop_of_its_own():
-    async def serve_once():
-        a, b = socket.socketpair()
-        loop = asyncio.get_running_loop()
-        a.setblocking(False)
-        b.send(b"ping")
-        data = await loop.sock_recv(a, 10)
-        a.close()
-        b.close()
-        return data
+    def serve_once():
+        return echo_of_a_socketpair(b"ping")
 
     loop = aio.new_event_loop()
     try:

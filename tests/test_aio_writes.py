@@ -13,19 +13,26 @@ from hypothesis import strategies as st
 from uring_net import aio
 
 
-async def tcp_transport(protocol_factory, sndbuf=None):
-    """A transport on one end of a loopback TCP connection, and the other
-    end as a plain blocking socket."""
-    loop = asyncio.get_running_loop()
+def loopback_pair(sndbuf=None, peer_rcvbuf=None):
+    """A loopback TCP connection: our end non-blocking (with `sndbuf`), the
+    peer's a plain blocking socket (with `peer_rcvbuf`)."""
     lsock = socket.create_server(("127.0.0.1", 0))
     peer = socket.create_connection(lsock.getsockname())
+    if peer_rcvbuf:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, peer_rcvbuf)
     conn, _ = lsock.accept()
     lsock.close()
     if sndbuf:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     conn.setblocking(False)
-    t, proto = await loop.create_connection(protocol_factory, sock=conn)
     peer.settimeout(20)
+    return conn, peer
+
+
+async def tcp_transport(protocol_factory, sndbuf=None):
+    """A transport on our end of a loopback_pair(), and the peer."""
+    conn, peer = loopback_pair(sndbuf)
+    t, proto = await asyncio.get_running_loop().create_connection(protocol_factory, sock=conn)
     return t, proto, peer
 
 
@@ -194,16 +201,9 @@ def test_any_chunking_arrives_whole_and_in_order(chunks, end_with, sndbuf):
     assert aio.run(main()) == (True, "eof")
 
 
-async def stalled_pair(sndbuf=65536):
-    lsock = socket.create_server(("127.0.0.1", 0))
-    peer = socket.create_connection(lsock.getsockname())
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    conn, _ = lsock.accept()
-    lsock.close()
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    conn.setblocking(False)
-    peer.settimeout(20)
-    return conn, peer
+def stalled_pair():
+    """A loopback_pair() whose buffers a peer that does not read fills soon."""
+    return loopback_pair(65536, 65536)
 
 
 def test_sock_sendfile_splices_and_stalled_peers_cost_no_cpu(tmp_path):
@@ -217,7 +217,7 @@ def test_sock_sendfile_splices_and_stalled_peers_cost_no_cpu(tmp_path):
 
     async def main():
         loop = asyncio.get_running_loop()
-        pairs = [await stalled_pair() for _ in range(n)]
+        pairs = [stalled_pair() for _ in range(n)]
         files = [open(blob, "rb") for _ in range(n)]
         before = loop._ops.stats()["completed"]
         tasks = [asyncio.ensure_future(loop.sock_sendfile(c, f, 1000 + i, None))
@@ -264,7 +264,7 @@ def test_cancelled_sock_sendfile_leaves_the_file_at_what_was_sent(tmp_path):
 
     async def main():
         loop = asyncio.get_running_loop()
-        conn, peer = await stalled_pair()
+        conn, peer = stalled_pair()
         with open(blob, "rb") as f:
             task = asyncio.ensure_future(loop.sock_sendfile(conn, f, 0, None))
             await asyncio.sleep(0.2)
