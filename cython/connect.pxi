@@ -93,7 +93,7 @@ cdef void flow_open(Engine e, int cfd) noexcept nogil:
     cdef Flow *f = &e.flows[slot]
     cdef int zero = 0, rcvbuf = 0
     cdef socklen_t optlen = sizeof(int)
-    cdef int d
+    cdef int d, u
     e.nactive += 1
     f.state = F_CONNECTING
     f.cause = C_NONE
@@ -102,7 +102,8 @@ cdef void flow_open(Engine e, int cfd) noexcept nogil:
     f.inflight = 0
     f.watch = 0
     f.zc_owed = 0
-    f.up_idx = 0
+    f.up_idx = NO_UPSTREAM
+    f.tried = 0
     f.failovers = 0
     f.t_start_ns = now_ns()
     f.fd[0] = cfd
@@ -135,7 +136,20 @@ cdef void flow_open(Engine e, int cfd) noexcept nogil:
         # at most leaves the client room to send while we wait.
         getsockopt(cfd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, &optlen)
         f.replay_limit = min(e.replay_window, <uint32_t>max(rcvbuf, 0) // 4)
+    u = e.ups.pick(0, &f.peer)
+    if u < 0:
+        # Every upstream is down: the client is closed at once, and says why.
+        e.st.no_upstream += 1
+        flow_fail(e, f, C_NO_UPSTREAM, 0, 0)
+        e.flow_step(slot)
+        return
+    flow_attach(e, f, u)
     flow_dial(e, slot, f)
+
+cdef void flow_attach(Engine e, Flow *f, int u) noexcept nogil:
+    f.up_idx = <uint8_t>u
+    f.tried |= <uint64_t>1 << u
+    e.ups.attach(u)
 
 # TCP keep-alive (--tcp-keepalive): a peer that vanished without a FIN
 # or RST (powered off, NAT entry dropped) is then found by the kernel,
@@ -177,8 +191,8 @@ cdef bint flow_connect(Engine e, uint32_t slot, Flow *f) noexcept nogil:
     cdef int one = 1
     cdef int ufd
     cdef io_uring_sqe *s
-    cdef uint8_t u = f.up_idx
-    ufd = socket(e.up_family[u], SOCK_STREAM | SOCK_CLOEXEC, 0)
+    cdef Upstream *up = &e.ups.u[f.up_idx]
+    ufd = socket(up.family, SOCK_STREAM | SOCK_CLOEXEC, 0)
     if ufd < 0:
         if errno == EMFILE or errno == ENFILE:
             return False
@@ -194,7 +208,7 @@ cdef bint flow_connect(Engine e, uint32_t slot, Flow *f) noexcept nogil:
     # submit, or the link is broken (io_uring_prep_link_timeout(3)).
     e.reserve(2)
     s = e.flow_sqe(slot, f, OP_CONNECT, 0)
-    io_uring_prep_connect(s, ufd, <sockaddr *>&e.up_addr[u], e.up_len[u])
+    io_uring_prep_connect(s, ufd, <sockaddr *>&up.addr, up.addr_len)
     s.flags |= IOSQE_IO_LINK
     s = e.flow_sqe(slot, f, OP_CONNECT_TIMEOUT, 0)
     io_uring_prep_link_timeout(s, &e.connect_ts, 0)
@@ -243,8 +257,18 @@ cdef void fdw_retry(Engine e) noexcept nogil:
 # --- the connect's completion ---------------------------------------------------
 
 cdef void on_connect(Engine e, Flow *f, int res) noexcept nogil:
+    cdef int err
     if f.state != F_CONNECTING:
         return
+    if res != 0:
+        e.ups.connect_failed(f.up_idx)
+    if res == 0 and e.proxy_proto:
+        # The header first, before any data SQE of this flow exists.
+        err = pp_send(e, f)
+        if err:
+            flow_fail(e, f, C_CONNECT_ERROR, err, 0)
+            return
+        e.st.proxy_headers += 1
     if res == 0:
         f.state = F_OPEN
         f.t_active_ns = e.batch_ns
@@ -266,19 +290,29 @@ cdef void on_connect(Engine e, Flow *f, int res) noexcept nogil:
     else:
         flow_fail(e, f, C_CONNECT_ERROR, -res, 0)
 
-# --- failover: the next --upstream -----------------------------------------
+# --- retries: the next upstream ---------------------------------------------
 
-# Whether the flow can move to the next upstream without the client
+# Whether the flow can move to another upstream without the client
 # noticing: before the connect succeeded (no client byte was read yet,
 # in any mode), or in peek mode while every client byte is still in its
-# socket and the upstream has not answered.
+# socket and the upstream has not answered; at most --retries times, and
+# only to an upstream that is up and that this flow has not tried. The
+# balancer picks it now (f.next_up); redial() moves the flow once the
+# failed attempt's operations have all completed.
 cdef bint can_redial(Engine e, Flow *f, uint8_t cause) noexcept nogil:
-    if e.stopping or f.up_idx + 1 >= e.n_up or f.fd[1] < 0:
+    cdef int u
+    if e.stopping or f.failovers >= e.retries or f.fd[1] < 0:
         return False
     if cause != C_UPSTREAM_REFUSED and cause != C_CONNECT_TIMEOUT \
             and cause != C_CONNECT_ERROR and cause != C_UPSTREAM_RESET:
         return False
-    return f.state == F_CONNECTING or (f.state == F_OPEN and f.replayable)
+    if not (f.state == F_CONNECTING or (f.state == F_OPEN and f.replayable)):
+        return False
+    u = e.ups.pick(f.tried, &f.peer)
+    if u < 0:
+        return False
+    f.next_up = <uint8_t>u
+    return True
 
 # Every operation of the failed attempt has completed (flow_fail
 # cancelled them): drop the old upstream, rewind the client's peek
@@ -305,7 +339,8 @@ cdef void redial(Engine e, uint32_t slot, Flow *f) noexcept nogil:
         D.q.head = -1
         D.q.tail = -1
         D.pipe_r, D.pipe_w, D.pipe_cap, D.pipe_bytes = pr, pw, pc, pb
-    f.up_idx += 1
+    e.ups.detach(f.up_idx)
+    flow_attach(e, f, f.next_up)
     f.failovers += 1
     e.st.failovers += 1
     f.state = F_CONNECTING

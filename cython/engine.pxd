@@ -51,15 +51,12 @@ cdef enum Cause:
     C_IDLE_TIMEOUT          # no byte either way for --idle-timeout
     C_CLIENT_FIN_TIMEOUT    # the client sent its FIN; the other way idle for --client-fin-timeout
     C_SERVER_FIN_TIMEOUT    # the upstream sent its FIN; the other way idle for --server-fin-timeout
+    C_NO_UPSTREAM           # every upstream is down (health checks), or tried
 
 # Buffers one send may carry: everything queued, up to this many, goes out
 # in one sendmsg, so a sink that keeps up sees few large writes.
 cdef enum:
     SEND_IOV = 16
-
-# --upstream may be given this many times (tried in order).
-cdef enum:
-    MAX_UPSTREAMS = 8
 
 cdef struct Dir:
     SegQueue q              # segments queued for sending, and those sent zero-copy
@@ -91,8 +88,10 @@ cdef struct Flow:
     uint8_t cause           # Cause, decided once
     uint8_t reset_mask      # sides (bit per side) to close with SO_LINGER {1,0}
     int32_t err             # errno behind the cause, 0 if none
-    uint8_t up_idx          # which --upstream this flow is on
-    uint8_t failovers       # upstreams given up on before this one
+    uint8_t up_idx          # which upstream this flow is on (NO_UPSTREAM: none was up)
+    uint8_t next_up         # the one a retry goes to (chosen by can_redial)
+    uint8_t failovers       # upstreams given up on before this one (retries)
+    uint64_t tried          # upstreams this flow has been sent to, a bit each
     uint8_t watch           # sides (bit per side) with an OP_ERRWATCH poll armed
     int32_t zc_owed         # zero-copy notifications owed (first CQE seen, F_NOTIF not yet)
     uint8_t replayable      # peek: nothing consumed and the upstream has not answered,
@@ -141,6 +140,9 @@ cdef struct Stats:
     uint64_t cqes
     uint64_t batches
     uint64_t cq_overflows       # turns that found completions in the kernel's overflow list
+    uint64_t no_upstream        # connections closed at once: no upstream was up
+    uint64_t health_skipped     # health checks not started for want of an fd
+    uint64_t proxy_headers      # PROXY protocol headers sent
 
 @cython.final
 cdef class Engine:
@@ -180,10 +182,17 @@ cdef class Engine:
     cdef int wake_fd           # signal.set_wakeup_fd's read end, or -1
     cdef bint wake_armed
     cdef bint woken
-    cdef sockaddr_storage up_addr[MAX_UPSTREAMS]
-    cdef socklen_t up_len[MAX_UPSTREAMS]
-    cdef int up_family[MAX_UPSTREAMS]
-    cdef uint8_t n_up
+    cdef Upstreams ups         # the pool, its balancing and health (upstreams.pyx)
+    cdef uint8_t retries       # --retries: upstreams a flow may move on to after the first
+    cdef int proxy_proto       # --proxy-protocol: 0 (off), 1 or 2 (proxyproto.pxi)
+    # health checks (health.pxi): a round every interval; 0 = off
+    cdef int64_t hc_interval_ns
+    cdef __kernel_timespec hc_interval_ts
+    cdef __kernel_timespec hc_timeout_ts
+    cdef uint32_t rise
+    cdef uint32_t fall
+    cdef bint hc_timer         # the interval's timer is in flight
+    cdef uint32_t hc_round
     cdef __kernel_timespec connect_ts
     cdef __kernel_timespec pause_ts
     cdef bint ms_accept

@@ -86,6 +86,10 @@ if (OP_LAST >= (1 << UD_OP_BITS) or SEG_MAX > (1 << UD_SEG_BITS)
         or UD_GEN_SHIFT != UD_SLOT_BITS):
     raise ImportError("user_data layout: a field is too narrow or the fields overlap")
 
+cdef inline void set_timespec(__kernel_timespec *ts, double seconds) noexcept nogil:
+    ts.tv_sec = <int64_t>seconds
+    ts.tv_nsec = <long long>((seconds - <int64_t>seconds) * 1e9)
+
 cdef inline int64_t now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -123,14 +127,24 @@ cdef class Engine:
         self.max_conns = max_conns
         self.ms_accept = config.multishot_accept
         self.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
-        self.connect_ts.tv_sec = <int64_t>connect_timeout
-        self.connect_ts.tv_nsec = <long long>((connect_timeout - <int64_t>connect_timeout) * 1e9)
+        set_timespec(&self.connect_ts, connect_timeout)
         self.acc_backoff_ms = ACCEPT_PAUSE_MS
         # The mode, as the flags the data paths test (engine.pxd).
         self.splice = mode == MODE_SPLICE
         self.peek = mode == MODE_PEEK
         self.pipe_size = config.pipe_size
         self.replay_window = config.replay_window
+        # The pool: balancing, retries, health checks, PROXY protocol.
+        self.ups = Upstreams(config.balance)
+        self.retries = config.retries
+        self.proxy_proto = config.proxy_protocol
+        self.rise = config.rise
+        self.fall = config.fall
+        self.hc_interval_ns = <int64_t>(config.health_interval * 1e9)
+        set_timespec(&self.hc_interval_ts, config.health_interval)
+        # A check waits for its connect at most the connect timeout, and
+        # never past its round.
+        set_timespec(&self.hc_timeout_ts, min(connect_timeout, config.health_interval or connect_timeout))
 
         # Reserved, not committed (MAP_NORESERVE, zero pages): a slot's page
         # costs memory once a flow first uses it (slot_take), so the table
@@ -195,6 +209,8 @@ cdef class Engine:
             if self.pool is not None:
                 self.drv.buf_ring_free(self.pool.br, self.pool.entries)
             self.drv.close()
+        if self.ups is not None:
+            health_close(self)
         # The pipe pool closes its pipes when it goes (PipePool.__dealloc__).
         if self.flows != NULL:
             munmap(self.flows, self.flows_bytes)
@@ -203,31 +219,13 @@ cdef class Engine:
 
     # --- configuration (Python, start-up only) ------------------------------
 
-    def add_upstream(self, int family, str host, int port):
-        """Append an upstream; flows try them in the order added."""
-        if self.n_up == MAX_UPSTREAMS:
-            raise ValueError(f"at most {MAX_UPSTREAMS} upstreams")
-        cdef int i = self.n_up
-        cdef sockaddr_in *a4 = <sockaddr_in *>&self.up_addr[i]
-        cdef sockaddr_in6 *a6 = <sockaddr_in6 *>&self.up_addr[i]
-        memset(&self.up_addr[i], 0, sizeof(sockaddr_storage))
-        hb = host.encode()
-        if family == AF_INET:
-            a4.sin_family = AF_INET
-            a4.sin_port = htons(port)
-            ok = inet_pton(AF_INET, hb, &a4.sin_addr)
-            self.up_len[i] = sizeof(sockaddr_in)
-        elif family == AF_INET6:
-            a6.sin6_family = AF_INET6
-            a6.sin6_port = htons(port)
-            ok = inet_pton(AF_INET6, hb, &a6.sin6_addr)
-            self.up_len[i] = sizeof(sockaddr_in6)
-        else:
-            raise ValueError("family must be AF_INET or AF_INET6")
-        if ok != 1:
-            raise ValueError(f"not a numeric address: {host!r}")
-        self.up_family[i] = family
-        self.n_up += 1
+    def add_upstream(self, int family, str host, int port, int weight=1):
+        """Append an upstream to the pool (Upstreams.add)."""
+        self.ups.add(family, host, port, weight)
+
+    def upstream_stats(self):
+        """Per upstream, in the order added: up, weight, active, flows, checks..."""
+        return self.ups.stats()
 
     def add_listener(self, int fd, int family):
         cdef int one = 1
@@ -271,6 +269,9 @@ cdef class Engine:
         cdef int res = cqe.res
         cdef uint32_t cflags = cqe.flags
 
+        if ud_owner(ud) == OWNER_HEALTH:
+            on_health(self, ud, res)
+            return
         if ud_owner(ud) != OWNER_PROXY or op < OP_ACCEPT or op > OP_LAST:
             # Not an op we prepare: another owner's, or corrupted. Counted
             # and dropped; above all it must not decrement a flow's inflight
@@ -434,6 +435,8 @@ cdef class Engine:
                 fdw_retry(self)     # pipes went back to the pool: a waiter may take one
             if self.wake_fd >= 0 and not self.wake_armed:
                 self.wake_arm()     # single-shot: Python drained the fd
+            if not self.hc_timer:
+                health_arm(self)    # the first round's timer (then each round re-arms)
             self.bufs_flush()
             self.batch_ns = now_ns()
             left = min(deadline, self.tw.next_due()) - self.batch_ns

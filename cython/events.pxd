@@ -11,6 +11,7 @@ cdef enum EventKind:
     EV_ACCEPT_PAUSED         # accept failed and waits arg ms (err: why)
     EV_ENGINE_ERROR          # never expected (code: ERR_*)
     EV_FALLBACK              # a feature turned itself off at run time (code: FB_*)
+    EV_HEALTH                # an upstream changed state (code: 1 up, 0 down; arg: checks in a row)
 
 cdef enum:
     ERR_RING_ORDER = 1       # a recv CQE named a buffer that is not the ring's head entry
@@ -21,7 +22,7 @@ cdef enum:
 cdef struct Event:
     uint8_t kind             # EventKind
     uint8_t code             # per kind, as above
-    uint8_t up_idx           # close: which --upstream
+    uint8_t up_idx           # close, health: which upstream
     uint8_t failovers        # close: upstreams given up on before it
     int32_t err
     uint32_t arg             # accept pause: its length in ms

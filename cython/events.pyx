@@ -22,6 +22,7 @@ CAUSES = {
     C_IDLE_TIMEOUT: ("idle_timeout", "cD"),
     C_CLIENT_FIN_TIMEOUT: ("client_fin_timeout", "cD"),
     C_SERVER_FIN_TIMEOUT: ("server_fin_timeout", "sD"),
+    C_NO_UPSTREAM: ("no_upstream", "SC"),
 }
 ENGINE_ERRORS = {ERR_RING_ORDER: "ring_order_errors", ERR_UNKNOWN_CQE: "unknown_cqes"}
 FALLBACKS = {FB_REGISTERED_BUFFERS: "registered_buffers", FB_SEND_ZC: "send_zc"}
@@ -214,7 +215,7 @@ cdef class EventLog:
     def drain(self):
         """Every record since the last drain, oldest first, as dicts with an
         "event" key: close (close_lines, a run of them rendered, after
-        set_close_format()), accept_paused, engine_error, fallback."""
+        set_close_format()), accept_paused, engine_error, fallback, health."""
         out = []
         cdef uint32_t i, lines = 0
         cdef Event *r
@@ -251,6 +252,9 @@ cdef class EventLog:
                             "times": r.times})
             elif r.kind == EV_FALLBACK:
                 out.append({"event": "fallback", "feature": FALLBACKS[r.code], "errno": r.err})
+            elif r.kind == EV_HEALTH:
+                out.append({"event": "health", "upstream_index": r.up_idx, "up": bool(r.code),
+                            "errno": r.err, "checks": r.arg})
         if lines:
             out.append({"event": "close_lines", "text": self.text[:at].decode(), "lines": lines})
         self.n = 0

@@ -253,6 +253,8 @@ cdef void flow_release(Engine e, uint32_t slot, Flow *f) noexcept nogil:
         r.up_idx = f.up_idx
         r.failovers = f.failovers
     e.st.closed += 1
+    if f.up_idx != NO_UPSTREAM:
+        e.ups.detach(f.up_idx)
     if f.t_fds_closed_ns:
         e.st.zc_close_waits += 1
         e.st.zc_close_wait_ns += <uint64_t>(now_ns() - f.t_fds_closed_ns)

@@ -42,6 +42,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int getsockname(int fd, sockaddr *addr, socklen_t *len)
 
 cdef extern from "<netinet/in.h>" nogil:
     int IPPROTO_TCP

@@ -32,6 +32,7 @@ cdef enum Owner:
     OWNER_PROXY = 1     # the proxy engine: flows, accept, its timers, the wakeup fd
     OWNER_SELECTOR = 2  # a PollSet (pollset.pyx): slot = the fd polled
     OWNER_LOOP = 3      # uring_net.aio's operations (loopops.pyx): slot = the op's
+    OWNER_HEALTH = 4    # the proxy's health checks (health.pxi): slot = the upstream
 
 cdef inline uint64_t ud_make(uint32_t owner, uint32_t slot, uint32_t gen, uint32_t op,
                              uint32_t d) noexcept nogil:

@@ -415,10 +415,10 @@ class EchoServer:
     Echoes everything; on the client's EOF it finishes sending, shuts down writing and
     closes. Counts connections (accepted, open, peak open) and resets it saw."""
 
-    def __init__(self, host: str = "127.0.0.1", backlog: int = 4096):
+    def __init__(self, host: str = "127.0.0.1", backlog: int = 4096, port: int = 0):
         self.sock = socket.socket(family_of(host), socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.sock.listen(backlog)
         self.sock.setblocking(False)
         self.addr = fmt_addr(self.sock.getsockname())

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 MODES = ("auto", "copy", "zerocopy", "splice", "peek")
 BACKENDS = ("auto", "uring", "epoll")
 LOG_FORMATS = ("text", "json")
+BALANCES = ("roundrobin", "leastconn", "source", "first")
+DEFAULT_HEALTH_INTERVAL = 2.0
 
 # Features a user (or a test) may declare missing, to force the named fallback.
 DISABLE_ENV = "URING_NET_DISABLE"
 DISABLEABLE = ("multishot_accept", "recv_bundle", "incremental_buffers", "send_zc",
                "registered_buffers", "splice", "iowq_cap", "peek_off")
-MAX_UPSTREAMS = 8
+MAX_UPSTREAMS = 64           # the engine's per-flow tried set is one 64-bit mask
 MAX_POOL_BUFFERS = 32768       # the kernel's limit on a provided-buffer ring's entries
 
 
@@ -32,6 +34,7 @@ class Endpoint:
     host: str          # numeric, as the kernel will see it
     port: int
     family: int
+    weight: int = 1    # an upstream's share of new connections (1..256)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
@@ -40,7 +43,7 @@ class Endpoint:
 @dataclass(frozen=True)
 class Config:
     listen: Endpoint
-    upstreams: tuple          # of Endpoint, tried in order (failover)
+    upstreams: tuple          # of Endpoint, with their weights
     mode: str = "auto"
     backend: str = "auto"
     buffer_size: int = 65536
@@ -62,6 +65,18 @@ class Config:
     verbose: int = 0
     log_format: str = "text"
     disabled: frozenset = frozenset()
+    balance: str = "first"
+    retries: int = 3
+    health_interval: float | None = None   # None: 2 s with two or more upstreams, else off
+    rise: int = 2
+    fall: int = 3
+    proxy_protocol: int = 0                # 0 off, 1 or 2
+
+    def health_seconds(self) -> float:
+        """The interval the checks run at; 0 when they do not run."""
+        if self.health_interval is not None:
+            return self.health_interval
+        return DEFAULT_HEALTH_INTERVAL if len(self.upstreams) > 1 else 0.0
 
     @property
     def upstream(self) -> Endpoint:
@@ -98,6 +113,24 @@ def parse_endpoint(text: str, what: str, *, allow_port_zero: bool) -> Endpoint:
         raise ConfigError(f"{what} {text!r}: cannot resolve {host!r}: {e.strerror}") from None
     family, _, _, _, sockaddr = infos[0]
     return Endpoint(sockaddr[0], port_n, family)
+
+
+def parse_upstream(text: str, what: str = "--upstream") -> Endpoint:
+    """HOST:PORT[,weight=N]: an upstream and its share of new connections."""
+    addr, sep, opts = text.partition(",")
+    weight = 1
+    if sep:
+        key, eq, val = opts.partition("=")
+        if key.strip() != "weight" or not eq:
+            raise ConfigError(f"{what} {text!r}: the only option is weight=N (1..256)")
+        try:
+            weight = int(val, 10)
+        except ValueError:
+            weight = 0
+        if not 1 <= weight <= 256:
+            raise ConfigError(f"{what} {text!r}: weight must be a whole number from 1 to 256")
+    ep = parse_endpoint(addr.strip(), what, allow_port_zero=False)
+    return Endpoint(ep.host, ep.port, ep.family, weight)
 
 
 def _positive_int(name, lo=1, hi=None):
@@ -181,11 +214,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="address to accept on; IPv6 as [::1]:PORT; port 0 picks a free port")
-    p.add_argument("--upstream", metavar="HOST:PORT", action="append",
-                   help="address to forward to; give it up to %d times for failover: a connect "
-                        "that is refused, fails or times out moves the connection to the next one "
-                        "(and in --mode peek, so does an upstream that resets before it answered, "
-                        "with the client's bytes replayed)" % MAX_UPSTREAMS)
+    p.add_argument("--upstream", metavar="HOST:PORT[,weight=N]", action="append",
+                   help="address to forward to; give it up to %d times for a pool, which --balance "
+                        "spreads new connections over (weight: the upstream's share, 1..256, "
+                        "default 1). A connect that is refused, fails or times out moves the "
+                        "connection to another upstream that is up, up to --retries times (and in "
+                        "--mode peek, so does an upstream that resets before it answered, with the "
+                        "client's bytes replayed)" % MAX_UPSTREAMS)
+    p.add_argument("--balance", type=_choice("balance", BALANCES), default="first",
+                   help="how a new connection picks its upstream, among those up. first: the first "
+                        "in the order given (the rest are for failover); roundrobin: in turn, by "
+                        "weight (smoothly: weights 5,1,1 give a a b a c a a); leastconn: the fewest "
+                        "active connections per unit of weight; source: a hash of the client's "
+                        "address, so a client keeps its upstream for as long as that one is up")
+    p.add_argument("--retries", type=_positive_int("--retries", 0, 63), default=3, metavar="N",
+                   help="a connection whose upstream connect fails moves on to another upstream "
+                        "that is up and that it has not tried, at most N times")
+    p.add_argument("--health-interval", type=_seconds("--health-interval", 0.05, 3600, off_ok=True),
+                   default=None, metavar="SECONDS",
+                   help="seconds between health checks: a TCP connect to every upstream, on the "
+                        "proxy's own ring. An upstream that fails --fall checks in a row is down "
+                        "and gets no new connections until --rise checks in a row succeed; every "
+                        "change is one log line. Default: %g with two or more upstreams, off "
+                        "with one (there is nowhere else to go); 0 turns them off"
+                        % DEFAULT_HEALTH_INTERVAL)
+    p.add_argument("--rise", type=_positive_int("--rise", 1, 1000), default=2, metavar="N",
+                   help="successful checks in a row that bring a down upstream back")
+    p.add_argument("--fall", type=_positive_int("--fall", 1, 1000), default=3, metavar="N",
+                   help="failed checks in a row that take an upstream down")
+    p.add_argument("--proxy-protocol", type=_choice("PROXY protocol version", ("v1", "v2")),
+                   default=None, metavar="v1|v2",
+                   help="send a PROXY protocol header (HAProxy's specification, v1 text or v2 "
+                        "binary) to the upstream before any client byte, carrying the client's "
+                        "address and the address it connected to; off by default")
     p.add_argument("--mode", type=_choice("mode", MODES),
                    default="auto",
                    help="data path. copy: multishot recv into provided buffers, send from the same "
@@ -310,7 +371,10 @@ def config_from_args(ns: argparse.Namespace) -> Config:
                           "splice(2) in its own loop and has none")
     return Config(
         listen=parse_endpoint(ns.listen, "--listen", allow_port_zero=True),
-        upstreams=tuple(parse_endpoint(u, "--upstream", allow_port_zero=False) for u in ns.upstream),
+        upstreams=tuple(parse_upstream(u) for u in ns.upstream),
+        balance=ns.balance, retries=ns.retries, health_interval=ns.health_interval,
+        rise=ns.rise, fall=ns.fall,
+        proxy_protocol={None: 0, "v1": 1, "v2": 2}[ns.proxy_protocol],
         mode=ns.mode, pipe_size=ns.pipe_size, iowq_workers=ns.iowq_workers,
         replay_window=ns.replay_window, backend=ns.backend, buffer_size=ns.buffer_size, buffers=ns.buffers,
         max_buffers=ns.max_buffers,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import MODES
+from .config import BALANCES, MODES
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,13 @@ class EngineConfig:
     client_fin_timeout: float = 0.0
     server_fin_timeout: float = 0.0
     keepalive: tuple[int, int, int] | None = None     # idle, interval, count
+    # the upstream pool
+    balance: str = "first"          # first, roundrobin, leastconn, source
+    retries: int = 3                # other upstreams a failed connect may move on to
+    health_interval: float = 0.0    # seconds between health checks; 0: none
+    rise: int = 2                   # checks in a row that bring an upstream up ...
+    fall: int = 3                   # ... and that take it down
+    proxy_protocol: int = 0         # PROXY protocol header to upstreams: 0 (off), 1, 2
     # kernel features the probe found usable (each off: its named fallback)
     multishot_accept: bool = True
     recv_bundle: bool = False
@@ -45,5 +52,11 @@ class EngineConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.mode == "splice" and self.pipe_size <= 0:
             raise ValueError("splice mode needs the probed pipe size")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, not {self.balance!r}")
+        if self.proxy_protocol not in (0, 1, 2):
+            raise ValueError("proxy_protocol must be 0, 1 or 2")
+        if not 0 <= self.retries <= 63 or self.rise < 1 or self.fall < 1:
+            raise ValueError("retries must be 0..63, rise and fall at least 1")
         if self.registered_buffers and not self.send_zc:
             raise ValueError("registered buffers are for zero-copy sends, which are off")

@@ -27,6 +27,7 @@ BATCH_TIMEOUT = 0.5      # seconds the engine may run without returning
 # incremental buffers do, so a test can require growth without depending on
 # how many completions happen to land in one batch.
 SEGS_PER_BUF_ENV = "URING_NET_TEST_SEGS_PER_BUF"
+NO_UPSTREAM = 255        # the engine's upstream index for a flow that found none up
 NOFILE_SPARE = 128       # fds beside the flows': listener, ring, pipe pool, wakeup, logs
 STOP_GRACE = 5.0         # seconds to let flows finish closing on shutdown
 STATS_EVERY = 10.0
@@ -155,6 +156,8 @@ class Proxy:
             pipe_size=pipe_size, segs_per_buf=_segs_per_buf(),
             idle_timeout=cfg.idle_timeout, client_fin_timeout=cfg.client_fin_timeout,
             server_fin_timeout=cfg.server_fin_timeout, keepalive=cfg.tcp_keepalive,
+            balance=cfg.balance, retries=cfg.retries, health_interval=cfg.health_seconds(),
+            rise=cfg.rise, fall=cfg.fall, proxy_protocol=cfg.proxy_protocol,
             multishot_accept=feats["multishot_accept"].used,
             recv_bundle=feats["recv_bundle"].used,
             incremental_buffers=feats["incremental_buffers"].used,
@@ -166,17 +169,26 @@ class Proxy:
             self.log.event("fallback", feature="registered_buffers",
                            reason=errno.errorcode.get(self.engine.zc_register_err, "?"),
                            using="SEND_ZC on plain addresses (pages pinned per send)")
+        # By the engine's index; 255 is a flow that found no upstream up.
         self.upstream_names = [str(up) for up in cfg.upstreams]
+        self.upstream_names += ["?"] * (NO_UPSTREAM - len(self.upstream_names)) + ["-"]
         # Close lines are rendered by the engine, in C, a batch at a time.
         self.engine.set_close_format(self.log.fmt, self.upstream_names,
                                      [errno.errorcode.get(i, str(i)) for i in range(256)])
         for up in cfg.upstreams:
-            self.engine.add_upstream(up.family, up.host, up.port)
+            self.engine.add_upstream(up.family, up.host, up.port, up.weight)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
         self.engine.watch_wakeup(self.wakeup_r.fileno())
         self.address = bound_address(self.listener)
+        pool = {}
+        if len(cfg.upstreams) > 1:
+            pool = {"balance": cfg.balance, "health_interval": cfg.health_seconds() or "off"}
+        if any(up.weight != 1 for up in cfg.upstreams):
+            pool["weights"] = ",".join(str(up.weight) for up in cfg.upstreams)
+        if cfg.proxy_protocol:
+            pool["proxy_protocol"] = f"v{cfg.proxy_protocol}"
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
-                       backend=self.backend, mode=cfg.mode)
+                       backend=self.backend, mode=cfg.mode, **pool)
         return self.address
 
     def _raise_nofile(self):
@@ -318,6 +330,9 @@ class Proxy:
             extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created", "pipe_errors")})
         if len(self.cfg.upstreams) > 1:
             extra["failovers"] = stats["failovers"]
+            extra["no_upstream"] = stats["no_upstream"]
+        if self.cfg.proxy_protocol:
+            extra["proxy_headers"] = stats["proxy_headers"]
         # buffers_out: receive buffers not back in the ring; segments_out:
         # received byte runs not freed. With every flow gone both must be 0;
         # anything else is memory lost to its owner.
@@ -408,6 +423,12 @@ class Proxy:
                 # or a completion whose user_data names no operation of ours (dropped).
                 self._repeat(ev["kind"], ev["times"], "engine_error", kind=ev["kind"],
                              action="flow_reset" if ev["kind"] == "ring_order_errors" else "dropped")
+            elif kind == "health":
+                # One line per change of state; the checks themselves are counted.
+                fields = {"reason": errno.errorcode.get(ev["errno"], str(ev["errno"]))} \
+                    if ev["errno"] else {}
+                self.log.event("health", upstream=ups[ev["upstream_index"]],
+                               state="up" if ev["up"] else "down", checks=ev["checks"], **fields)
             elif kind == "fallback" and ev["feature"] == "registered_buffers":
                 # Buffers are registered on first zero-copy use; one was refused.
                 self.log.event("fallback", feature="registered_buffers",
