@@ -21,12 +21,25 @@ def main(argv=None) -> int:
         if ns.probe:
             from . import probe
             return probe.main()
-        cfg = config_from_args(ns)
+        if ns.check_config:
+            from . import configfile
+            print(configfile.summary(configfile.load(ns.check_config)))
+            return 0
+        if ns.config:
+            from . import configfile
+            if ns.listen or ns.upstream:
+                raise ConfigError("--config gives the listeners and upstreams; not with "
+                                  "--listen or --upstream")
+            fc = configfile.load(ns.config)
+            fmt, verbose, frontends = fc.log_format, max(fc.verbose, ns.verbose), fc.frontends
+        else:
+            cfg = config_from_args(ns)
+            fmt, verbose, frontends = cfg.log_format, cfg.verbose, [(None, cfg)]
         from .proxy import serve
-        log = Log(cfg.log_format, cfg.verbose)
+        log = Log(fmt, verbose)
         log.start_writer()
         try:
-            return serve(cfg, log)
+            return serve(frontends, log)
         finally:
             log.close()
     except ConfigError as e:

@@ -332,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "are held (at most a quarter of the socket's receive buffer)")
     p.add_argument("--backlog", type=_positive_int("--backlog", 1, 65535), default=1024, metavar="N",
                    help="listen backlog")
+    p.add_argument("--config", metavar="FILE",
+                   help="read the listeners (frontends), their upstream pools and every setting from "
+                        "a TOML file (docs/configuration.md); instead of --listen and --upstream")
+    p.add_argument("--check-config", metavar="FILE",
+                   help="check a config file and say what it would run, without starting: exit "
+                        "status 0 if it is valid, 2 (with the file, key and problem) if not")
     p.add_argument("--probe", action="store_true",
                    help="print the kernel features uring-proxy uses and the fallbacks it would take, then exit")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -352,6 +358,8 @@ def disabled_features(env=os.environ) -> frozenset:
 
 
 def config_from_args(ns: argparse.Namespace) -> Config:
+    if getattr(ns, "config", None) and (ns.listen or ns.upstream):
+        raise ConfigError("--config gives the listeners and upstreams; not with --listen or --upstream")
     if not ns.listen or not ns.upstream:
         raise ConfigError("--listen and --upstream are both required (or use --probe, or 'uring-proxy demo')")
     if ns.buffers & (ns.buffers - 1):

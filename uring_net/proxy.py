@@ -91,9 +91,10 @@ def bound_address(sock: socket.socket) -> str:
 class Proxy:
     """One listener, one ring, one engine, run by the calling thread."""
 
-    def __init__(self, cfg: Config, log: Log):
+    def __init__(self, cfg: Config, log: Log, name: str | None = None):
         self.cfg = cfg
         self.log = log
+        self.name = name          # the config file's frontend, or None
         self.listener = None
         self.ring = None          # the io_uring driver, when that is the backend
         self.driver = None        # the Ring or the Epoll the engine runs on
@@ -187,6 +188,8 @@ class Proxy:
             pool["weights"] = ",".join(str(up.weight) for up in cfg.upstreams)
         if cfg.proxy_protocol:
             pool["proxy_protocol"] = f"v{cfg.proxy_protocol}"
+        if self.name is not None:
+            pool["frontend"] = self.name
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode, **pool)
         return self.address
@@ -479,15 +482,65 @@ class Proxy:
         self.wakeup_w.close()
 
 
-def serve(cfg: Config, log: Log) -> int:
-    proxy = Proxy(cfg, log)
+def serve(frontends: list, log: Log) -> int:
+    """Run every (name, Config) of `frontends` until SIGINT or SIGTERM: one
+    engine, ring and listener each. One runs on this thread; with several,
+    each runs on a thread of its own (the engines run nogil, so they do not
+    take turns), set up there too: a ring set up SINGLE_ISSUER belongs to the
+    thread that made it. This thread waits for signals and hands the stop on."""
+    proxies = [Proxy(cfg, log, name) for name, cfg in frontends]
+
+    def stop_all(*_):
+        for p in proxies:
+            p.request_stop()
     # Handlers go in before the listening line: a script that reads the
     # port and signals at once must still get a clean exit 0.
-    old = {sig: signal.signal(sig, proxy.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    old_wakeup = signal.set_wakeup_fd(proxy.wakeup_w.fileno(), warn_on_full_buffer=False)
+    old = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old_wakeup = signal.set_wakeup_fd(proxies[0].wakeup_w.fileno(), warn_on_full_buffer=False)
+    errors = []
+
+    def start(p):
+        try:
+            p.start()
+        except (ConfigError, StartupError) as e:
+            raise type(e)(f"frontend {p.name!r}: {e}") if p.name is not None else e from None
+
+    def run(p, started):
+        # Nothing is served until every frontend has started: a file that
+        # cannot be served whole is not served at all.
+        try:
+            start(p)
+        except (ConfigError, StartupError) as e:
+            errors.append(e)
+            started.set()
+            return
+        started.set()
+        if all_started.wait() and not errors:
+            try:
+                p.run()
+            except OSError as e:
+                errors.append(e)
+                stop_all()
+
     try:
-        proxy.start()
-        proxy.run()
+        if len(proxies) == 1:
+            start(proxies[0])
+            proxies[0].run()
+        else:
+            all_started = threading.Event()
+            events = [threading.Event() for _ in proxies]
+            threads = [threading.Thread(target=run, args=(p, ev), name=f"frontend-{p.name}")
+                       for p, ev in zip(proxies, events)]
+            for t in threads:
+                t.start()
+            for ev in events:
+                ev.wait()
+            all_started.set()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)       # signal handlers run between joins
+            if errors:
+                raise errors[0]
     except StartupError as e:
         log.raw(f"uring-proxy: error: {e}")
         return 1
@@ -499,5 +552,6 @@ def serve(cfg: Config, log: Log) -> int:
         for sig, h in old.items():
             signal.signal(sig, h)
         signal.set_wakeup_fd(old_wakeup)
-        proxy.close()
+        for p in proxies:
+            p.close()
     return 0
