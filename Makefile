@@ -107,7 +107,7 @@ $(STAMP_TOOLS): $(STAMP_DEPS)
 $(STAMP_DEPS): pyproject.toml | deps-build
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno
+	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno prometheus_client
 	@touch $@
 
 # Editable install: the CLI lands in .venv/bin and the compiled extension sits

@@ -140,9 +140,20 @@ cdef struct Stats:
     uint64_t cqes
     uint64_t batches
     uint64_t cq_overflows       # turns that found completions in the kernel's overflow list
+    uint64_t submits            # waits that submitted SQEs ...
+    uint64_t sqes               # ... and the SQEs prepared for them
     uint64_t no_upstream        # connections closed at once: no upstream was up
     uint64_t health_skipped     # health checks not started for want of an fd
     uint64_t proxy_headers      # PROXY protocol headers sent
+
+# A completed poll of one of Python's fds (Engine.watch_fd).
+cdef struct PyReady:
+    int32_t fd
+    uint32_t gen
+    int32_t res
+
+cdef enum:
+    PYW_CAP = 256
 
 @cython.final
 cdef class Engine:
@@ -215,6 +226,9 @@ cdef class Engine:
 
     cdef EventLog events          # what Python is told, drained between batches (events.pyx)
     cdef Stats st
+    cdef uint64_t cause_n[16]     # flows closed, by Cause
+    cdef PyReady pyw[PYW_CAP]     # Python's polls that completed (watch_fd)
+    cdef uint32_t pyw_n
 
     cdef void handle(self, io_uring_cqe *cqe) noexcept nogil
     cdef void wake_arm(self) noexcept nogil

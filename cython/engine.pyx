@@ -52,7 +52,8 @@ cdef enum Op:
     OP_SPLICE_OUT       # splice: pipe -> sink socket
     OP_WAKE             # poll on the signal wakeup fd: return to Python
     OP_ERRWATCH         # multishot poll for an error on a side nothing else watches
-    OP_LAST = OP_ERRWATCH
+    OP_PYWATCH          # a poll for Python's own fds (the metrics server): slot = the fd
+    OP_LAST = OP_PYWATCH
 
 cdef enum:
     CQE_BATCH = 256          # CQEs harvested per peek
@@ -288,6 +289,15 @@ cdef class Engine:
             self.wake_armed = False
             self.woken = True
             return
+        if op == OP_PYWATCH:
+            # Python's: recorded, and the engine returns for Python to see it.
+            if self.pyw_n < PYW_CAP:
+                self.pyw[self.pyw_n].fd = <int32_t>slot
+                self.pyw[self.pyw_n].gen = gen
+                self.pyw[self.pyw_n].res = res
+                self.pyw_n += 1
+            self.woken = True
+            return
         if op == OP_ACCEPT_TIMER:
             self.acc_timer = False
             self.acc_paused = False
@@ -343,6 +353,7 @@ cdef class Engine:
 
     # The driver's SQE: io_uring's SQ, or the epoll driver's array.
     cdef io_uring_sqe *sqe(self) noexcept nogil:
+        self.st.sqes += 1
         return self.drv.sqe()
 
     cdef void reserve(self, unsigned n) noexcept nogil:
@@ -430,6 +441,7 @@ cdef class Engine:
         cdef int64_t left
         cdef unsigned n, i
         cdef int ret
+        cdef uint64_t sqes_seen = self.st.sqes
         while True:
             if self.fdw_kick:
                 fdw_retry(self)     # pipes went back to the pool: a waiter may take one
@@ -453,6 +465,9 @@ cdef class Engine:
                 left = 0
             if left < 0:
                 left = 0
+            if self.st.sqes != sqes_seen:       # this wait submits: counted
+                sqes_seen = self.st.sqes
+                self.st.submits += 1
             ret = self.drv.submit_and_wait(left)
             while ret != -EINTR:
                 n = self.drv.peek_batch(cqes, CQE_BATCH)
@@ -498,6 +513,38 @@ cdef class Engine:
         if ret < 0 and ret != -EINTR:
             raise OSError(-ret, os.strerror(-ret))
         return ret
+
+    # --- Python's own fds on the engine's ring (the metrics endpoint) ---------
+    # One-shot polls whose completions make run() return, so a scrape is
+    # served between batches by the loop that serves the flows: no thread.
+    # `gen` (14 bits) is the caller's, so a completion for an fd number it
+    # has since closed and reused is told apart.
+
+    def watch_fd(self, int fd, uint32_t gen, int events):
+        """Poll `fd` for `events` once; ready_fds() reports it."""
+        cdef io_uring_sqe *s
+        if fd < 0 or fd >= (1 << UD_SLOT_BITS):
+            raise ValueError("fd out of range for user_data")
+        s = self.sqe()
+        io_uring_prep_poll_add(s, fd, events)
+        io_uring_sqe_set_data64(s, proxy_ud(<uint32_t>fd, gen, OP_PYWATCH, 0))
+
+    def unwatch_fd(self, int fd, uint32_t gen):
+        """Cancel watch_fd's poll and forget the fd (the caller closes it next)."""
+        cdef io_uring_sqe *s = self.sqe()
+        io_uring_prep_cancel64(s, proxy_ud(<uint32_t>fd, gen, OP_PYWATCH, 0), 0)
+        io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ENGINE_CANCEL, 0))
+        self.drv.forget(fd)
+
+    def ready_fds(self):
+        """(fd, gen, poll result) of every watch completed since the last call."""
+        out = [(self.pyw[i].fd, self.pyw[i].gen, self.pyw[i].res) for i in range(self.pyw_n)]
+        self.pyw_n = 0
+        return out
+
+    def closes_by_cause(self):
+        """Flows closed so far, by cause name."""
+        return {name: self.cause_n[code] for code, (name, _) in CAUSES.items()}
 
     def set_close_format(self, fmt, upstreams, errno_names):
         """Close records drain as rendered lines (EventLog.set_close_format)."""

@@ -253,6 +253,7 @@ cdef void flow_release(Engine e, uint32_t slot, Flow *f) noexcept nogil:
         r.up_idx = f.up_idx
         r.failovers = f.failovers
     e.st.closed += 1
+    e.cause_n[f.cause & 15] += 1
     if f.up_idx != NO_UPSTREAM:
         e.ups.detach(f.up_idx)
     if f.t_fds_closed_ns:

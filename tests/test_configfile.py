@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO_ROOT, ProxyProcess
 from netutil import EchoServer, connect
+from test_metrics import samples, scrape
 
 from uring_net.config import ConfigError
 from uring_net import configfile
@@ -102,6 +103,7 @@ def test_every_frontend_of_a_file_serves(tmp_path, backend):
         path.write_text(f'''
 [global]
 log_format = "json"
+metrics = "127.0.0.1:0"
 [defaults]
 backend = "{backend}"
 mode = "copy"
@@ -136,6 +138,13 @@ upstreams = ["{b.addr}", {{address = "{a.addr}", weight = 2}}]
             # "two" is smooth weighted round robin over b (1) and a (2): a, b, a.
             ups_seen = [e["upstream"] for e in p.closes()]
             assert ups_seen == [a.addr, a.addr, b.addr, a.addr], ups_seen
+            # One endpoint, every frontend's counters, by name.
+            maddr = next(e for e in p.lines if e["event"] == "metrics")["listen"]
+            status, text = scrape(maddr)
+            assert status == 200
+            got = samples(text)
+            assert [got[("uring_proxy_connections_accepted_total", frozenset({("frontend", n)}))]
+                    for n in ("one", "two")] == [1, 3]
             assert p.stop(signal.SIGTERM) == 0
             stopped = [e for e in p.lines if e["event"] == "stopped"]
             assert sorted(e["connections"] for e in stopped) == [1, 3], stopped

@@ -32,14 +32,16 @@ def main(argv=None) -> int:
                                   "--listen or --upstream")
             fc = configfile.load(ns.config)
             fmt, verbose, frontends = fc.log_format, max(fc.verbose, ns.verbose), fc.frontends
+            metrics = fc.metrics
         else:
             cfg = config_from_args(ns)
             fmt, verbose, frontends = cfg.log_format, cfg.verbose, [(None, cfg)]
+            metrics = cfg.metrics
         from .proxy import serve
         log = Log(fmt, verbose)
         log.start_writer()
         try:
-            return serve(frontends, log)
+            return serve(frontends, log, metrics)
         finally:
             log.close()
     except ConfigError as e:

@@ -71,6 +71,7 @@ class Config:
     rise: int = 2
     fall: int = 3
     proxy_protocol: int = 0                # 0 off, 1 or 2
+    metrics: Endpoint | None = None        # --metrics: where /metrics is served
 
     def health_seconds(self) -> float:
         """The interval the checks run at; 0 when they do not run."""
@@ -332,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "are held (at most a quarter of the socket's receive buffer)")
     p.add_argument("--backlog", type=_positive_int("--backlog", 1, 65535), default=1024, metavar="N",
                    help="listen backlog")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: connections, bytes, "
+                        "closes by cause, each upstream's state and counters, the engine's batches; "
+                        "from the proxy's own loop, no thread. Off by default")
     p.add_argument("--config", metavar="FILE",
                    help="read the listeners (frontends), their upstream pools and every setting from "
                         "a TOML file (docs/configuration.md); instead of --listen and --upstream")
@@ -383,6 +388,8 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         balance=ns.balance, retries=ns.retries, health_interval=ns.health_interval,
         rise=ns.rise, fall=ns.fall,
         proxy_protocol={None: 0, "v1": 1, "v2": 2}[ns.proxy_protocol],
+        metrics=parse_endpoint(ns.metrics, "--metrics", allow_port_zero=True)
+        if getattr(ns, "metrics", None) else None,
         mode=ns.mode, pipe_size=ns.pipe_size, iowq_workers=ns.iowq_workers,
         replay_window=ns.replay_window, backend=ns.backend, buffer_size=ns.buffer_size, buffers=ns.buffers,
         max_buffers=ns.max_buffers,

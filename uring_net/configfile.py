@@ -21,19 +21,22 @@ from __future__ import annotations
 import argparse
 import tomllib
 
-from .config import Config, ConfigError, build_parser, config_from_args
+from .config import Config, ConfigError, build_parser, config_from_args, parse_endpoint
 
-GLOBAL_KEYS = ("log_format", "verbose")
+GLOBAL_KEYS = ("log_format", "verbose", "metrics")
 # Flags that are commands or process-wide, not settings of a frontend.
-NOT_FRONTEND = {"help", "probe", "config", "check_config", "log_format", "verbose", "upstream"}
+NOT_FRONTEND = {"help", "probe", "config", "check_config", "log_format", "verbose", "upstream",
+                "metrics"}
 FRONTEND_ONLY = ("name", "listen", "upstreams")
 
 
 class FileConfig:
     """What a config file asks for: the process's settings and its frontends."""
 
-    def __init__(self, path: str, log_format: str, verbose: int, frontends: list[tuple[str, Config]]):
+    def __init__(self, path: str, log_format: str, verbose: int, frontends: list[tuple[str, Config]],
+                 metrics=None):
         self.path = path
+        self.metrics = metrics      # an Endpoint, or None
         self.log_format = log_format
         self.verbose = verbose
         self.frontends = frontends
@@ -171,12 +174,18 @@ def load(path: str) -> FileConfig:
             raise ConfigError(f"{where}.listen: {cfg.listen} is frontend {listens[key]!r}'s too")
         listens[key] = name
         frontends.append((name, cfg))
-    return FileConfig(path, log_format, verbose, frontends)
+    metrics = None
+    if "metrics" in glob:
+        if not isinstance(glob["metrics"], str):
+            raise ConfigError(f"{path}: [global].metrics: expected \"HOST:PORT\"")
+        metrics = parse_endpoint(glob["metrics"], f"{path}: [global].metrics", allow_port_zero=True)
+    return FileConfig(path, log_format, verbose, frontends, metrics)
 
 
 def summary(fc: FileConfig) -> str:
     """--check-config's answer: what would run."""
-    lines = [f"{fc.path}: valid, {len(fc.frontends)} frontend(s)"]
+    lines = [f"{fc.path}: valid, {len(fc.frontends)} frontend(s)"
+             + (f", metrics at http://{fc.metrics}/metrics" if fc.metrics else "")]
     for name, cfg in fc.frontends:
         ups = ",".join(str(u) + (f"(weight {u.weight})" if u.weight != 1 else "") for u in cfg.upstreams)
         lines.append(f"  {name}: {cfg.listen} -> {ups} mode={cfg.mode} backend={cfg.backend} "

@@ -95,6 +95,9 @@ class Proxy:
         self.cfg = cfg
         self.log = log
         self.name = name          # the config file's frontend, or None
+        self.iowq_workers = 0     # splice mode on io_uring: the io-wq cap (0: none or uncapped)
+        self.metrics_at = None    # (Endpoint, every frontend's Proxy): serve /metrics from here
+        self.metrics = None
         self.listener = None
         self.ring = None          # the io_uring driver, when that is the backend
         self.driver = None        # the Ring or the Epoll the engine runs on
@@ -190,6 +193,14 @@ class Proxy:
             pool["proxy_protocol"] = f"v{cfg.proxy_protocol}"
         if self.name is not None:
             pool["frontend"] = self.name
+        if self.metrics_at is not None:
+            from .metrics import MetricsServer
+            endpoint, proxies = self.metrics_at
+            try:
+                self.metrics = MetricsServer(endpoint, self.engine, proxies, self.log)
+            except OSError as e:
+                raise ConfigError(e.strerror) from None
+            self.log.event("metrics", listen=self.metrics.address, path="/metrics")
         self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode, **pool)
         return self.address
@@ -260,6 +271,7 @@ class Proxy:
                                  "so workers do not pile up on idle flows")
             workers = 0
         self.log.event("splice", pipe_size=size, iowq_workers=workers or "uncapped")
+        self.iowq_workers = workers
         return size
 
     def _zerocopy_usable(self) -> bool:
@@ -298,6 +310,8 @@ class Proxy:
             eng.run(BATCH_TIMEOUT)
             self._drain_wakeup()
             self._drain()
+            if self.metrics is not None:
+                self.metrics.service()
             if self.cfg.verbose >= 2 and time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + STATS_EVERY
                 self.log.event("stats", level=2, **eng.stats())
@@ -469,6 +483,9 @@ class Proxy:
             self._held[key] = (held, event, fields)
 
     def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         # The engine owns the driver; dropping it exits the ring (or closes
         # the epoll fd) after every request, then frees the buffer pool.
         self.engine = None
@@ -482,13 +499,15 @@ class Proxy:
         self.wakeup_w.close()
 
 
-def serve(frontends: list, log: Log) -> int:
+def serve(frontends: list, log: Log, metrics=None) -> int:
     """Run every (name, Config) of `frontends` until SIGINT or SIGTERM: one
     engine, ring and listener each. One runs on this thread; with several,
     each runs on a thread of its own (the engines run nogil, so they do not
     take turns), set up there too: a ring set up SINGLE_ISSUER belongs to the
     thread that made it. This thread waits for signals and hands the stop on."""
     proxies = [Proxy(cfg, log, name) for name, cfg in frontends]
+    if metrics is not None:
+        proxies[0].metrics_at = (metrics, proxies)
 
     def stop_all(*_):
         for p in proxies:
