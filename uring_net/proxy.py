@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from . import backend
+from . import backend, service
 from .caps import FORCED, pipe_max_size
 from .config import MAX_POOL_BUFFERS, Config, ConfigError
 from .engine_config import EngineConfig
@@ -269,6 +269,8 @@ class Proxy:
 
     def request_stop(self, *_):
         self._signals += 1
+        if self._signals == 1:  # systemd: the stop has begun; the drain may take a while
+            service.notify("STOPPING=1", "STATUS=stopping: draining open connections")
         self._stop.set()
         try:                    # wake the engine, when called from another thread
             self.wakeup_w.send(b"\0")
@@ -466,6 +468,8 @@ def serve(cfg: Config, log: Log) -> int:
     old_wakeup = signal.set_wakeup_fd(proxy.wakeup_w.fileno(), warn_on_full_buffer=False)
     try:
         proxy.start()
+        # Listening: a client that connects now is served (systemd's Type=notify).
+        service.notify("READY=1", f"STATUS=listening on {proxy.address} backend={proxy.backend} mode={cfg.mode}")
         proxy.run()
     except StartupError as e:
         log.raw(f"uring-proxy: error: {e}")
