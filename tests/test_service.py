@@ -6,17 +6,21 @@ $NOTIFY_SOCKET names (sd_notify(3)) and waits on it with a timeout, never a slee
 """
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import shutil
 import tempfile
 
 import pytest
 
 from conftest import REPO_ROOT, START_TIMEOUT, STOP_TIMEOUT, ProxyProcess, proxy_argv
-from netutil import Verifier, connect, recv_exact, send_stream
+from netutil import Verifier, connect, recv_exact, recv_stream, send_stream
+from uring_net.config import MAX_POOL_BUFFERS, build_parser
+from uring_net.proxy import NOFILE_SPARE
 
 _STATUS = re.compile(r"listening on (?P<listen>\S+) backend=(?P<backend>\w+) mode=(?P<mode>\w+)")
 
@@ -165,4 +169,85 @@ def test_notify_socket_nobody_reads_is_harmless(echo_server, monkeypatch, where)
         p.wait_for_close(1, 10)
     finally:
         assert p.stop() == 0, p.stderr_text()
+    assert not p.problems(), p.problems()
+
+
+# --- docs/uring-proxy.service: its limits fit the defaults ------------------------
+
+UNIT = REPO_ROOT / "docs" / "uring-proxy.service"
+_SIZE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def unit_setting(key: str) -> str:
+    values = [line.split("=", 1)[1].strip() for line in UNIT.read_text().splitlines()
+              if line.startswith(key + "=")]
+    assert len(values) == 1, f"{UNIT.name}: {key}= set {len(values)} times"
+    return values[0]
+
+
+def unit_bytes(key: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", unit_setting(key))
+    assert m, f"{key}={unit_setting(key)}: not a size this test reads"
+    return int(m[1]) * _SIZE[m[2]]
+
+
+def test_unit_limits_cover_the_default_flags():
+    """The unit's arithmetic, redone from the defaults as they are now: a change of
+    --max-conns, --buffers or --buffer-size must come with new limits."""
+    d = build_parser().parse_args(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"])
+    assert unit_setting("Type") == "notify"
+    assert int(unit_setting("LimitNOFILE")) >= d.max_conns * 6 + NOFILE_SPARE   # splice mode
+    registered = min(d.buffers + 2 * d.max_conns, MAX_POOL_BUFFERS) * d.buffer_size
+    assert unit_bytes("LimitMEMLOCK") >= registered + (512 << 10), \
+        "LimitMEMLOCK must hold every pool buffer registered plus the rings"
+    assert not any(line.startswith("SystemCallFilter=") for line in UNIT.read_text().splitlines())
+
+
+def _under_unit_limits(argv: list[str]) -> list[str]:
+    """argv as the unit runs it: its two limits, and no CAP_IPC_LOCK (the unit's
+    DynamicUser has none), without which locked memory is not counted at all."""
+    nofile, memlock = unit_setting("LimitNOFILE"), unit_bytes("LimitMEMLOCK")
+    return ["prlimit", f"--nofile={nofile}:{nofile}", f"--memlock={memlock}:{memlock}",
+            "setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", *argv]
+
+
+def _cannot_raise_to_unit_limits() -> str:
+    """Why this machine cannot run a process at the unit's limits, or ''."""
+    if not (shutil.which("prlimit") and shutil.which("setpriv")):
+        return "needs prlimit and setpriv (util-linux)"
+    if os.geteuid() != 0:
+        return "needs root, to drop CAP_IPC_LOCK and set the unit's limits"
+    with open("/proc/self/status") as f:
+        caps = int(next(l for l in f if l.startswith("CapEff:")).split()[1], 16)
+    if caps & (1 << 24):        # CAP_SYS_RESOURCE: may raise hard limits
+        return ""
+    short = [f"{name} {have}" for name, res, want in (
+                 ("RLIMIT_NOFILE", resource.RLIMIT_NOFILE, int(unit_setting("LimitNOFILE"))),
+                 ("RLIMIT_MEMLOCK", resource.RLIMIT_MEMLOCK, unit_bytes("LimitMEMLOCK")))
+             if (have := resource.getrlimit(res)[1]) != resource.RLIM_INFINITY and have < want]
+    return ("the unit's limits exceed this machine's hard limits (" + ", ".join(short) +
+            ") and raising them needs CAP_SYS_RESOURCE") if short else ""
+
+
+@pytest.mark.skipif(bool(_cannot_raise_to_unit_limits()), reason=_cannot_raise_to_unit_limits() or "-")
+@pytest.mark.time_limit(90)
+@pytest.mark.parametrize("mode", ["auto", "splice"])
+def test_defaults_run_on_io_uring_within_the_unit_limits(echo_server, mode):
+    """At the unit's limits the defaults start on io_uring with every fd they need,
+    and zero-copy sends register their buffers: no rlimit shortfall, no fallback."""
+    p = ProxyProcess(_under_unit_limits(proxy_argv("127.0.0.1:0", echo_server.addr, "auto", mode)))
+    try:
+        assert p.listening["backend"] == "uring", p.stderr_text()
+        for seed in range(3):
+            with connect(p.listen_addr) as c:
+                send_stream(c, seed, 1 << 20)
+                recv_stream(c, seed, 1 << 20, what=f"echo {seed}")
+        p.wait_for_close(3, 10)
+    finally:
+        assert p.stop() == 0, p.stderr_text()
+    text = p.stderr_text()
+    assert "rlimit " not in text and "fallback " not in text, text
+    st = [e for e in p.lines if e["event"] == "stopped"][-1]
+    if mode == "auto":
+        assert int(st["zc_registered_bufs"]) > 0, st
     assert not p.problems(), p.problems()
