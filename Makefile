@@ -7,6 +7,7 @@
 #   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat) and matplotlib, run
 #               every benchmark scenario (bench/suite.py); QUICK=1 runs a ~2-minute subset
 #   make bench-tools  install the perf tooling of bench/perf/ (linux-perf, strace, pyinferno)
+#   make wheel  build dist/uring_net-*.whl, liburing linked in (make test-wheel checks it)
 #
 # Every target is safe to repeat: packages are installed only when missing, the
 # venv is created once, and the extension is rebuilt only when a source changed.
@@ -30,7 +31,7 @@ TOOLS_DEBS  := linux-perf strace
 STAMP_BENCH := $(VENV)/.bench-installed-2
 STAMP_TOOLS := $(VENV)/.bench-tools-installed
 
-.PHONY: run test test-full test-pythons bench bench-tools probe clean deps-build deps-bench
+.PHONY: run test test-full test-pythons bench bench-tools probe wheel test-wheel clean deps-build deps-bench
 
 run: $(CORE_SO)
 	$(VENV)/bin/uring-proxy demo
@@ -42,6 +43,17 @@ test: $(CORE_SO)
 # marked epoll_modes run those modes only on the epoll backend there).
 test-full: $(CORE_SO)
 	URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=15 tests
+
+# A wheel for hosts with neither a compiler nor liburing: setup.py links
+# liburing.a (from liburing-dev) into the extension. No isolation: the build
+# uses this venv's Cython and setuptools, so it needs no network.
+wheel: $(STAMP_DEPS) | deps-build
+	$(VPY) -m build --wheel --no-isolation --outdir dist .
+
+# The wheel installed in a fresh venv and run with the system liburing hidden
+# (tests/test_wheel.py; it builds its own wheel, so it belongs to the full tier).
+test-wheel: $(STAMP_DEPS) | deps-build
+	URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=5 tests/test_wheel.py
 
 # The selector and event loop against CPython's own suites on the other
 # Pythons of this machine (PYTHONS, found on PATH or under pyenv), each in a
@@ -107,7 +119,7 @@ $(STAMP_TOOLS): $(STAMP_DEPS)
 $(STAMP_DEPS): pyproject.toml | deps-build
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno prometheus_client
+	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno prometheus_client build
 	@touch $@
 
 # Editable install: the CLI lands in .venv/bin and the compiled extension sits
@@ -117,4 +129,4 @@ $(CORE_SO): $(STAMP_DEPS) $(CY_SOURCES) | deps-build
 	@touch $@
 
 clean:
-	rm -rf build cython/_core.c uring_net/_core*.so *.egg-info $(CORE_SO)
+	rm -rf build dist cython/_core.c uring_net/_core*.so *.egg-info $(CORE_SO)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from . import backend
+from . import backend, service
 from .caps import FORCED, pipe_max_size
 from .config import MAX_POOL_BUFFERS, Config, ConfigError
 from .engine_config import EngineConfig
@@ -296,6 +296,8 @@ class Proxy:
 
     def request_stop(self, *_):
         self._signals += 1
+        if self._signals == 1:  # systemd: the stop has begun; the drain may take a while
+            service.notify("STOPPING=1", "STATUS=stopping: draining open connections")
         self._stop.set()
         try:                    # wake the engine, when called from another thread
             self.wakeup_w.send(b"\0")
@@ -518,6 +520,12 @@ def serve(frontends: list, log: Log, metrics=None) -> int:
     old_wakeup = signal.set_wakeup_fd(proxies[0].wakeup_w.fileno(), warn_on_full_buffer=False)
     errors = []
 
+    def notify_ready():
+        # Listening: a client that connects now is served (systemd's Type=notify).
+        where = " ".join(f"{p.name + '=' if p.name else ''}{p.address}" for p in proxies)
+        service.notify("READY=1", f"STATUS=listening on {where} backend={proxies[0].backend} "
+                                  f"mode={proxies[0].cfg.mode}")
+
     def start(p):
         try:
             p.start()
@@ -544,6 +552,7 @@ def serve(frontends: list, log: Log, metrics=None) -> int:
     try:
         if len(proxies) == 1:
             start(proxies[0])
+            notify_ready()
             proxies[0].run()
         else:
             all_started = threading.Event()
@@ -555,6 +564,7 @@ def serve(frontends: list, log: Log, metrics=None) -> int:
             for ev in events:
                 ev.wait()
             all_started.set()
+            notify_ready()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)       # signal handlers run between joins
