@@ -443,8 +443,11 @@ class Proxy:
             self.argv = [SOCAT, f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
                          f"TCP:127.0.0.1:{upstream_port}"]
         elif kind == "uring":
+            # One worker unless the scenario asks: the runs of record are one engine.
+            workers = [] if "--workers" in [*self.path.args, *proxy_args] else ["--workers", "1"]
             self.argv = [sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
-                         "--upstream", f"127.0.0.1:{upstream_port}", *self.path.args, *proxy_args]
+                         "--upstream", f"127.0.0.1:{upstream_port}", *workers, *self.path.args,
+                         *proxy_args]
         else:
             raise AssertionError(kind)
         if self.cpus:

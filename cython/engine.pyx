@@ -224,6 +224,34 @@ cdef class Engine:
         """Append an upstream to the pool (Upstreams.add)."""
         self.ups.add(family, host, port, weight)
 
+    def follow_health(self, Engine other not None):
+        """Take up/down from `other`'s checks (worker 0 of the same frontend)
+        and run none here."""
+        self.ups.follow(other.ups)
+        self.hc_interval_ns = 0
+
+    def reset_all(self):
+        """A worker whose loop failed: every open flow's sockets closed with an
+        RST (SO_LINGER 0), so its clients and upstreams see a reset, never a
+        connection that hangs. The engine is not used after this."""
+        cdef uint32_t i
+        cdef int side, fd
+        cdef linger lg
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        for i in range(self.slots_used):
+            if self.flows[i].state == F_FREE:
+                continue
+            for side in range(2):
+                if self.flows[i].fd[side] >= 0:
+                    setsockopt(self.flows[i].fd[side], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+                    close(self.flows[i].fd[side])
+                    self.flows[i].fd[side] = -1
+                for fd in (self.flows[i].dir[side].pipe_r, self.flows[i].dir[side].pipe_w):
+                    if fd >= 0:
+                        close(fd)
+                self.flows[i].dir[side].pipe_r = self.flows[i].dir[side].pipe_w = -1
+
     def upstream_stats(self):
         """Per upstream, in the order added: up, weight, active, flows, checks..."""
         return self.ups.stats()

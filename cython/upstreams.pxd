@@ -38,6 +38,8 @@ cdef class Upstreams:
     cdef readonly uint32_t n
     cdef uint8_t balance
     cdef uint32_t lc_start       # leastconn: where ties start, moved on per pick
+    cdef Upstream *health        # whose `up` pick() reads: ours, or the health
+    cdef object health_owner     # ... of the Upstreams that runs the checks (kept alive)
 
     cdef int pick(self, uint64_t tried, sockaddr_storage *client) noexcept nogil
     cdef void attach(self, int i) noexcept nogil

@@ -46,6 +46,15 @@ cdef class Upstreams:
         if balance not in BALANCE_CODES:
             raise ValueError(f"balance must be one of {', '.join(BALANCE_CODES)}, not {balance!r}")
         self.balance = BALANCE_CODES[balance]
+        self.health = &self.u[0]
+
+    def follow(self, Upstreams other not None):
+        """Read up/down from `other`, which runs the checks for the same list
+        (another worker of the frontend): one set of checks, one verdict."""
+        if other.n != self.n:
+            raise ValueError("not the same upstreams")
+        self.health_owner = other
+        self.health = &other.u[0]
 
     def add(self, int family, str host, int port, int weight=1):
         """Append an upstream (numeric address); `first` tries them in this order."""
@@ -93,7 +102,7 @@ cdef class Upstreams:
             for k in range(self.n):
                 i = <int>((self.lc_start + k) % self.n)
                 c = &self.u[i]
-                if c.up and not (tried >> i) & 1:
+                if self.health[i].up and not (tried >> i) & 1:
                     if best < 0 or (<uint64_t>c.active * self.u[best].weight
                                     < <uint64_t>self.u[best].active * c.weight):
                         best = i
@@ -108,7 +117,7 @@ cdef class Upstreams:
             key = addr_key(client)
             for i in range(self.n):
                 c = &self.u[i]
-                if c.up and not (tried >> i) & 1:
+                if self.health[i].up and not (tried >> i) & 1:
                     x = (<double>(mix64(key ^ mix64(<uint64_t>i + 1)) >> 11) + 0.5) \
                         * (1.0 / 9007199254740992.0)
                     score = c.weight / -log(x)
@@ -117,7 +126,7 @@ cdef class Upstreams:
             return best
         for i in range(self.n):
             c = &self.u[i]
-            if not c.up or (tried >> i) & 1:
+            if not self.health[i].up or (tried >> i) & 1:
                 continue
             if self.balance == BAL_FIRST:
                 return i

@@ -570,6 +570,10 @@ def proxy_argv(listen: str, upstream: str, backend: str, mode: str, *extra: str,
         # check is a connection a test upstream would count (TcpServer calls one
         # it has no handler for an error). They have their own tests.
         argv += ["--health-interval", "0"]
+    if "--workers" not in extra:
+        # One engine, as the tests count its threads, fds and lines; --workers
+        # has its own tests.
+        argv += ["--workers", "1"]
     if "--drain-timeout" not in extra:
         # Teardown stops every proxy with SIGTERM; flows a test left open would
         # otherwise hold it for the default 30 s drain. The drain has its tests.

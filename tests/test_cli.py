@@ -207,7 +207,8 @@ def test_nofile_limit_is_raised_for_max_conns():
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
     p = subprocess.Popen([sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
-                          "--upstream", "127.0.0.1:9", "--mode", "copy", "--max-conns", "1000"],
+                          "--upstream", "127.0.0.1:9", "--mode", "copy", "--max-conns", "1000",
+                          "--workers", "1"],
                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, preexec_fn=low_limit)
     try:

@@ -104,6 +104,7 @@ def test_every_frontend_of_a_file_serves(tmp_path, backend):
 [global]
 log_format = "json"
 metrics = "127.0.0.1:0"
+workers = 1
 [defaults]
 backend = "{backend}"
 mode = "copy"

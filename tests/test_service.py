@@ -11,7 +11,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import shutil
 import tempfile
 
@@ -22,7 +21,7 @@ from netutil import Verifier, connect, recv_exact, recv_stream, send_stream
 from uring_net.config import MAX_POOL_BUFFERS, build_parser
 from uring_net.proxy import NOFILE_SPARE
 
-_STATUS = re.compile(r"listening on (?P<listen>\S+) backend=(?P<backend>\w+) mode=(?P<mode>\w+)")
+_STATUS = re.compile(r"listening on (?P<listen>\S+) backend=(?P<backend>\w+) mode=(?P<mode>\w+) workers=\d+")
 
 
 class Manager:
@@ -148,7 +147,7 @@ def test_abstract_notify_socket(echo_server, monkeypatch):
         try:
             ready = m.receive(START_TIMEOUT, "READY=1 on the abstract socket")
             assert ready.get("READY") == "1", ready
-            assert ready.get("STATUS") == f"listening on {p.listen_addr} backend=epoll mode=copy", ready
+            assert ready.get("STATUS") == f"listening on {p.listen_addr} backend=epoll mode=copy workers=1", ready
         finally:
             assert p.stop() == 0, p.stderr_text()
         assert m.receive(STOP_TIMEOUT, "STOPPING=1").get("STOPPING") == "1"

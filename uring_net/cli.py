@@ -5,6 +5,7 @@ the user types can produce a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError, build_parser, config_from_args
@@ -33,15 +34,20 @@ def main(argv=None) -> int:
             fc = configfile.load(ns.config)
             fmt, verbose, frontends = fc.log_format, max(fc.verbose, ns.verbose), fc.frontends
             metrics = fc.metrics
+            workers = ns.workers or fc.workers
+            affinity = ns.cpu_affinity or fc.cpu_affinity
         else:
             cfg = config_from_args(ns)
             fmt, verbose, frontends = cfg.log_format, cfg.verbose, [(None, cfg)]
             metrics = cfg.metrics
+            workers, affinity = ns.workers, ns.cpu_affinity
         from .proxy import serve
         log = Log(fmt, verbose)
         log.start_writer()
         try:
-            return serve(frontends, log, metrics)
+            if workers is None:
+                workers = len(os.sched_getaffinity(0))
+            return serve(frontends, log, metrics, workers, affinity)
         finally:
             log.close()
     except ConfigError as e:

@@ -337,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics: connections, bytes, "
                         "closes by cause, each upstream's state and counters, the engine's batches; "
                         "from the proxy's own loop, no thread. Off by default")
+    p.add_argument("--workers", type=_positive_int("--workers", 1, 1024), default=None, metavar="N",
+                   help="engines per listener, each with its own ring, buffer pool and SO_REUSEPORT "
+                        "listener on the same port (the kernel spreads new connections over them), "
+                        "each on a thread of its own: they run without the GIL and share nothing "
+                        "but the port. --max-conns, --buffers and --max-buffers are per worker. "
+                        "Logs, the stopped line and --metrics are their sum; a worker whose loop "
+                        "fails is replaced, and the others keep serving. Default: the number of "
+                        "CPUs this process may run on")
+    p.add_argument("--cpu-affinity", action="store_true",
+                   help="pin each worker's thread to one CPU, in turn")
     p.add_argument("--config", metavar="FILE",
                    help="read the listeners (frontends), their upstream pools and every setting from "
                         "a TOML file (docs/configuration.md); instead of --listen and --upstream")

@@ -23,10 +23,10 @@ import tomllib
 
 from .config import Config, ConfigError, build_parser, config_from_args, parse_endpoint
 
-GLOBAL_KEYS = ("log_format", "verbose", "metrics")
+GLOBAL_KEYS = ("log_format", "verbose", "metrics", "workers", "cpu_affinity")
 # Flags that are commands or process-wide, not settings of a frontend.
 NOT_FRONTEND = {"help", "probe", "config", "check_config", "log_format", "verbose", "upstream",
-                "metrics"}
+                "metrics", "workers", "cpu_affinity"}
 FRONTEND_ONLY = ("name", "listen", "upstreams")
 
 
@@ -34,9 +34,11 @@ class FileConfig:
     """What a config file asks for: the process's settings and its frontends."""
 
     def __init__(self, path: str, log_format: str, verbose: int, frontends: list[tuple[str, Config]],
-                 metrics=None):
+                 metrics=None, workers=None, cpu_affinity=False):
         self.path = path
         self.metrics = metrics      # an Endpoint, or None
+        self.workers = workers      # None: the command line's, or its default
+        self.cpu_affinity = cpu_affinity
         self.log_format = log_format
         self.verbose = verbose
         self.frontends = frontends
@@ -179,7 +181,13 @@ def load(path: str) -> FileConfig:
         if not isinstance(glob["metrics"], str):
             raise ConfigError(f"{path}: [global].metrics: expected \"HOST:PORT\"")
         metrics = parse_endpoint(glob["metrics"], f"{path}: [global].metrics", allow_port_zero=True)
-    return FileConfig(path, log_format, verbose, frontends, metrics)
+    workers = None
+    if "workers" in glob:
+        workers = _convert(every["workers"], glob["workers"], f"{path}: [global].workers")
+    cpu_affinity = glob.get("cpu_affinity", False)
+    if not isinstance(cpu_affinity, bool):
+        raise ConfigError(f"{path}: [global].cpu_affinity: expected true or false")
+    return FileConfig(path, log_format, verbose, frontends, metrics, workers, cpu_affinity)
 
 
 def summary(fc: FileConfig) -> str:

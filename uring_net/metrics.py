@@ -63,15 +63,35 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _frontends(proxies):
+    """Per frontend (in order): its name, its workers' Proxies, their summed stats,
+    their upstreams' counters summed (state and weight from worker 0, which runs the
+    checks), and closes by cause summed."""
+    from .proxy import sum_stats
+    groups: dict = {}
+    for p in proxies:
+        if p.engine is not None:
+            groups.setdefault(p.name or "default", []).append(p)
+    out = []
+    for name, ps in groups.items():
+        stats = [p.engine.stats() for p in ps]
+        ups = [dict(u) for u in ps[0].engine.upstream_stats()]
+        for p in ps[1:]:
+            for u, o in zip(ups, p.engine.upstream_stats()):
+                for k in ("active", "flows", "connect_fails", "checks", "transitions"):
+                    u[k] += o[k]
+        causes = dict(ps[0].engine.closes_by_cause())
+        for p in ps[1:]:
+            for k, v in p.engine.closes_by_cause().items():
+                causes[k] += v
+        out.append((name, ps, sum_stats(stats), ups, causes, stats))
+    return out
+
+
 def render(proxies) -> str:
     """The exposition text for every frontend of `proxies` (each started)."""
-    per = []
-    for p in proxies:
-        eng = p.engine
-        if eng is None:
-            continue
-        per.append((p.name or "default", p, eng.stats(), eng.upstream_stats(),
-                    eng.closes_by_cause()))
+    per = [(fe, ps[0], st, ups, causes) for fe, ps, st, ups, causes, _ in _frontends(proxies)]
+    workers = [(fe, ps, each) for fe, ps, _, _, _, each in _frontends(proxies)]
     out = []
 
     def family(name, kind, help_):
@@ -82,6 +102,12 @@ def render(proxies) -> str:
         family(name, kind, help_)
         for fe, _, st, _, _ in per:
             out.append(f'{name}{{frontend="{_esc(fe)}"}} {st[key]}')
+    family("uring_proxy_worker_connections_accepted_total", "counter",
+           "Connections accepted, by worker (--workers): how the kernel spreads them.")
+    for fe, ps, each in workers:
+        for p, st in zip(ps, each):
+            out.append(f'uring_proxy_worker_connections_accepted_total{{frontend="{_esc(fe)}",'
+                       f'worker="{p.worker}"}} {st["accepted"]}')
     family("uring_proxy_connections_refused_total", "counter",
            "Connections closed at once: no upstream up, or accepted while the table was full.")
     for fe, _, st, _, _ in per:

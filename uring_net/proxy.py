@@ -31,6 +31,10 @@ NO_UPSTREAM = 255        # the engine's upstream index for a flow that found non
 NOFILE_SPARE = 128       # fds beside the flows': listener, ring, pipe pool, wakeup, logs
 STOP_GRACE = 5.0         # seconds to let flows finish closing on shutdown
 STATS_EVERY = 10.0
+# Test knob: the worker of this index fails once, after its first connection
+# (serve() replaces it); "killing" a thread from outside is not possible.
+CRASH_WORKER_ENV = "URING_NET_TEST_CRASH_WORKER"
+_crash_pending = None
 
 
 class StartupError(Exception):
@@ -58,13 +62,18 @@ def probe_pipe_size(wanted: int | None, max_inflight: int) -> int:
             os.close(w)
 
 
-def open_listener(cfg: Config) -> socket.socket:
+def open_listener(cfg: Config, reuseport: bool = False, port: int | None = None) -> socket.socket:
+    """The frontend's listening socket. With `reuseport` (several workers) each
+    worker has its own, bound to one port: the kernel spreads new connections
+    over them by hash, and no worker takes another's from its queue."""
     s = socket.socket(cfg.listen.family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if cfg.listen.family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((cfg.listen.host, cfg.listen.port))
+        s.bind((cfg.listen.host, cfg.listen.port if port is None else port))
         s.listen(cfg.backlog)
     except OSError as e:
         s.close()
@@ -91,10 +100,18 @@ def bound_address(sock: socket.socket) -> str:
 class Proxy:
     """One listener, one ring, one engine, run by the calling thread."""
 
-    def __init__(self, cfg: Config, log: Log, name: str | None = None):
+    def __init__(self, cfg: Config, log: Log, name: str | None = None, worker: int = 0,
+                 workers: int = 1, listener: socket.socket | None = None, engines: int = 1):
         self.cfg = cfg
         self.log = log
         self.name = name          # the config file's frontend, or None
+        self.worker = worker      # which of the frontend's --workers this is
+        self.workers = workers
+        self.engines = engines    # engines in this process: they share RLIMIT_NOFILE
+        self.given_listener = listener    # serve()'s, when it owns the listeners
+        self.health_from = None   # worker 0's engine: other workers follow its checks
+        # Start-up lines are the frontend's, said once: by worker 0.
+        self.say = log.event if worker == 0 else (lambda *a, **k: None)
         self.iowq_workers = 0     # splice mode on io_uring: the io-wq cap (0: none or uncapped)
         self.metrics_at = None    # (Endpoint, every frontend's Proxy): serve /metrics from here
         self.metrics = None
@@ -121,23 +138,23 @@ class Proxy:
         from . import _core
 
         cfg = self.cfg
-        self.listener = open_listener(cfg)
+        self.listener = self.given_listener if self.given_listener is not None else open_listener(cfg)
         try:
             self.caps, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled, cfg.max_conns)
         except backend.BackendUnavailable as e:
             self.listener.close()
             raise StartupError(str(e)) from None
         if why:
-            self.log.event("fallback", feature="io_uring", reason=why,
+            self.say("fallback", feature="io_uring", reason=why,
                            using="the epoll backend (same engine, non-blocking syscalls)")
         caps = self.caps
         self.backend, self.driver, self.ring = caps.backend, caps.driver, caps.ring
         feats = caps.features
         for name, f in feats.items():
             if f.why is not None:
-                self.log.event("fallback", feature=name, reason=f.why, using=f.fallback)
+                self.say("fallback", feature=name, reason=f.why, using=f.fallback)
         if self.ring is not None:
-            self.log.event("ring", level=1, setup=self.ring.setup_mode,
+            self.say("ring", level=1, setup=self.ring.setup_mode,
                            features=hex(self.ring.features),
                            ring_fd_registered=self.ring.ring_fd_registered)
         refused = caps.refusal(cfg.mode)
@@ -148,7 +165,7 @@ class Proxy:
         # Peek mode sends what it peeked the way auto mode does.
         zerocopy = cfg.mode in ("zerocopy", "auto", "peek") and self._zerocopy_usable()
         if cfg.mode == "auto":
-            self.log.event("auto", choice=(
+            self.say("auto", choice=(
                 f"copy, with zero-copy sends >= {cfg.zc_threshold} bytes until a socket's usage "
                 "reports show the kernel copying" if zerocopy else "copy (no SEND_ZC)"))
         self._raise_nofile()      # the mode is settled: how many fds a flow needs is known
@@ -167,10 +184,10 @@ class Proxy:
             incremental_buffers=feats["incremental_buffers"].used,
             send_zc=zerocopy, registered_buffers=zerocopy and caps.registered_buffers))
         if zerocopy and "registered_buffers" in cfg.disabled:
-            self.log.event("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
+            self.say("fallback", feature="registered_buffers", reason="forced off by URING_NET_DISABLE",
                            using="SEND_ZC on plain addresses (pages pinned per send)")
         elif zerocopy and self.engine.zc_register_err:
-            self.log.event("fallback", feature="registered_buffers",
+            self.say("fallback", feature="registered_buffers",
                            reason=errno.errorcode.get(self.engine.zc_register_err, "?"),
                            using="SEND_ZC on plain addresses (pages pinned per send)")
         # By the engine's index; 255 is a flow that found no upstream up.
@@ -181,6 +198,10 @@ class Proxy:
                                      [errno.errorcode.get(i, str(i)) for i in range(256)])
         for up in cfg.upstreams:
             self.engine.add_upstream(up.family, up.host, up.port, up.weight)
+        if self.health_from is not None:
+            # One set of checks per frontend: the other workers read worker 0's
+            # verdicts, so a change is logged once and checked once.
+            self.engine.follow_health(self.health_from)
         self.engine.add_listener(self.listener.fileno(), self.listener.family)
         self.engine.watch_wakeup(self.wakeup_r.fileno())
         self.address = bound_address(self.listener)
@@ -193,6 +214,8 @@ class Proxy:
             pool["proxy_protocol"] = f"v{cfg.proxy_protocol}"
         if self.name is not None:
             pool["frontend"] = self.name
+        if self.workers > 1:
+            pool["workers"] = self.workers
         if self.metrics_at is not None:
             from .metrics import MetricsServer
             endpoint, proxies = self.metrics_at
@@ -200,8 +223,8 @@ class Proxy:
                 self.metrics = MetricsServer(endpoint, self.engine, proxies, self.log)
             except OSError as e:
                 raise ConfigError(e.strerror) from None
-            self.log.event("metrics", listen=self.metrics.address, path="/metrics")
-        self.log.event("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
+            self.say("metrics", listen=self.metrics.address, path="/metrics")
+        self.say("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode, **pool)
         return self.address
 
@@ -212,7 +235,7 @@ class Proxy:
         limit is short, say how many flows fit (idle splice flows need only two)."""
         cfg = self.cfg
         per_flow = 6 if cfg.mode == "splice" else 2
-        need = cfg.max_conns * per_flow + NOFILE_SPARE
+        need = cfg.max_conns * per_flow * self.engines + NOFILE_SPARE
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY or soft >= need:
             return
@@ -221,14 +244,14 @@ class Proxy:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             except (OSError, ValueError) as e:
-                self.log.event("rlimit", nofile=soft, wanted=need, error=type(e).__name__,
+                self.say("rlimit", nofile=soft, wanted=need, error=type(e).__name__,
                                note="could not be raised")
                 target = soft
         if target >= need:
-            self.log.event("rlimit", nofile=target, was=soft, wanted=need)
+            self.say("rlimit", nofile=target, was=soft, wanted=need)
         else:
             fit = max(0, (target - NOFILE_SPARE) // per_flow)
-            self.log.event("rlimit", nofile=target, was=soft, wanted=need, hard=hard,
+            self.say("rlimit", nofile=target, was=soft, wanted=need, hard=hard,
                            note=f"the hard limit fits {fit} of --max-conns {cfg.max_conns} "
                                 "flows; past that, accepts pause until fds come back")
 
@@ -241,7 +264,7 @@ class Proxy:
             return cfg.max_buffers
         want = cfg.buffers + 2 * cfg.max_conns
         if want > MAX_POOL_BUFFERS:
-            self.log.event("pool_cap", max_buffers=MAX_POOL_BUFFERS, wanted=want,
+            self.say("pool_cap", max_buffers=MAX_POOL_BUFFERS, wanted=want,
                            note=f"a ring holds at most {MAX_POOL_BUFFERS} buffers: beyond "
                                 f"{(MAX_POOL_BUFFERS - cfg.buffers) // 2} connections holding "
                                 "data in both directions, a connection may wait its turn for a buffer")
@@ -257,7 +280,7 @@ class Proxy:
             raise
         if self.ring is None:
             # splice(2) in this thread, non-blocking: no worker threads at all.
-            self.log.event("splice", pipe_size=size, iowq_workers="none (epoll backend)")
+            self.say("splice", pipe_size=size, iowq_workers="none (epoll backend)")
             return size
         # Every splice runs in an io-wq worker. Non-blocking fds keep each one
         # short, and the cap keeps a burst of flows from making a thread each.
@@ -266,11 +289,11 @@ class Proxy:
         if ret < 0:
             why = "forced off by URING_NET_DISABLE" if "iowq_cap" in cfg.disabled \
                 else errno.errorcode.get(-ret, str(-ret))
-            self.log.event("fallback", feature="iowq_cap", reason=why,
+            self.say("fallback", feature="iowq_cap", reason=why,
                            using="io-wq's own limit (RLIMIT_NPROC); splices are non-blocking, "
                                  "so workers do not pile up on idle flows")
             workers = 0
-        self.log.event("splice", pipe_size=size, iowq_workers=workers or "uncapped")
+        self.say("splice", pipe_size=size, iowq_workers=workers or "uncapped")
         self.iowq_workers = workers
         return size
 
@@ -280,16 +303,16 @@ class Proxy:
         zc = self.caps.zerocopy
         if not zc.works:
             epoll_refused = self.ring is None and zc.why != FORCED
-            self.log.event("fallback", feature="msg_zerocopy" if epoll_refused else "send_zc",
+            self.say("fallback", feature="msg_zerocopy" if epoll_refused else "send_zc",
                            reason=zc.why, using="copy-mode sends")
             return False
         if self.ring is None:
-            self.log.event("zerocopy", usage_report="yes (MSG_ZEROCOPY completions)",
+            self.say("zerocopy", usage_report="yes (MSG_ZEROCOPY completions)",
                            loopback_copies="yes (always, on loopback and veth)")
         else:
             # Said once, plainly: on loopback (and veth) the kernel copies every
             # "zero-copy" send, so this mode cannot win a loopback benchmark.
-            self.log.event("zerocopy", usage_report="yes" if zc.usage_reported else "no (kernel < 6.2)",
+            self.say("zerocopy", usage_report="yes" if zc.usage_reported else "no (kernel < 6.2)",
                            loopback_copies="unknown" if zc.copied is None
                            else ("yes" if zc.copied else "no"))
         return True
@@ -304,8 +327,9 @@ class Proxy:
         except OSError:         # full (a wakeup is pending anyway) or closed
             pass
 
-    def run(self) -> dict:
-        """Serve until request_stop(); then end every flow and return the stats."""
+    def run(self, report: bool = True) -> dict:
+        """Serve until request_stop(); then end every flow and return the stats
+        (and, with `report`, say them in the stopped line)."""
         eng = self.engine
         next_stats = time.monotonic() + STATS_EVERY
         while not self._stop.is_set():
@@ -314,6 +338,8 @@ class Proxy:
             self._drain()
             if self.metrics is not None:
                 self.metrics.service()
+            if _crash_pending is not None:
+                _crash_hook(self)
             if self.cfg.verbose >= 2 and time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + STATS_EVERY
                 self.log.event("stats", level=2, **eng.stats())
@@ -329,38 +355,8 @@ class Proxy:
         eng.verify_ring()
         stats = eng.stats()
         self.log.event("stats", level=2, **stats)
-        # The pool's size at the end: it grows past --buffers only while flows
-        # hold buffers (splice mode reads into pipes, not the pool).
-        pool = {} if self.cfg.mode == "splice" else {"pool_buffers": stats["pool_buffers"]}
-        extra = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
-            if self.cfg.mode in ("zerocopy", "auto", "peek") else {}
-        if extra:
-            # Flows whose sockets were closed while notifications were owed
-            # (a peer that never read), and how long their slots then waited.
-            extra["zc_close_waits"] = stats["zc_close_waits"]
-            extra["zc_close_wait_ms"] = round(stats["zc_close_wait_ns"] / 1e6)
-            # Buffers registered for SEND_ZC_FIXED, each on its first zero-copy send.
-            extra["zc_registered_bufs"] = stats["zc_registered_bufs"]
-        if self.cfg.mode != "splice":
-            extra["segment_grows"] = stats["seg_grows"]
-        if self.cfg.mode == "peek":
-            extra.update({k: stats[k] for k in ("consumed_bytes", "replayed_bytes", "peek_eagain")})
-        if self.cfg.mode == "splice":
-            extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created", "pipe_errors")})
-        if len(self.cfg.upstreams) > 1:
-            extra["failovers"] = stats["failovers"]
-            extra["no_upstream"] = stats["no_upstream"]
-        if self.cfg.proxy_protocol:
-            extra["proxy_headers"] = stats["proxy_headers"]
-        # buffers_out: receive buffers not back in the ring; segments_out:
-        # received byte runs not freed. With every flow gone both must be 0;
-        # anything else is memory lost to its owner.
-        self.log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
-                       bytes_u2c=stats["u2c_bytes"], active=stats["active"],
-                       buffers_out=stats["bufs_held"], segments_out=stats["segments_out"],
-                       ring_order_errors=stats["ring_order_errors"],
-                       cancel_fallbacks=stats["cancel_fallbacks"],
-                       **pool, **extra)
+        if report:
+            log_stopped(self.log, self.cfg, stats)
         return stats
 
     def _drain_flows(self):
@@ -494,82 +490,212 @@ class Proxy:
         if self.driver is not None:
             self.driver.close()
             self.driver = self.ring = None
-        if self.listener is not None:
+        if self.listener is not None and self.given_listener is None:
             self.listener.close()
-            self.listener = None
+        self.listener = None
         self.wakeup_r.close()
         self.wakeup_w.close()
 
 
-def serve(frontends: list, log: Log, metrics=None) -> int:
-    """Run every (name, Config) of `frontends` until SIGINT or SIGTERM: one
-    engine, ring and listener each. One runs on this thread; with several,
-    each runs on a thread of its own (the engines run nogil, so they do not
-    take turns), set up there too: a ring set up SINGLE_ISSUER belongs to the
-    thread that made it. This thread waits for signals and hands the stop on."""
-    proxies = [Proxy(cfg, log, name) for name, cfg in frontends]
+def sum_stats(many: list) -> dict:
+    """Several workers' statistics as one engine's: every count added."""
+    out = dict(many[0])
+    for st in many[1:]:
+        for k, v in st.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[k] += v
+    return out
+
+
+def log_stopped(log: Log, cfg: Config, stats: dict):
+    """The stopped line: a frontend's totals (its workers' summed)."""
+    # The pool's size at the end: it grows past --buffers only while flows
+    # hold buffers (splice mode reads into pipes, not the pool).
+    pool = {} if cfg.mode == "splice" else {"pool_buffers": stats["pool_buffers"]}
+    extra = {k: stats[k] for k in ("zc_sends", "zc_notifs", "zc_copied", "zc_backoffs")} \
+        if cfg.mode in ("zerocopy", "auto", "peek") else {}
+    if extra:
+        # Flows whose sockets were closed while notifications were owed
+        # (a peer that never read), and how long their slots then waited.
+        extra["zc_close_waits"] = stats["zc_close_waits"]
+        extra["zc_close_wait_ms"] = round(stats["zc_close_wait_ns"] / 1e6)
+        # Buffers registered for SEND_ZC_FIXED, each on its first zero-copy send.
+        extra["zc_registered_bufs"] = stats["zc_registered_bufs"]
+    if cfg.mode != "splice":
+        extra["segment_grows"] = stats["seg_grows"]
+    if cfg.mode == "peek":
+        extra.update({k: stats[k] for k in ("consumed_bytes", "replayed_bytes", "peek_eagain")})
+    if cfg.mode == "splice":
+        extra.update({k: stats[k] for k in ("splice_eagain", "pipes_created", "pipe_errors")})
+    if len(cfg.upstreams) > 1:
+        extra["failovers"] = stats["failovers"]
+        extra["no_upstream"] = stats["no_upstream"]
+    if cfg.proxy_protocol:
+        extra["proxy_headers"] = stats["proxy_headers"]
+    # buffers_out: receive buffers not back in the ring; segments_out:
+    # received byte runs not freed. With every flow gone both must be 0;
+    # anything else is memory lost to its owner.
+    log.event("stopped", connections=stats["closed"], bytes_c2u=stats["c2u_bytes"],
+              bytes_u2c=stats["u2c_bytes"], active=stats["active"],
+              buffers_out=stats["bufs_held"], segments_out=stats["segments_out"],
+              ring_order_errors=stats["ring_order_errors"],
+              cancel_fallbacks=stats["cancel_fallbacks"],
+              **pool, **extra)
+
+
+def _crash_hook(p: "Proxy"):
+    """Test knob (CRASH_WORKER_ENV): the named worker's loop fails once, after it
+    has accepted a connection, as a worker that dies would."""
+    global _crash_pending
+    if _crash_pending == p.worker and p.engine.stats()["accepted"]:
+        _crash_pending = None
+        raise OSError(errno.EIO, "worker failed (test knob)")
+
+
+def serve(frontends: list, log: Log, metrics=None, workers: int = 1,
+          cpu_affinity: bool = False) -> int:
+    """Run every (name, Config) of `frontends` with `workers` engines each until
+    SIGINT or SIGTERM. One engine runs on this thread. Several run on threads of
+    their own (they run nogil, so they do not take turns), each set up on its
+    thread: a SINGLE_ISSUER ring belongs to the thread that made it. Workers of a
+    frontend share nothing but the port (one SO_REUSEPORT listener each). This
+    thread waits for signals, hands the stop on, and replaces a worker whose
+    loop fails; the stopped line is each frontend's workers summed."""
+    global _crash_pending
+    raw = os.environ.get(CRASH_WORKER_ENV)
+    _crash_pending = int(raw) if raw and raw.isdigit() else None
+    engines = len(frontends) * workers
+    listeners: list[socket.socket] = []
+    groups = []                 # per frontend: [Proxy per worker]
+    try:
+        for name, cfg in frontends:
+            socks = [None] * workers
+            if workers > 1:
+                socks[0] = open_listener(cfg, reuseport=True)
+                listeners.append(socks[0])
+                for w in range(1, workers):
+                    socks[w] = open_listener(cfg, reuseport=True, port=socks[0].getsockname()[1])
+                    listeners.append(socks[w])
+            groups.append([Proxy(cfg, log, name, w, workers, socks[w], engines)
+                           for w in range(workers)])
+    except ConfigError as e:
+        for sk in listeners:
+            sk.close()
+        if frontends[0][0] is None:
+            raise
+        raise ConfigError(f"frontend {name!r}: {e}") from None
+    proxies = [p for g in groups for p in g]
     if metrics is not None:
         proxies[0].metrics_at = (metrics, proxies)
+    stopping = threading.Event()
 
     def stop_all(*_):
-        for p in proxies:
+        stopping.set()
+        for p in list(proxies):
             p.request_stop()
     # Handlers go in before the listening line: a script that reads the
     # port and signals at once must still get a clean exit 0.
     old = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
     old_wakeup = signal.set_wakeup_fd(proxies[0].wakeup_w.fileno(), warn_on_full_buffer=False)
     errors = []
+    final = {}                  # id(group) -> the stats of its workers that ended
 
     def notify_ready():
         # Listening: a client that connects now is served (systemd's Type=notify).
-        where = " ".join(f"{p.name + '=' if p.name else ''}{p.address}" for p in proxies)
+        where = " ".join(f"{g[0].name + '=' if g[0].name else ''}{g[0].address}" for g in groups)
         service.notify("READY=1", f"STATUS=listening on {where} backend={proxies[0].backend} "
-                                  f"mode={proxies[0].cfg.mode}")
+                                  f"mode={proxies[0].cfg.mode} workers={workers}")
 
     def start(p):
+        if p.worker > 0:
+            p.health_from = groups[[id(g) for g in groups].index(p.group_id)][0].engine
         try:
             p.start()
         except (ConfigError, StartupError) as e:
             raise type(e)(f"frontend {p.name!r}: {e}") if p.name is not None else e from None
 
-    def run(p, started):
-        # Nothing is served until every frontend has started: a file that
-        # cannot be served whole is not served at all.
-        try:
-            start(p)
-        except (ConfigError, StartupError) as e:
-            errors.append(e)
-            started.set()
-            return
-        started.set()
-        if all_started.wait() and not errors:
+    for g in groups:
+        for p in g:
+            p.group_id = id(g)
+
+    def run(p, started, all_started):
+        # Nothing is served until every engine has started: a configuration
+        # that cannot be served whole is not served at all.
+        if cpu_affinity:
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cpus[proxies.index(p) % len(cpus)]})   # this thread
+        if started is not None:
             try:
-                p.run()
-            except OSError as e:
+                start(p)
+            except (ConfigError, StartupError) as e:
                 errors.append(e)
-                stop_all()
+                started.set()
+                return
+            started.set()
+            if not all_started.wait() or errors:
+                return
+        while True:
+            try:
+                final.setdefault(p.group_id, []).append(p.run(report=False))
+                return
+            except Exception as e:          # the worker's loop failed: replace it
+                if stopping.is_set() or p.workers == 1:
+                    errors.append(e)
+                    stop_all()
+                    return
+                log.event("worker_failed", frontend=p.name or "default", worker=p.worker,
+                          error=str(e), action="replaced")
+                if p.engine is not None:
+                    p.engine.reset_all()    # its clients see a reset, never a hang
+                dead_stats = p.engine.stats() if p.engine is not None else None
+                if dead_stats is not None:
+                    final.setdefault(p.group_id, []).append(dead_stats)
+                p.close()
+                q = Proxy(p.cfg, log, p.name, p.worker, p.workers, p.given_listener, engines)
+                q.group_id, q.health_from, q.metrics_at = p.group_id, p.health_from, p.metrics_at
+                q.say = lambda *a, **k: None
+                try:
+                    q.start()
+                except Exception as e2:
+                    errors.append(e2)
+                    stop_all()
+                    return
+                proxies[proxies.index(p)] = q
+                if q.worker == 0:               # the others follow the new checks
+                    for other in proxies:
+                        if other.group_id == q.group_id and other is not q and other.engine:
+                            other.engine.follow_health(q.engine)
+                            other.health_from = q.engine
+                p = q
+                if stopping.is_set():
+                    q.request_stop()
 
     try:
         if len(proxies) == 1:
             start(proxies[0])
             notify_ready()
-            proxies[0].run()
+            final[proxies[0].group_id] = [proxies[0].run(report=False)]
         else:
             all_started = threading.Event()
             events = [threading.Event() for _ in proxies]
-            threads = [threading.Thread(target=run, args=(p, ev), name=f"frontend-{p.name}")
-                       for p, ev in zip(proxies, events)]
+            threads = [threading.Thread(target=run, args=(p, ev, all_started),
+                                        name=f"{p.name or 'proxy'}-{p.worker}")
+                       for p, ev in zip(list(proxies), events)]
             for t in threads:
                 t.start()
             for ev in events:
                 ev.wait()
             all_started.set()
-            notify_ready()
+            if not errors:
+                notify_ready()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)       # signal handlers run between joins
             if errors:
                 raise errors[0]
+        for g in groups:
+            if final.get(id(g)):
+                log_stopped(log, g[0].cfg, sum_stats(final[id(g)]))
     except StartupError as e:
         log.raw(f"uring-proxy: error: {e}")
         return 1
@@ -583,4 +709,6 @@ def serve(frontends: list, log: Log, metrics=None) -> int:
         signal.set_wakeup_fd(old_wakeup)
         for p in proxies:
             p.close()
+        for sk in listeners:
+            sk.close()
     return 0
