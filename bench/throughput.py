@@ -393,7 +393,14 @@ def all_paths() -> list[Path_]:
              Path_("haproxy-splice", "haproxy", ["splice"]),
              Path_("nginx-stream", "nginx"), Path_("socat", "socat")]
     paths += [Path_(f"uring-proxy-{name}", "uring", args) for name, args in URING_VARIANTS]
+    # --workers: the copy path with two engines (the scaling figure of docs/benchmarks.md);
+    # only when named, so the default tables stay one engine per proxy.
     return paths
+
+
+def extra_paths() -> list[Path_]:
+    return [Path_("uring-proxy-copy-2w", "uring", ["--backend", "uring", "--mode", "copy",
+                                                   "--workers", "2"])]
 
 
 def select_paths(spec: str | None) -> tuple[list[Path_], bool]:
@@ -402,6 +409,7 @@ def select_paths(spec: str | None) -> tuple[list[Path_], bool]:
     paths = all_paths()
     if not spec:
         return paths, False
+    paths += extra_paths()
     wanted = [w.strip().lower().replace(" ", "-") for w in spec.split(",") if w.strip()]
     chosen: list[Path_] = []
     for w in wanted:
