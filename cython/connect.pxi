@@ -12,7 +12,10 @@ cdef void on_accept(Engine e, int res, uint32_t cflags) noexcept nogil:
         e.acc_cancel = False
     if res >= 0:
         if e.stopping or not slot_available(e):
-            # Raced with our cancel of the multishot accept.
+            # Raced with our cancel of the multishot accept while every flow
+            # is being ended. (One that raced a drain's cancel is served: at
+            # a reload the new engines accept on the same socket, and this
+            # client must not be the one refused.)
             e.close_fd(res)
             e.st.rejected_full += 1
         else:
@@ -43,20 +46,21 @@ cdef void accept_pause(Engine e, int err, uint32_t pause_ms) noexcept nogil:
     e.pause_ts.tv_sec = pause_ms // 1000
     e.pause_ts.tv_nsec = (pause_ms % 1000) * 1000000
     e.acc_paused = True
-    if not e.acc_timer and not e.stopping:
+    if not e.acc_timer and not e.stopping and not e.accept_off:
         e.acc_timer = True
         s = e.sqe()
         io_uring_prep_timeout(s, &e.pause_ts, 0, 0)
         io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ACCEPT_TIMER, 0))
 
-# Decides whether an accept should be in flight: not while stopping, not
+# Decides whether an accept should be in flight: not while stopping or
+# draining, not
 # while paused on a resource error or while accepted clients still wait
 # for an fd, not while the flow table is full (HAProxy's maxconn:
 # connections wait in the kernel's backlog).
 cdef void accept_step(Engine e) noexcept nogil:
     cdef io_uring_sqe *s
-    cdef bint want = (e.listen_fd >= 0 and not e.stopping and not e.acc_paused
-                      and e.fdw_n == 0 and slot_available(e))
+    cdef bint want = (e.listen_fd >= 0 and not e.stopping and not e.accept_off
+                      and not e.acc_paused and e.fdw_n == 0 and slot_available(e))
     if want and not e.acc_armed:
         s = e.sqe()
         if e.ms_accept:

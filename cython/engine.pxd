@@ -189,7 +189,8 @@ cdef class Engine:
     cdef uint32_t fdw_cap
     cdef bint fdw_kick             # a pipe went back to the pool: retry the queue this turn
     cdef int64_t connect_timeout_ns
-    cdef bint stopping
+    cdef bint stopping         # stop(): every flow is being ended
+    cdef bint accept_off       # drain(): no new accept; open flows go on
     cdef int wake_fd           # signal.set_wakeup_fd's read end, or -1
     cdef bint wake_armed
     cdef bint woken

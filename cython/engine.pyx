@@ -586,7 +586,7 @@ cdef class Engine:
     def drain(self):
         """Stop accepting; open flows go on (stop() ends them)."""
         with nogil:
-            self.stopping = True
+            self.accept_off = True
             accept_step(self)
 
     def close_listener(self):

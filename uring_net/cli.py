@@ -33,13 +33,13 @@ def main(argv=None) -> int:
                                   "--listen or --upstream")
             fc = configfile.load(ns.config)
             fmt, verbose, frontends = fc.log_format, max(fc.verbose, ns.verbose), fc.frontends
-            metrics = fc.metrics
+            metrics, path = fc.metrics, ns.config
             workers = ns.workers or fc.workers
             affinity = ns.cpu_affinity or fc.cpu_affinity
         else:
             cfg = config_from_args(ns)
             fmt, verbose, frontends = cfg.log_format, cfg.verbose, [(None, cfg)]
-            metrics = cfg.metrics
+            metrics, path = cfg.metrics, None
             workers, affinity = ns.workers, ns.cpu_affinity
         from .proxy import serve
         log = Log(fmt, verbose)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         try:
             if workers is None:
                 workers = len(os.sched_getaffinity(0))
-            return serve(frontends, log, metrics, workers, affinity)
+            return serve(frontends, log, metrics, workers, affinity, path)
         finally:
             log.close()
     except ConfigError as e:

@@ -140,6 +140,21 @@ def render(proxies) -> str:
     return "\n".join(out) + "\n"
 
 
+def open_metrics_listener(endpoint) -> socket.socket:
+    """The /metrics listening socket; ConfigError if it cannot be had."""
+    from .config import ConfigError
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {endpoint} for --metrics: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 class _Scrape:
     __slots__ = ("sock", "gen", "buf", "out", "deadline")
 
@@ -150,21 +165,13 @@ class _Scrape:
 class MetricsServer:
     """The /metrics endpoint, on `engine`'s ring, for the frontends in `proxies`."""
 
-    def __init__(self, endpoint, engine, proxies, log):
+    def __init__(self, sock, engine, proxies, log):
         self.engine = engine
         self.proxies = proxies
         self.log = log
-        self.sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((endpoint.host, endpoint.port))
-            self.sock.listen(64)
-        except OSError as e:
-            self.sock.close()
-            raise OSError(e.errno, f"cannot listen on {endpoint} for --metrics: {e.strerror}") from None
-        self.sock.setblocking(False)
-        host, port = self.sock.getsockname()[:2]
-        self.address = f"[{host}]:{port}" if endpoint.family == socket.AF_INET6 else f"{host}:{port}"
+        self.sock = sock            # the supervisor's: kept across reloads, closed by it
+        host, port = sock.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
         self._gen = 0
         self._scrapes: dict[int, _Scrape] = {}
         self.served = 0
@@ -229,7 +236,8 @@ class MetricsServer:
     def _response(self, request: bytes) -> bytes:
         line = request.split(b"\r\n", 1)[0].split()
         if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
-            body, status = render(self.proxies).encode(), b"200 OK"
+            proxies = self.proxies() if callable(self.proxies) else self.proxies
+            body, status = render(proxies).encode(), b"200 OK"
             ctype = b"text/plain; version=0.0.4; charset=utf-8"
         else:
             body, status, ctype = b"only GET /metrics here\n", b"404 Not Found", b"text/plain"
@@ -248,4 +256,3 @@ class MetricsServer:
             self._close(sc)
         if self.engine is not None:
             self.engine.unwatch_fd(self.sock.fileno(), 0)
-        self.sock.close()

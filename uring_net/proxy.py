@@ -10,7 +10,6 @@ import errno
 import fcntl
 import os
 import resource
-import signal
 import socket
 import threading
 import time
@@ -112,6 +111,7 @@ class Proxy:
         self.health_from = None   # worker 0's engine: other workers follow its checks
         # Start-up lines are the frontend's, said once: by worker 0.
         self.say = log.event if worker == 0 else (lambda *a, **k: None)
+        self._keep_listener = False
         self.iowq_workers = 0     # splice mode on io_uring: the io-wq cap (0: none or uncapped)
         self.metrics_at = None    # (Endpoint, every frontend's Proxy): serve /metrics from here
         self.metrics = None
@@ -218,7 +218,7 @@ class Proxy:
             pool["workers"] = self.workers
         if self.metrics_at is not None:
             from .metrics import MetricsServer
-            endpoint, proxies = self.metrics_at
+            endpoint, proxies = self.metrics_at     # endpoint: a listening socket
             try:
                 self.metrics = MetricsServer(endpoint, self.engine, proxies, self.log)
             except OSError as e:
@@ -317,7 +317,10 @@ class Proxy:
                            else ("yes" if zc.copied else "no"))
         return True
 
-    def request_stop(self, *_):
+    def request_stop(self, *_, reload: bool = False):
+        """Stop: drain, then end every flow. With `reload`, a newer generation
+        accepts on this engine's listening socket already: it is left open."""
+        self._keep_listener = self._keep_listener or reload
         self._signals += 1
         if self._signals == 1:  # systemd: the stop has begun; the drain may take a while
             service.notify("STOPPING=1", "STATUS=stopping: draining open connections")
@@ -373,7 +376,7 @@ class Proxy:
             eng.run(0.01)
             self._drain_wakeup()
             self._drain()
-        if self.listener is not None and eng.listening is False:
+        if self.listener is not None and eng.listening is False and not self._keep_listener:
             self.listener.close()
             self.listener = None
         if eng.active:
@@ -543,6 +546,13 @@ def log_stopped(log: Log, cfg: Config, stats: dict):
               **pool, **extra)
 
 
+def set_crash_knob():
+    """Read CRASH_WORKER_ENV (once per serve)."""
+    global _crash_pending
+    raw = os.environ.get(CRASH_WORKER_ENV)
+    _crash_pending = int(raw) if raw and raw.isdigit() else None
+
+
 def _crash_hook(p: "Proxy"):
     """Test knob (CRASH_WORKER_ENV): the named worker's loop fails once, after it
     has accepted a connection, as a worker that dies would."""
@@ -553,162 +563,18 @@ def _crash_hook(p: "Proxy"):
 
 
 def serve(frontends: list, log: Log, metrics=None, workers: int = 1,
-          cpu_affinity: bool = False) -> int:
+          cpu_affinity: bool = False, config_path: str | None = None) -> int:
     """Run every (name, Config) of `frontends` with `workers` engines each until
-    SIGINT or SIGTERM. One engine runs on this thread. Several run on threads of
-    their own (they run nogil, so they do not take turns), each set up on its
-    thread: a SINGLE_ISSUER ring belongs to the thread that made it. Workers of a
-    frontend share nothing but the port (one SO_REUSEPORT listener each). This
-    thread waits for signals, hands the stop on, and replaces a worker whose
-    loop fails; the stopped line is each frontend's workers summed."""
-    global _crash_pending
-    raw = os.environ.get(CRASH_WORKER_ENV)
-    _crash_pending = int(raw) if raw and raw.isdigit() else None
-    engines = len(frontends) * workers
-    listeners: list[socket.socket] = []
-    groups = []                 # per frontend: [Proxy per worker]
-    try:
-        for name, cfg in frontends:
-            socks = [None] * workers
-            if workers > 1:
-                socks[0] = open_listener(cfg, reuseport=True)
-                listeners.append(socks[0])
-                for w in range(1, workers):
-                    socks[w] = open_listener(cfg, reuseport=True, port=socks[0].getsockname()[1])
-                    listeners.append(socks[w])
-            groups.append([Proxy(cfg, log, name, w, workers, socks[w], engines)
-                           for w in range(workers)])
-    except ConfigError as e:
-        for sk in listeners:
-            sk.close()
-        if frontends[0][0] is None:
-            raise
-        raise ConfigError(f"frontend {name!r}: {e}") from None
-    proxies = [p for g in groups for p in g]
+    SIGINT or SIGTERM, reloading `config_path` on SIGHUP (supervisor.py)."""
+    from .supervisor import Supervisor
+    set_crash_knob()
+    sock = None
     if metrics is not None:
-        proxies[0].metrics_at = (metrics, proxies)
-    stopping = threading.Event()
-
-    def stop_all(*_):
-        stopping.set()
-        for p in list(proxies):
-            p.request_stop()
-    # Handlers go in before the listening line: a script that reads the
-    # port and signals at once must still get a clean exit 0.
-    old = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
-    old_wakeup = signal.set_wakeup_fd(proxies[0].wakeup_w.fileno(), warn_on_full_buffer=False)
-    errors = []
-    final = {}                  # id(group) -> the stats of its workers that ended
-
-    def notify_ready():
-        # Listening: a client that connects now is served (systemd's Type=notify).
-        where = " ".join(f"{g[0].name + '=' if g[0].name else ''}{g[0].address}" for g in groups)
-        service.notify("READY=1", f"STATUS=listening on {where} backend={proxies[0].backend} "
-                                  f"mode={proxies[0].cfg.mode} workers={workers}")
-
-    def start(p):
-        if p.worker > 0:
-            p.health_from = groups[[id(g) for g in groups].index(p.group_id)][0].engine
-        try:
-            p.start()
-        except (ConfigError, StartupError) as e:
-            raise type(e)(f"frontend {p.name!r}: {e}") if p.name is not None else e from None
-
-    for g in groups:
-        for p in g:
-            p.group_id = id(g)
-
-    def run(p, started, all_started):
-        # Nothing is served until every engine has started: a configuration
-        # that cannot be served whole is not served at all.
-        if cpu_affinity:
-            cpus = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, {cpus[proxies.index(p) % len(cpus)]})   # this thread
-        if started is not None:
-            try:
-                start(p)
-            except (ConfigError, StartupError) as e:
-                errors.append(e)
-                started.set()
-                return
-            started.set()
-            if not all_started.wait() or errors:
-                return
-        while True:
-            try:
-                final.setdefault(p.group_id, []).append(p.run(report=False))
-                return
-            except Exception as e:          # the worker's loop failed: replace it
-                if stopping.is_set() or p.workers == 1:
-                    errors.append(e)
-                    stop_all()
-                    return
-                log.event("worker_failed", frontend=p.name or "default", worker=p.worker,
-                          error=str(e), action="replaced")
-                if p.engine is not None:
-                    p.engine.reset_all()    # its clients see a reset, never a hang
-                dead_stats = p.engine.stats() if p.engine is not None else None
-                if dead_stats is not None:
-                    final.setdefault(p.group_id, []).append(dead_stats)
-                p.close()
-                q = Proxy(p.cfg, log, p.name, p.worker, p.workers, p.given_listener, engines)
-                q.group_id, q.health_from, q.metrics_at = p.group_id, p.health_from, p.metrics_at
-                q.say = lambda *a, **k: None
-                try:
-                    q.start()
-                except Exception as e2:
-                    errors.append(e2)
-                    stop_all()
-                    return
-                proxies[proxies.index(p)] = q
-                if q.worker == 0:               # the others follow the new checks
-                    for other in proxies:
-                        if other.group_id == q.group_id and other is not q and other.engine:
-                            other.engine.follow_health(q.engine)
-                            other.health_from = q.engine
-                p = q
-                if stopping.is_set():
-                    q.request_stop()
-
+        from .metrics import open_metrics_listener
+        sock = open_metrics_listener(metrics)
     try:
-        if len(proxies) == 1:
-            start(proxies[0])
-            notify_ready()
-            final[proxies[0].group_id] = [proxies[0].run(report=False)]
-        else:
-            all_started = threading.Event()
-            events = [threading.Event() for _ in proxies]
-            threads = [threading.Thread(target=run, args=(p, ev, all_started),
-                                        name=f"{p.name or 'proxy'}-{p.worker}")
-                       for p, ev in zip(list(proxies), events)]
-            for t in threads:
-                t.start()
-            for ev in events:
-                ev.wait()
-            all_started.set()
-            if not errors:
-                notify_ready()
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.5)       # signal handlers run between joins
-            if errors:
-                raise errors[0]
-        for g in groups:
-            if final.get(id(g)):
-                log_stopped(log, g[0].cfg, sum_stats(final[id(g)]))
-    except StartupError as e:
-        log.raw(f"uring-proxy: error: {e}")
-        return 1
-    except OSError as e:
-        # io_uring_enter failed in a way the engine cannot ride out.
-        log.raw(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}")
-        return 1
+        return Supervisor(log, sock, workers, cpu_affinity, config_path,
+                          metrics_endpoint=metrics).serve(frontends)
     finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        signal.set_wakeup_fd(old_wakeup)
-        for p in proxies:
-            p.close()
-        for sk in listeners:
-            sk.close()
-    return 0
+        if sock is not None:
+            sock.close()
