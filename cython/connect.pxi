@@ -95,9 +95,7 @@ cdef uint32_t slot_take(Engine e) noexcept nogil:
 cdef void flow_open(Engine e, int cfd) noexcept nogil:
     cdef uint32_t slot = slot_take(e)
     cdef Flow *f = &e.flows[slot]
-    cdef int zero = 0, rcvbuf = 0
-    cdef socklen_t optlen = sizeof(int)
-    cdef int d, u
+    cdef int d
     e.nactive += 1
     f.state = F_CONNECTING
     f.cause = C_NONE
@@ -132,6 +130,23 @@ cdef void flow_open(Engine e, int cfd) noexcept nogil:
         # per idle flow (docs/kernel-notes.md, Splice). Non-blocking, a splice that
         # cannot move anything ends at once with EAGAIN.
         fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK)
+    f.pp_dst.sin6_family = 0
+    if e.accept_proxy:
+        # The client's PROXY header comes first (proxyproto.pxi); the rest
+        # of the set-up waits for it, under its own deadline.
+        f.state = F_HEADER
+        f.hdr_want = 1
+        e.tw.add(slot, f.t_start_ns + e.hdr_timeout_ns)
+        hdr_arm(e, slot, f)
+        return
+    flow_begin(e, slot, f)
+
+# The flow's client is known (its address, or the one its PROXY header
+# carried): set up the data path's socket options, pick an upstream, dial.
+cdef void flow_begin(Engine e, uint32_t slot, Flow *f) noexcept nogil:
+    cdef int zero = 0, rcvbuf = 0, u
+    cdef socklen_t optlen = sizeof(int)
+    cdef int cfd = f.fd[0]
     f.replayable = e.peek
     if e.peek:
         # MSG_PEEK now reads on from the previous peek (6.9+, probed).

@@ -18,6 +18,7 @@ cdef enum FlowState:
     F_OPEN           # both directions may move data
     F_REDIAL         # the upstream failed early: waiting for every in-flight op
                      # to complete before connecting to the next --upstream
+    F_HEADER         # --accept-proxy: waiting for the client's PROXY header
     F_CLOSING        # decided to end; waiting for every in-flight op to complete
     F_CLOSED_WAIT    # close SQEs in flight; the slot frees when they complete
 
@@ -52,6 +53,8 @@ cdef enum Cause:
     C_CLIENT_FIN_TIMEOUT    # the client sent its FIN; the other way idle for --client-fin-timeout
     C_SERVER_FIN_TIMEOUT    # the upstream sent its FIN; the other way idle for --server-fin-timeout
     C_NO_UPSTREAM           # every upstream is down (health checks), or tried
+    C_BAD_HEADER            # --accept-proxy: malformed, oversized or truncated header
+    C_HEADER_TIMEOUT        # --accept-proxy: no complete header in time
 
 # Buffers one send may carry: everything queued, up to this many, goes out
 # in one sendmsg, so a sink that keeps up sees few large writes.
@@ -92,6 +95,8 @@ cdef struct Flow:
     uint8_t next_up         # the one a retry goes to (chosen by can_redial)
     uint8_t failovers       # upstreams given up on before this one (retries)
     uint64_t tried          # upstreams this flow has been sent to, a bit each
+    uint16_t hdr_want       # --accept-proxy: the header bytes the last poll waited for
+    sockaddr_in6 pp_dst     # --accept-proxy: the address the header says was connected to
     uint8_t watch           # sides (bit per side) with an OP_ERRWATCH poll armed
     int32_t zc_owed         # zero-copy notifications owed (first CQE seen, F_NOTIF not yet)
     uint8_t replayable      # peek: nothing consumed and the upstream has not answered,
@@ -145,6 +150,8 @@ cdef struct Stats:
     uint64_t no_upstream        # connections closed at once: no upstream was up
     uint64_t health_skipped     # health checks not started for want of an fd
     uint64_t proxy_headers      # PROXY protocol headers sent
+    uint64_t headers_accepted   # --accept-proxy: headers read from clients ...
+    uint64_t bad_headers        # ... and refused (malformed, oversized, truncated)
 
 # A completed poll of one of Python's fds (Engine.watch_fd).
 cdef struct PyReady:
@@ -197,6 +204,8 @@ cdef class Engine:
     cdef Upstreams ups         # the pool, its balancing and health (upstreams.pyx)
     cdef uint8_t retries       # --retries: upstreams a flow may move on to after the first
     cdef int proxy_proto       # --proxy-protocol: 0 (off), 1 or 2 (proxyproto.pxi)
+    cdef bint accept_proxy     # --accept-proxy: clients send a PROXY header first
+    cdef int64_t hdr_timeout_ns
     # health checks (health.pxi): a round every interval; 0 = off
     cdef int64_t hc_interval_ns
     cdef __kernel_timespec hc_interval_ts

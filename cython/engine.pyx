@@ -53,7 +53,8 @@ cdef enum Op:
     OP_WAKE             # poll on the signal wakeup fd: return to Python
     OP_ERRWATCH         # multishot poll for an error on a side nothing else watches
     OP_PYWATCH          # a poll for Python's own fds (the metrics server): slot = the fd
-    OP_LAST = OP_PYWATCH
+    OP_HDRPOLL          # --accept-proxy: the client's socket has (more of) its header
+    OP_LAST = OP_HDRPOLL
 
 cdef enum:
     CQE_BATCH = 256          # CQEs harvested per peek
@@ -139,6 +140,8 @@ cdef class Engine:
         self.ups = Upstreams(config.balance)
         self.retries = config.retries
         self.proxy_proto = config.proxy_protocol
+        self.accept_proxy = config.accept_proxy
+        self.hdr_timeout_ns = <int64_t>(config.proxy_header_timeout * 1e9)
         self.rise = config.rise
         self.fall = config.fall
         self.hc_interval_ns = <int64_t>(config.health_interval * 1e9)
@@ -375,6 +378,8 @@ cdef class Engine:
             on_consume(self, f, d, res)
         elif op == OP_ERRWATCH:
             on_errwatch(self, f, d, res, cflags)
+        elif op == OP_HDRPOLL:
+            on_hdr_poll(self, slot, f, res)
         # OP_CONNECT_TIMEOUT, OP_CANCEL, OP_CLOSE, OP_POLL_OUT (the splice after
         # it has its own CQE): only the inflight count.
         self.flow_step(slot)
@@ -589,6 +594,20 @@ cdef class Engine:
             self.accept_off = True
             accept_step(self)
 
+    def rearm_accept(self):
+        """Cancel the accept in flight and arm a new one (accept_step re-arms
+        once the cancel's completion is in). At a reload, the old engines'
+        accepts on the same socket were woken for connections and then
+        cancelled: io_uring's accept waits are exclusive, so the wake-up was
+        theirs alone, and those connections would sit in the queue until the
+        next one came. A fresh accept looks at the queue at once."""
+        cdef io_uring_sqe *s
+        if self.acc_armed and not self.acc_cancel:
+            s = self.sqe()
+            io_uring_prep_cancel64(s, proxy_ud(0, 0, OP_ACCEPT, 0), 0)
+            io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ENGINE_CANCEL, 0))
+            self.acc_cancel = True
+
     def close_listener(self):
         """Forget the listener once no accept is in flight (the caller closes
         it): the epoll backend must not keep a closed fd number in its set."""
@@ -607,7 +626,7 @@ cdef class Engine:
             self.stopping = True
             accept_step(self)
             for i in range(self.slots_used):
-                if self.flows[i].state in (F_CONNECTING, F_OPEN, F_REDIAL):
+                if self.flows[i].state in (F_HEADER, F_CONNECTING, F_OPEN, F_REDIAL):
                     flow_fail(self, &self.flows[i], C_PROXY_SHUTDOWN, 0, 3)
                     self.flow_step(i)
 

@@ -23,6 +23,8 @@ CAUSES = {
     C_CLIENT_FIN_TIMEOUT: ("client_fin_timeout", "cD"),
     C_SERVER_FIN_TIMEOUT: ("server_fin_timeout", "sD"),
     C_NO_UPSTREAM: ("no_upstream", "SC"),
+    C_BAD_HEADER: ("bad_proxy_header", "PR"),
+    C_HEADER_TIMEOUT: ("proxy_header_timeout", "cR"),
 }
 ENGINE_ERRORS = {ERR_RING_ORDER: "ring_order_errors", ERR_UNKNOWN_CQE: "unknown_cqes"}
 FALLBACKS = {FB_REGISTERED_BUFFERS: "registered_buffers", FB_SEND_ZC: "send_zc"}

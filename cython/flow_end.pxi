@@ -62,6 +62,12 @@ cdef void tw_expire(Engine e, int64_t now) noexcept nogil:
             return
         f = &e.flows[x]
         e.st.tw_visits += 1
+        if f.state == F_HEADER:
+            # Its only entry: the header's deadline (--proxy-header-timeout).
+            e.st.timeouts += 1
+            flow_fail(e, f, C_HEADER_TIMEOUT, ETIMEDOUT, 0)
+            e.flow_step(<uint32_t>x)
+            continue
         if f.state != F_OPEN:
             # A closing flow's cancels were looked at again (flow_fail).
             if f.inflight > f.zc_owed and (f.state == F_CLOSING or f.state == F_REDIAL):
@@ -152,6 +158,8 @@ cdef void flow_fail(Engine e, Flow *f, uint8_t cause, int err, uint8_t reset_mas
     # fd (IORING_ASYNC_CANCEL_FD) makes the kernel walk every armed poll
     # of the ring, so a storm of N failing flows cost O(N^2): 9,900
     # clients resetting at once took 22 s of CPU, 2.2 ms a flow.
+    if was == F_HEADER:
+        cancel_op(e, slot, f, OP_HDRPOLL, 0, f.fd[0], -1)
     if was == F_CONNECTING and f.fd[1] >= 0:
         cancel_op(e, slot, f, OP_CONNECT, 0, f.fd[1], -1)
     for d in range(2):

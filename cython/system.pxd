@@ -19,7 +19,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOL_SOCKET, SO_LINGER, SO_ERROR, SO_PEERNAME, SO_KEEPALIVE
     int SHUT_WR, SHUT_RDWR
     int MSG_NOSIGNAL, MSG_WAITALL, MSG_PEEK, MSG_TRUNC, MSG_DONTWAIT
-    int SO_PEEK_OFF, SO_RCVBUF
+    int SO_PEEK_OFF, SO_RCVBUF, SO_RCVLOWAT
     struct iovec:
         void *iov_base
         size_t iov_len
@@ -119,13 +119,15 @@ cdef extern from "<errno.h>" nogil:
     int EINTR, EAGAIN, ETIME, ENOBUFS, ECANCELED, ECONNREFUSED, ECONNRESET, EPIPE
     int EMFILE, ENFILE, ENOMEM, ETIMEDOUT, EINVAL, ENOTCONN, ENOENT, EALREADY
     int EHOSTUNREACH, ENETUNREACH, EPERM, ENOSYS, EOPNOTSUPP, EBUSY, EIO
-    int EINPROGRESS, EISCONN, ECONNABORTED, EEXIST, EPROTO
+    int EINPROGRESS, EISCONN, ECONNABORTED, EEXIST, EPROTO, EMSGSIZE
 
 cdef extern from "<stdio.h>" nogil:
     int snprintf(char *buf, size_t size, const char *fmt, ...)
 
 cdef extern from "<string.h>" nogil:
     size_t strlen(const char *s)
+    int strcmp(const char *a, const char *b)
+    int memcmp(const void *a, const void *b, size_t n)
 
 cdef extern from "<stdint.h>" nogil:
     const long long INT64_MAX

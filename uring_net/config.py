@@ -72,6 +72,8 @@ class Config:
     fall: int = 3
     proxy_protocol: int = 0                # 0 off, 1 or 2
     metrics: Endpoint | None = None        # --metrics: where /metrics is served
+    accept_proxy: bool = False
+    proxy_header_timeout: float = 5.0
 
     def health_seconds(self) -> float:
         """The interval the checks run at; 0 when they do not run."""
@@ -248,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send a PROXY protocol header (HAProxy's specification, v1 text or v2 "
                         "binary) to the upstream before any client byte, carrying the client's "
                         "address and the address it connected to; off by default")
+    p.add_argument("--accept-proxy", action="store_true",
+                   help="clients send a PROXY protocol header (v1 or v2, told apart by its first "
+                        "byte) before their bytes, as from another proxy in front: its address is "
+                        "the client's in logs, for --balance source and in the header sent on with "
+                        "--proxy-protocol. A malformed, oversized (v1 over 107 bytes, v2 over 528) "
+                        "or truncated header closes that connection (cause bad_proxy_header), "
+                        "one not complete in --proxy-header-timeout too (proxy_header_timeout)")
+    p.add_argument("--proxy-header-timeout", type=_seconds("--proxy-header-timeout", 0.05, 3600),
+                   default=5.0, metavar="SECONDS",
+                   help="with --accept-proxy: the time a client has to send its whole header")
     p.add_argument("--mode", type=_choice("mode", MODES),
                    default="auto",
                    help="data path. copy: multishot recv into provided buffers, send from the same "
@@ -398,6 +410,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         balance=ns.balance, retries=ns.retries, health_interval=ns.health_interval,
         rise=ns.rise, fall=ns.fall,
         proxy_protocol={None: 0, "v1": 1, "v2": 2}[ns.proxy_protocol],
+        accept_proxy=ns.accept_proxy, proxy_header_timeout=ns.proxy_header_timeout,
         metrics=parse_endpoint(ns.metrics, "--metrics", allow_port_zero=True)
         if getattr(ns, "metrics", None) else None,
         mode=ns.mode, pipe_size=ns.pipe_size, iowq_workers=ns.iowq_workers,

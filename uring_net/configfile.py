@@ -60,6 +60,10 @@ def _text(value, where: str) -> str:
 
 
 def _convert(action, value, where: str):
+    if isinstance(action, argparse._StoreTrueAction):       # a switch: true or false
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
     text = _text(value, where)
     if action.type is None:
         return text

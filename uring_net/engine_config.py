@@ -40,6 +40,8 @@ class EngineConfig:
     rise: int = 2                   # checks in a row that bring an upstream up ...
     fall: int = 3                   # ... and that take it down
     proxy_protocol: int = 0         # PROXY protocol header to upstreams: 0 (off), 1, 2
+    accept_proxy: bool = False      # clients send a PROXY header first (v1 or v2)
+    proxy_header_timeout: float = 5.0
     # kernel features the probe found usable (each off: its named fallback)
     multishot_accept: bool = True
     recv_bundle: bool = False

@@ -112,6 +112,8 @@ class Proxy:
         # Start-up lines are the frontend's, said once: by worker 0.
         self.say = log.event if worker == 0 else (lambda *a, **k: None)
         self._keep_listener = False
+        self._kick_accept = False
+        self.on_accept_stopped = None     # reload: called once this engine accepts no more
         self.iowq_workers = 0     # splice mode on io_uring: the io-wq cap (0: none or uncapped)
         self.metrics_at = None    # (Endpoint, every frontend's Proxy): serve /metrics from here
         self.metrics = None
@@ -179,6 +181,7 @@ class Proxy:
             server_fin_timeout=cfg.server_fin_timeout, keepalive=cfg.tcp_keepalive,
             balance=cfg.balance, retries=cfg.retries, health_interval=cfg.health_seconds(),
             rise=cfg.rise, fall=cfg.fall, proxy_protocol=cfg.proxy_protocol,
+            accept_proxy=cfg.accept_proxy, proxy_header_timeout=cfg.proxy_header_timeout,
             multishot_accept=feats["multishot_accept"].used,
             recv_bundle=feats["recv_bundle"].used,
             incremental_buffers=feats["incremental_buffers"].used,
@@ -212,6 +215,8 @@ class Proxy:
             pool["weights"] = ",".join(str(up.weight) for up in cfg.upstreams)
         if cfg.proxy_protocol:
             pool["proxy_protocol"] = f"v{cfg.proxy_protocol}"
+        if cfg.accept_proxy:
+            pool["accept_proxy"] = "v1,v2"
         if self.name is not None:
             pool["frontend"] = self.name
         if self.workers > 1:
@@ -317,6 +322,14 @@ class Proxy:
                            else ("yes" if zc.copied else "no"))
         return True
 
+    def kick_accept(self):
+        """From another thread: re-arm this engine's accept (Engine.rearm_accept)."""
+        self._kick_accept = True
+        try:
+            self.wakeup_w.send(b"\0")
+        except OSError:
+            pass
+
     def request_stop(self, *_, reload: bool = False):
         """Stop: drain, then end every flow. With `reload`, a newer generation
         accepts on this engine's listening socket already: it is left open."""
@@ -341,6 +354,9 @@ class Proxy:
             self._drain()
             if self.metrics is not None:
                 self.metrics.service()
+            if self._kick_accept:
+                self._kick_accept = False
+                eng.rearm_accept()
             if _crash_pending is not None:
                 _crash_hook(self)
             if self.cfg.verbose >= 2 and time.monotonic() >= next_stats:
@@ -354,6 +370,9 @@ class Proxy:
             self._drain_wakeup()    # a second Ctrl-C must not make every wait end at once
             self._drain()
         self._drain()
+        if self.on_accept_stopped is not None:     # (a drain of 0 s: stopped only now)
+            self.on_accept_stopped(self)
+            self.on_accept_stopped = None
         self._say_held(force=True)      # the last word, past the rate limit
         eng.verify_ring()
         stats = eng.stats()
@@ -376,6 +395,9 @@ class Proxy:
             eng.run(0.01)
             self._drain_wakeup()
             self._drain()
+        if self.on_accept_stopped is not None and eng.listening is False:
+            self.on_accept_stopped(self)
+            self.on_accept_stopped = None
         if self.listener is not None and eng.listening is False and not self._keep_listener:
             self.listener.close()
             self.listener = None
@@ -535,6 +557,9 @@ def log_stopped(log: Log, cfg: Config, stats: dict):
         extra["no_upstream"] = stats["no_upstream"]
     if cfg.proxy_protocol:
         extra["proxy_headers"] = stats["proxy_headers"]
+    if cfg.accept_proxy:
+        extra["headers_accepted"] = stats["headers_accepted"]
+        extra["bad_headers"] = stats["bad_headers"]
     # buffers_out: receive buffers not back in the ring; segments_out:
     # received byte runs not freed. With every flow gone both must be 0;
     # anything else is memory lost to its owner.

@@ -245,7 +245,14 @@ class Supervisor:
         # The new engines accept on the same sockets now; the old stop accepting
         # (their cancel may race an accept: that client is served, not dropped)
         # and drain.
+        def accept_stopped(p_old):
+            # An old engine no longer accepts: the new ones on its socket look at
+            # the queue again (a wake-up it took and then dropped is not lost).
+            for q in new.proxies:
+                if q.given_listener is p_old.given_listener:
+                    q.kick_accept()
         for p in old.proxies:
+            p.on_accept_stopped = accept_stopped
             p.request_stop(reload=True)
         self.log.event("reloaded", generation=new.number,
                        frontends=",".join(p.name or "default" for p in new.proxies if p.worker == 0),
