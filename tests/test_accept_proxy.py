@@ -119,6 +119,7 @@ def test_carried_address_is_the_client_and_is_sent_on(proxy, upstream, version, 
 
 
 @engine_logic
+@pytest.mark.default_tier_backends("uring")       # the parser's verdicts; the polls: below
 @pytest.mark.parametrize("first,error", [
     (b"GET / HTTP/1.0\r\n\r\n", "EPROTO"),
     (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n", "EPROTO"),

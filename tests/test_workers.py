@@ -88,3 +88,19 @@ def test_workers_default_to_the_cpus(backend, mode, disabled_features, echo_serv
         p.close_for(exchange(p))
     finally:
         assert p.stop() == 0
+
+
+def test_cpu_affinity_pins_each_worker_to_one_cpu(proxy, echo_server):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.fail("this test needs two CPUs to tell pinned workers from the rest")
+    p = proxy(echo_server.addr, "--workers", "2", "--cpu-affinity", log_format="json")
+    p.close_for(exchange(p))
+    pinned = set()
+    for tid in os.listdir(f"/proc/{p.pid}/task"):
+        with open(f"/proc/{p.pid}/task/{tid}/status") as f:
+            allowed = next(l.split()[1] for l in f if l.startswith("Cpus_allowed_list:"))
+        if "," not in allowed and "-" not in allowed:
+            pinned.add(int(allowed))
+    # Worker 0 on the first CPU, worker 1 on the second; the main and log threads free.
+    assert pinned == {cpus[0], cpus[1]}, pinned
