@@ -199,3 +199,52 @@ def test_fuzzed_headers_never_harm_the_proxy(proxy, echo_server):
             assert line["cause"] == "bad_proxy_header", (data, line)
     one()
     assert p.stop() == 0
+
+
+@pytest.mark.default_tier_backends("uring")
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["copy"])
+def test_source_balancing_follows_the_carried_address(proxy, echo_server):
+    from netutil import EchoServer
+    others = [EchoServer(), EchoServer()]
+    try:
+        p = proxy(echo_server.addr, "--upstream", others[0].addr, "--upstream", others[1].addr,
+                  "--balance", "source", "--accept-proxy", log_format="json")
+
+        def upstream_for(src_ip: str, port: int) -> str:
+            hdr = expected_header(1, (src_ip, port), ("198.51.100.1", 443))
+            with send_through(p, hdr + b"ping") as c:
+                assert c.recv(4) == b"ping"
+            return p.close_for(f"{src_ip}:{port}")["upstream"]
+        # One carried client, many connections (all from 127.0.0.1 really): one upstream.
+        assert len({upstream_for("203.0.113.9", 1000 + i) for i in range(6)}) == 1
+        # Many carried clients: spread over the pool.
+        assert len({upstream_for(f"203.0.113.{i}", 2000) for i in range(1, 25)}) == 3
+    finally:
+        errors = [e for s in others for e in s.close()]
+        assert not errors, errors
+
+
+@pytest.mark.epoll_modes("splice")
+def test_a_header_in_and_out_in_every_mode(proxy, upstream):
+    """The header is read before any data path exists and written before its first
+    operation: every mode (peek sets its peek offset only after it) forwards the rest."""
+    up = upstream()
+    src, dst = ("192.0.2.1", 4242), ("192.0.2.2", 80)
+    want = expected_header(1, src, dst)
+
+    def handler(conn):
+        got = b""
+        while len(got) < len(want) + 6:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        conn.sendall(b"answer")
+        return got
+    fut = up.serve_next(handler)
+    p = proxy(up.addr, "--accept-proxy", "--proxy-protocol", "v1", log_format="json")
+    with send_through(p, expected_header(2, src, dst) + b"hello!") as c:
+        assert c.recv(6) == b"answer"
+    assert fut.result(10) == want + b"hello!"
+    assert p.close_for(fmt_addr(src))["bytes_c2u"] == 6

@@ -73,6 +73,7 @@ def test_metrics_after_a_known_load(proxy, refusing_upstream, echo_server):
     assert v("uring_proxy_upstream_active", upstream=echo_server.addr) == 0
     assert v("uring_proxy_engine_cqes_total") > 0 and v("uring_proxy_engine_sqes_total") > 0
     assert v("uring_proxy_engine_cq_overflows_total") == 0
+    assert got[("uring_proxy_iowq_threads", frozenset())] >= 0     # the process's, unlabelled
     assert scrape(maddr, "/other")[0] == 404
 
 

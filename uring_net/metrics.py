@@ -14,6 +14,7 @@ Counters come from every frontend's engine, labelled frontend="NAME"
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import time
@@ -61,6 +62,18 @@ UPSTREAM = [
     ("uring_proxy_upstream_health_transitions_total", "counter",
      "Changes between up and down.", "transitions"),
 ]
+
+
+def iowq_threads() -> int:
+    """The process's io-wq workers, counted where the kernel lists its threads."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().startswith("iou-wrk")
+        except OSError:
+            pass                # the thread ended meanwhile
+    return n
 
 
 def _esc(v: str) -> str:
@@ -136,6 +149,9 @@ def render(proxies) -> str:
            "Splice mode on io_uring: the cap on io-wq worker threads (0: none or uncapped).")
     for fe, p, _, _, _ in per:
         out.append(f'uring_proxy_iowq_workers{{frontend="{_esc(fe)}"}} {p.iowq_workers}')
+    family("uring_proxy_iowq_threads", "gauge",
+           "io-wq worker threads the process has now (all rings; the kernel names them iou-wrk).")
+    out.append(f"uring_proxy_iowq_threads {iowq_threads()}")
     for name, kind, help_, key in UPSTREAM:
         family(name, kind, help_)
         for fe, p, _, ups, _ in per:
