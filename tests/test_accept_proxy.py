@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from netutil import connect, expect_closed, fmt_addr
-from test_pool import SIG, expected_header
+from test_pool import SIG, expected_header, read_then_reply
 
 from uring_net import _core
 
@@ -97,17 +97,7 @@ def test_carried_address_is_the_client_and_is_sent_on(proxy, upstream, version, 
     up = upstream()
     carried_src, carried_dst = ("203.0.113.7", 51234), ("198.51.100.1", 443)
     want = expected_header(2, carried_src, carried_dst)
-
-    def handler(conn):
-        got = b""
-        while len(got) < len(want) + 5:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        conn.sendall(b"reply")
-        return got
-    fut = up.serve_next(handler)
+    fut = up.serve_next(read_then_reply(lambda: len(want) + 5, b"reply"))
     p = proxy(up.addr, "--accept-proxy", "--proxy-protocol", "v2", log_format="json")
     assert p.listening["accept_proxy"] == "v1,v2"
     with send_through(p, expected_header(version, carried_src, carried_dst) + b"hello", chunks) as c:
@@ -232,17 +222,7 @@ def test_a_header_in_and_out_in_every_mode(proxy, upstream):
     up = upstream()
     src, dst = ("192.0.2.1", 4242), ("192.0.2.2", 80)
     want = expected_header(1, src, dst)
-
-    def handler(conn):
-        got = b""
-        while len(got) < len(want) + 6:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        conn.sendall(b"answer")
-        return got
-    fut = up.serve_next(handler)
+    fut = up.serve_next(read_then_reply(lambda: len(want) + 6, b"answer"))
     p = proxy(up.addr, "--accept-proxy", "--proxy-protocol", "v1", log_format="json")
     with send_through(p, expected_header(2, src, dst) + b"hello!") as c:
         assert c.recv(6) == b"answer"

@@ -278,6 +278,21 @@ def test_retries_bound_the_upstreams_a_connection_tries(proxy, echo_server, retr
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
+def read_then_reply(nbytes, reply: bytes):
+    """An upstream handler: read nbytes() bytes (or to EOF), send `reply`, return what
+    it read (the header the proxy sent, then the client's bytes)."""
+    def handler(conn):
+        got = b""
+        while len(got) < nbytes():
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        conn.sendall(reply)
+        return got
+    return handler
+
+
 def expected_header(version: int, src: tuple, dst: tuple) -> bytes:
     """The specification's bytes, written out here independently of the engine."""
     fam = socket.AF_INET6 if ":" in src[0] else socket.AF_INET
@@ -300,19 +315,7 @@ def test_proxy_protocol_header_comes_first_byte_exact(proxy, upstream, version, 
     host = "::1" if family == "ipv6" else "127.0.0.1"
     up = upstream(host)
     seen = {}
-
-    def handler(conn):
-        want = seen["want"]
-        got = b""
-        while len(got) < len(want) + 5:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        conn.sendall(b"reply")
-        return got
-
-    fut = up.serve_next(handler)
+    fut = up.serve_next(read_then_reply(lambda: len(seen["want"]) + 5, b"reply"))
     p = proxy(up.addr, "--proxy-protocol", f"v{version}",
               listen=f"[{host}]:0" if family == "ipv6" else f"{host}:0", log_format="json")
     assert p.listening["proxy_protocol"] == f"v{version}"

@@ -17,6 +17,7 @@ its joins), for workers to end, and for a reload to do.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -26,6 +27,23 @@ from . import service
 from .config import Config, ConfigError
 from .log import Log
 from .proxy import Proxy, StartupError, log_stopped, open_listener, sum_stats
+
+
+@contextlib.contextmanager
+def _handlers(sigs: dict, wakeup_fd: int | None = None):
+    """Our signal handlers (and wakeup fd) while serving, the caller's after.
+    They go in before any listening line: a script that reads the port and
+    signals at once must still get a clean exit 0."""
+    old = {sig: signal.signal(sig, h) for sig, h in sigs.items()}
+    old_wakeup = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False) \
+        if wakeup_fd is not None else None
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        if wakeup_fd is not None:
+            signal.set_wakeup_fd(old_wakeup)
 
 
 class Generation:
@@ -261,6 +279,14 @@ class Supervisor:
 
     # --- the main thread ---------------------------------------------------------
 
+    def _failed(self, e: Exception) -> int:
+        """Exit status 1, with the one line that says why."""
+        if isinstance(e, StartupError):
+            self.log.raw(f"uring-proxy: error: {e}")
+        else:       # io_uring_enter failed in a way the engine cannot ride out
+            self.log.raw(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}")
+        return 1
+
     def serve_inline(self, name, cfg: Config) -> int:
         """One engine and nothing to reload: it runs on this thread, as the
         signals do (set_wakeup_fd wakes its wait). No thread to start or join:
@@ -274,78 +300,63 @@ class Supervisor:
             self.log.event("reload", result="nothing to do", reason="no --config file; flags "
                            "cannot be re-read")
         sigs = {signal.SIGINT: p.request_stop, signal.SIGTERM: p.request_stop, signal.SIGHUP: hup}
-        # Handlers go in before the listening line: a script that reads the
-        # port and signals at once must still get a clean exit 0.
-        old = {sig: signal.signal(sig, h) for sig, h in sigs.items()}
-        old_wakeup = signal.set_wakeup_fd(p.wakeup_w.fileno(), warn_on_full_buffer=False)
-        try:
-            p.start()
-            service.notify("READY=1", f"STATUS=listening on {p.address} backend={p.backend} "
-                                      f"mode={cfg.mode} workers=1")
-            log_stopped(self.log, cfg, p.run(report=False))
-            return 0
-        except StartupError as e:
-            self.log.raw(f"uring-proxy: error: {e}")
-            return 1
-        except OSError as e:
-            # io_uring_enter failed in a way the engine cannot ride out.
-            self.log.raw(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}")
-            return 1
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            signal.set_wakeup_fd(old_wakeup)
-            p.close()
+        with _handlers(sigs, p.wakeup_w.fileno()):
+            try:
+                p.start()
+                service.notify("READY=1", f"STATUS=listening on {p.address} backend={p.backend} "
+                                          f"mode={cfg.mode} workers=1")
+                log_stopped(self.log, cfg, p.run(report=False))
+                return 0
+            except (StartupError, OSError) as e:
+                return self._failed(e)
+            finally:
+                p.close()
 
     def serve(self, frontends: list) -> int:
         if len(frontends) == 1 and self.workers == 1 and self.config_path is None:
             return self.serve_inline(*frontends[0])
         sigs = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.ask_reload}
-        old = {sig: signal.signal(sig, h) for sig, h in sigs.items()}
-        try:
-            gen = self.launch(frontends)
-            where = " ".join(f"{g[0].name + '=' if g[0].name else ''}{g[0].address}"
-                             for g in gen.groups)
-            service.notify("READY=1", f"STATUS=listening on {where} backend={gen.proxies[0].backend} "
-                                      f"mode={gen.proxies[0].cfg.mode} workers={self.workers}")
-            while True:
-                live = False
-                for g in list(self.generations):
+        with _handlers(sigs):
+            try:
+                return self._serve_threads(frontends)
+            except (StartupError, OSError) as e:
+                return self._failed(e)
+            finally:
+                self.stop()
+                for g in self.generations:
                     for t in g.threads:
-                        if t.is_alive():
-                            live = True
-                            t.join(0.2)         # signal handlers run between joins
-                    if not any(t.is_alive() for t in g.threads) and not g.reported:
-                        self._report(g)
-                if self.reload_asked.is_set() and not self.stopping.is_set():
-                    self.reload_asked.clear()
-                    self.reload()
-                    continue
-                if not live:
-                    break
-            errors = [e for g in self.generations for e in g.errors]
-            if errors:
-                raise errors[0]
-            return 0
-        except StartupError as e:
-            self.log.raw(f"uring-proxy: error: {e}")
-            return 1
-        except OSError as e:
-            # io_uring_enter failed in a way the engine cannot ride out.
-            self.log.raw(f"uring-proxy: error: the io_uring loop failed: {e.strerror or e}")
-            return 1
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            self.stop()
-            for g in self.generations:
+                        t.join(10)
+                    for p in g.proxies:
+                        p.close()
+                for socks in self.sockets.values():
+                    for s in socks:
+                        s.close()
+
+    def _serve_threads(self, frontends: list) -> int:
+        gen = self.launch(frontends)
+        where = " ".join(f"{g[0].name + '=' if g[0].name else ''}{g[0].address}"
+                         for g in gen.groups)
+        service.notify("READY=1", f"STATUS=listening on {where} backend={gen.proxies[0].backend} "
+                                  f"mode={gen.proxies[0].cfg.mode} workers={self.workers}")
+        while True:
+            live = False
+            for g in list(self.generations):
                 for t in g.threads:
-                    t.join(10)
-                for p in g.proxies:
-                    p.close()
-            for socks in self.sockets.values():
-                for s in socks:
-                    s.close()
+                    if t.is_alive():
+                        live = True
+                        t.join(0.2)         # signal handlers run between joins
+                if not any(t.is_alive() for t in g.threads) and not g.reported:
+                    self._report(g)
+            if self.reload_asked.is_set() and not self.stopping.is_set():
+                self.reload_asked.clear()
+                self.reload()
+                continue
+            if not live:
+                break
+        errors = [e for g in self.generations for e in g.errors]
+        if errors:
+            raise errors[0]
+        return 0
 
     def _report(self, gen: Generation):
         """A generation whose workers have all ended: its frontends' stopped lines;
