@@ -5,6 +5,7 @@ client and upstream each send one deterministic pattern and verify the other's, 
 each side sees a clean EOF right after the last byte. The close line must count exactly
 the bytes delivered and say cause=normal.
 """
+import os
 import socket
 
 import pytest
@@ -70,7 +71,9 @@ _chunks = st.lists(st.integers(1, 200_000), max_size=12)
 _pauses = st.lists(st.sampled_from([0.0, 0.0, 0.001, 0.005]), max_size=12)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+# 100 examples in each variant under make test-full, 50 under make test (its budget).
+@settings(max_examples=100 if os.environ.get("URING_NET_TEST_FULL") else 50, deadline=None,
+          derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(c2u=_sizes, u2c=_sizes, c_chunks=_chunks, u_chunks=_chunks, c_pauses=_pauses,
        u_pauses=_pauses, c_recv=_chunks, u_recv=_chunks)
