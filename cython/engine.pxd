@@ -127,7 +127,7 @@ cdef struct Stats:
     uint64_t zc_copied          # ... of which the kernel reported it copied anyway
     uint64_t zc_registered_bufs  # buffers registered for SEND_ZC_FIXED (on first use)
     uint64_t zc_register_fails   # a registration refused: registered sends off
-    uint64_t zc_eopnotsupp      # SEND_ZC refused at run time: zero-copy turned off
+    uint64_t zc_eopnotsupp      # SEND_ZC refused at run time (EOPNOTSUPP, ENOMEM): zero-copy off
     uint64_t zc_backoffs        # auto mode: directions that went back to copying sends
     uint64_t failovers          # upstreams given up on for the next --upstream
     uint64_t replayed_bytes     # peek: bytes sent again to the next upstream

@@ -26,12 +26,16 @@ cdef void on_send_zc(Engine e, Flow *f, int d, int res, uint32_t cflags, uint32_
         e.st.zc_sends += 1
     else:
         g.notif -= 1                  # counted at submit; none will come
-    if res == -EOPNOTSUPP:
-        # The kernel or this socket cannot send zero-copy: nothing was
-        # sent. Turn zero-copy off for good (one event: Python logs it) and
-        # let dir_step send the same bytes the copying way.
+    if res == -EOPNOTSUPP or res == -ENOMEM:
+        # EOPNOTSUPP: the kernel or this socket cannot send zero-copy.
+        # ENOMEM: the kernel cannot pin the pages -- for a process without
+        # CAP_IPC_LOCK they count against RLIMIT_MEMLOCK, which registering
+        # the buffers may already have met (reset every flow with ENOMEM
+        # before: 4 of 4 1 MiB echoes at an 8 MiB limit). Either way nothing
+        # was sent. Turn zero-copy off for good (one event: Python logs it,
+        # with the reason) and let dir_step send the same bytes the copying way.
         if e.zc:
-            e.events.note(EV_FALLBACK, FB_SEND_ZC, EOPNOTSUPP, 0, e.batch_ns)
+            e.events.note(EV_FALLBACK, FB_SEND_ZC, -res, 0, e.batch_ns)
         e.zc = False
         e.st.zc_eopnotsupp += 1
         f.dir[d].flags &= ~D_SEND_BUSY

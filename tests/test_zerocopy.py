@@ -7,6 +7,8 @@ notification could not corrupt bytes here. What is checked instead is the owners
 accounting: every send that promised a notification got one, and every buffer came
 back to the pool (the fixture checks buffers_out == 0 for every proxy it ran).
 """
+import os
+
 import pytest
 
 from netutil import BgThread, connect, duplex, fmt_addr, reset_close, send_stream
@@ -150,3 +152,34 @@ def test_auto_backs_off_zero_copy_where_the_kernel_copies(proxy, echo_server):
     if zc["loopback_copies"] == "yes":
         assert st["zc_backoffs"] == 2, st           # both directions judged, both off
         assert 2 * 16 <= st["zc_sends"] < 2 * 1024 // 4, st
+
+
+@pytest.mark.parametrize("mode", ["zerocopy", "auto"])
+def test_pinned_memory_running_out_falls_back_to_copy_sends(echo_server, mode):
+    """A process without CAP_IPC_LOCK pins zero-copy pages against RLIMIT_MEMLOCK. Once
+    registering buffers has met the limit, a SEND_ZC on plain addresses fails with
+    ENOMEM having sent nothing: that must turn zero-copy off with one line and send the
+    same bytes by copy, not reset the flow (it reset all four of these before)."""
+    import shutil
+
+    from conftest import ProxyProcess, proxy_argv
+    if os.geteuid() != 0 or not (shutil.which("prlimit") and shutil.which("setpriv")):
+        pytest.fail("needs root, prlimit and setpriv (util-linux) to drop CAP_IPC_LOCK")
+    limit = 1 << 20        # the rings fit; the registered pool does not
+    argv = ["prlimit", f"--memlock={limit}:{limit}", "setpriv", "--inh-caps=-ipc_lock",
+            "--bounding-set=-ipc_lock",
+            *proxy_argv("127.0.0.1:0", echo_server.addr, "uring", mode, log_format="json")]
+    p = ProxyProcess(argv, "json")
+    try:
+        for seed in range(4):
+            with connect(p.listen_addr) as c:
+                client = fmt_addr(c.getsockname())
+                duplex(c, send_seed=seed, send_total=1 << 20, recv_seed=seed, recv_total=1 << 20)
+            line = p.close_for(client)
+            assert (line["cause"], line["bytes_u2c"]) == ("normal", 1 << 20), line
+        fb = [(e["feature"], e["reason"]) for e in p.lines if e["event"] == "fallback"]
+        assert ("send_zc", "ENOMEM at run time") in fb, fb
+        assert fb.count(("send_zc", "ENOMEM at run time")) == 1, fb
+    finally:
+        assert p.stop() == 0, p.stderr_text()
+    assert not p.problems(), p.problems()

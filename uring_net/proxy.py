@@ -475,7 +475,8 @@ class Proxy:
                                reason=errno.errorcode.get(ev["errno"], "?"),
                                using="SEND_ZC on plain addresses (pages pinned per send)")
             elif kind == "fallback":
-                self.log.event("fallback", feature=ev["feature"], reason="EOPNOTSUPP at run time",
+                reason = errno.errorcode.get(ev["errno"], str(ev["errno"]))
+                self.log.event("fallback", feature=ev["feature"], reason=f"{reason} at run time",
                                using="copy-mode sends")
         if closes:
             self.log.events("close", closes)
