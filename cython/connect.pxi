@@ -53,10 +53,9 @@ cdef void accept_pause(Engine e, int err, uint32_t pause_ms) noexcept nogil:
         io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ACCEPT_TIMER, 0))
 
 # Decides whether an accept should be in flight: not while stopping or
-# draining, not
-# while paused on a resource error or while accepted clients still wait
-# for an fd, not while the flow table is full (HAProxy's maxconn:
-# connections wait in the kernel's backlog).
+# draining, not while paused on a resource error or while accepted
+# clients still wait for an fd, not while the flow table is full
+# (HAProxy's maxconn: connections wait in the kernel's backlog).
 cdef void accept_step(Engine e) noexcept nogil:
     cdef io_uring_sqe *s
     cdef bint want = (e.listen_fd >= 0 and not e.stopping and not e.accept_off
