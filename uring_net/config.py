@@ -385,8 +385,6 @@ def disabled_features(env=os.environ) -> frozenset:
 
 
 def config_from_args(ns: argparse.Namespace) -> Config:
-    if getattr(ns, "config", None) and (ns.listen or ns.upstream):
-        raise ConfigError("--config gives the listeners and upstreams; not with --listen or --upstream")
     if not ns.listen or not ns.upstream:
         raise ConfigError("--listen and --upstream are both required (or use --probe, or 'uring-proxy demo')")
     if ns.buffers & (ns.buffers - 1):

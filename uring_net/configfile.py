@@ -25,8 +25,7 @@ from .config import Config, ConfigError, build_parser, config_from_args, parse_e
 
 GLOBAL_KEYS = ("log_format", "verbose", "metrics", "workers", "cpu_affinity")
 # Flags that are commands or process-wide, not settings of a frontend.
-NOT_FRONTEND = {"help", "probe", "config", "check_config", "log_format", "verbose", "upstream",
-                "metrics", "workers", "cpu_affinity"}
+NOT_FRONTEND = {"help", "probe", "config", "check_config", "upstream", *GLOBAL_KEYS}
 FRONTEND_ONLY = ("name", "listen", "upstreams")
 
 

@@ -107,8 +107,9 @@ def _frontends(proxies):
 
 def render(proxies) -> str:
     """The exposition text for every frontend of `proxies` (each started)."""
-    per = [(fe, ps[0], st, ups, causes) for fe, ps, st, ups, causes, _ in _frontends(proxies)]
-    workers = [(fe, ps, each) for fe, ps, _, _, _, each in _frontends(proxies)]
+    groups = _frontends(proxies)        # each engine's counters read once per scrape
+    per = [(fe, ps[0], st, ups, causes) for fe, ps, st, ups, causes, _ in groups]
+    workers = [(fe, ps, each) for fe, ps, _, _, _, each in groups]
     out = []
 
     def family(name, kind, help_):

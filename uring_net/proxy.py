@@ -115,7 +115,7 @@ class Proxy:
         self._kick_accept = False
         self.on_accept_stopped = None     # reload: called once this engine accepts no more
         self.iowq_workers = 0     # splice mode on io_uring: the io-wq cap (0: none or uncapped)
-        self.metrics_at = None    # (Endpoint, every frontend's Proxy): serve /metrics from here
+        self.metrics_at = None    # (listening socket, the Proxies to count): serve /metrics here
         self.metrics = None
         self.listener = None
         self.ring = None          # the io_uring driver, when that is the backend
@@ -223,11 +223,8 @@ class Proxy:
             pool["workers"] = self.workers
         if self.metrics_at is not None:
             from .metrics import MetricsServer
-            endpoint, proxies = self.metrics_at     # endpoint: a listening socket
-            try:
-                self.metrics = MetricsServer(endpoint, self.engine, proxies, self.log)
-            except OSError as e:
-                raise ConfigError(e.strerror) from None
+            sock, proxies = self.metrics_at     # the supervisor's listening socket
+            self.metrics = MetricsServer(sock, self.engine, proxies, self.log)
             self.say("metrics", listen=self.metrics.address, path="/metrics")
         self.say("listening", listen=self.address, upstream=",".join(map(str, cfg.upstreams)),
                        backend=self.backend, mode=cfg.mode, **pool)
