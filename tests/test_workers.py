@@ -2,6 +2,7 @@
 stopped line and metrics summed; a worker whose loop fails is replaced while the others
 serve."""
 import os
+import subprocess
 
 import pytest
 
@@ -104,3 +105,24 @@ def test_cpu_affinity_pins_each_worker_to_one_cpu(proxy, echo_server):
             pinned.add(int(allowed))
     # Worker 0 on the first CPU, worker 1 on the second; the main and log threads free.
     assert pinned == {cpus[0], cpus[1]}, pinned
+
+
+def test_reuseport_lets_two_processes_share_the_port(proxy, echo_server):
+    """--reuseport is the process model run by a service manager: two uring-proxy
+    processes on one port, each with its own accept queue, both serving; without
+    it the second cannot bind."""
+    first = proxy(echo_server.addr, "--reuseport", log_format="json")
+    listen = first.listen_addr
+    # The port is held by a socket with SO_REUSEPORT; one without cannot join it.
+    refused = subprocess.run(proxy_argv(listen, echo_server.addr, proxy.backend, proxy.mode),
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and f"cannot listen on {listen}" in refused.stderr, refused
+    second = proxy(echo_server.addr, "--reuseport", listen=listen, log_format="json")
+    # The kernel hashes each connection to one of the two queues: all 40 landing
+    # on one has odds of 2**-39.
+    for _ in range(40):
+        exchange(first)
+    assert first.stop() == 0 and second.stop() == 0
+    served = [next(e for e in p.lines if e["event"] == "stopped")["connections"]
+              for p in (first, second)]
+    assert sum(served) == 40 and min(served) > 0, served

@@ -62,6 +62,7 @@ class Config:
     iowq_workers: int | None = None   # splice: None = one per CPU
     replay_window: int = 65536
     backlog: int = 1024
+    reuseport: bool = False                # SO_REUSEPORT even with one worker
     verbose: int = 0
     log_format: str = "text"
     disabled: frozenset = frozenset()
@@ -345,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "are held (at most a quarter of the socket's receive buffer)")
     p.add_argument("--backlog", type=_positive_int("--backlog", 1, 65535), default=1024, metavar="N",
                    help="listen backlog")
+    p.add_argument("--reuseport", action="store_true",
+                   help="set SO_REUSEPORT on the listener even with one worker, so that several "
+                        "uring-proxy processes (say, one systemd unit per CPU) can listen on the "
+                        "same port, each with its own accept queue; --workers sets it anyway")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics: connections, bytes, "
                         "closes by cause, each upstream's state and counters, the engine's batches; "
@@ -419,6 +424,6 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         idle_timeout=ns.idle_timeout, client_fin_timeout=ns.client_fin_timeout,
         server_fin_timeout=ns.server_fin_timeout, tcp_keepalive=ns.tcp_keepalive,
         drain_timeout=ns.drain_timeout,
-        backlog=ns.backlog, verbose=ns.verbose,
+        backlog=ns.backlog, reuseport=ns.reuseport, verbose=ns.verbose,
         log_format=ns.log_format, disabled=disabled_features(),
     )

@@ -140,7 +140,9 @@ class Proxy:
         from . import _core
 
         cfg = self.cfg
-        self.listener = self.given_listener if self.given_listener is not None else open_listener(cfg)
+        self.listener = self.given_listener
+        if self.listener is None:
+            self.listener = open_listener(cfg, reuseport=cfg.reuseport)
         try:
             self.caps, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled, cfg.max_conns)
         except backend.BackendUnavailable as e:

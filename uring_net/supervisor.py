@@ -93,7 +93,7 @@ class Supervisor:
         if key in self.sockets:
             return key, self.sockets[key]
         if self.workers == 1:
-            socks = [open_listener(cfg)]
+            socks = [open_listener(cfg, reuseport=cfg.reuseport)]
         else:
             socks = [open_listener(cfg, reuseport=True)]
             port = socks[0].getsockname()[1]
