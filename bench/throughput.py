@@ -374,6 +374,7 @@ class Path_:
     name: str
     kind: str  # direct | haproxy | nginx | socat | uring
     args: list[str] = field(default_factory=list)
+    procs: int = 1  # uring: proxy processes sharing the port with --reuseport
 
     @property
     def is_proxy(self) -> bool:
@@ -399,8 +400,11 @@ def all_paths() -> list[Path_]:
 
 
 def extra_paths() -> list[Path_]:
-    return [Path_("uring-proxy-copy-2w", "uring", ["--backend", "uring", "--mode", "copy",
-                                                   "--workers", "2"])]
+    copy = ["--backend", "uring", "--mode", "copy"]
+    # Two engines as threads of one process (--workers 2) and as two processes
+    # (--reuseport), for the choice docs/architecture.md explains.
+    return [Path_("uring-proxy-copy-2w", "uring", [*copy, "--workers", "2"]),
+            Path_("uring-proxy-copy-2p", "uring", copy, procs=2)]
 
 
 def select_paths(spec: str | None) -> tuple[list[Path_], bool]:
@@ -456,6 +460,8 @@ class Proxy:
             self.argv = [sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
                          "--upstream", f"127.0.0.1:{upstream_port}", *workers, *self.path.args,
                          *proxy_args]
+            if self.path.procs > 1:
+                self.argv = self._procs_argv(self.argv, self.path.procs)
         else:
             raise AssertionError(kind)
         if self.cpus:
@@ -471,21 +477,37 @@ class Proxy:
         else:
             wait_listening(self.port, self.proc, self.path.name, self.logfile)
 
+    def _procs_argv(self, argv: list[str], procs: int) -> list[str]:
+        """A shell that runs `procs` copies of the proxy on one port (--reuseport),
+        waits for them and exits with the worst status. The measured pid is the
+        shell's: its tree holds every copy. It ignores the group's SIGTERM itself,
+        so that it reports the proxies' exit statuses rather than its own death."""
+        self.port = free_port()
+        one = shlex.join([a if a != "127.0.0.1:0" else f"127.0.0.1:{self.port}" for a in argv]
+                         + ["--reuseport"])
+        starts = "; ".join(f"{one} & p{i}=$!" for i in range(procs))
+        waits = "; ".join(f"wait $p{i} || rc=$?" for i in range(procs))
+        return ["sh", "-c", f"rc=0; {starts}; trap '' TERM; {waits}; exit $rc"]
+
     def _wait_listening_line(self) -> int:
-        """The port from uring-proxy's `listening on HOST:PORT` line (text or JSON)."""
+        """The port from uring-proxy's `listening on HOST:PORT` line (text or JSON),
+        once every process of the path has printed one."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
+            ports = []
             for line in self.logfile.read_text(errors="replace").splitlines():
                 m = re.search(r"listening on (?:\[[^\]]*\]|[^\s:]+):(\d+)", line)
                 if m:
-                    return int(m.group(1))
-                if line.startswith("{"):
+                    ports.append(int(m.group(1)))
+                elif line.startswith("{"):
                     try:
                         ev = json.loads(line)
                     except ValueError:
                         continue
                     if ev.get("event") == "listening":
-                        return int(str(ev["listen"]).rsplit(":", 1)[1])
+                        ports.append(int(str(ev["listen"]).rsplit(":", 1)[1]))
+            if len(ports) >= self.path.procs:
+                return ports[0]
             if self.proc.poll() is not None:
                 raise RunError(f"{self.path.name} exited with status {self.proc.returncode}"
                                " before its listening line" + _tail(self.logfile))
@@ -644,23 +666,27 @@ def measure(children: Children, server: IperfServer, path: Path_, seconds: int,
 
 
 def _stopped_fields(proxy_log: str) -> dict:
-    """The integer fields of uring-proxy's final `stopped` line (text or JSON), with
-    the byte totals under their JSON names (bytes_c2u, bytes_u2c); {} if absent."""
-    for line in reversed(proxy_log.splitlines()):
+    """The integer fields of uring-proxy's `stopped` line (text or JSON), with the
+    byte totals under their JSON names (bytes_c2u, bytes_u2c); {} if absent. Several
+    processes on one port (a path's `procs`) print one each: their sum."""
+    total: dict = {}
+    for line in proxy_log.splitlines():
+        kv = {}
         if line.startswith("stopped "):
             kv = {k: int(v) for k, v in re.findall(r"\b(\w+)=(\d+)\b", line)}
             if "c2u" in kv:
                 kv["bytes_c2u"] = kv.pop("c2u")
             if "u2c" in kv:
                 kv["bytes_u2c"] = kv.pop("u2c")
-            return kv
-        if line.startswith("{") and '"stopped"' in line:
+        elif line.startswith("{") and '"stopped"' in line:
             try:
                 ev = json.loads(line)
             except ValueError:
-                return {}
-            return {k: v for k, v in ev.items() if isinstance(v, int)}
-    return {}
+                continue
+            kv = {k: v for k, v in ev.items() if isinstance(v, int)}
+        for k, v in kv.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 # ---------------------------------------------------------------- report
