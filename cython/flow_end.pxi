@@ -276,3 +276,28 @@ cdef void flow_release(Engine e, uint32_t slot, Flow *f) noexcept nogil:
     e.nactive -= 1
     fdw_retry(e)      # its two fds are closed now
     accept_step(e)
+
+
+# --- a worker whose loop failed ------------------------------------------------
+
+cdef void flows_reset(Engine self) noexcept:
+    """Every open flow's sockets closed with an RST (SO_LINGER 0) and its
+    pipes closed, at once and without the ring: its clients and upstreams see
+    a reset, never a connection that hangs (Engine.reset_all)."""
+    cdef uint32_t i
+    cdef int side, fd
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    for i in range(self.slots_used):
+        if self.flows[i].state == F_FREE:
+            continue
+        for side in range(2):
+            if self.flows[i].fd[side] >= 0:
+                setsockopt(self.flows[i].fd[side], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+                close(self.flows[i].fd[side])
+                self.flows[i].fd[side] = -1
+            for fd in (self.flows[i].dir[side].pipe_r, self.flows[i].dir[side].pipe_w):
+                if fd >= 0:
+                    close(fd)
+            self.flows[i].dir[side].pipe_r = self.flows[i].dir[side].pipe_w = -1
