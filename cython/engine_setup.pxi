@@ -76,7 +76,9 @@ cdef int engine_setup(Engine self, driver, config) except -1:
 
     br = self.drv.buf_ring_setup(entries, recv_inc, &err)
     if br == NULL:
-        raise OSError(-err, f"registering the provided-buffer ring failed: {os.strerror(-err)}")
+        raise OSError(-err, f"registering the provided-buffer ring ({entries} entries) failed: "
+                      f"{os.strerror(-err)}" + (", locked memory (RLIMIT_MEMLOCK) is short: raise it "
+                      "or use --backend epoll" if err == -ENOMEM else ""))
     self.pool.attach(br, buffers)
 
     # Zero-copy sends from registered buffers save pinning pages per send.

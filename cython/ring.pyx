@@ -254,15 +254,17 @@ cdef class Ring(Driver):
         finally:
             lsock.close()
 
-    def probe_buf_ring(self):
-        """True if provided-buffer rings can be registered (5.19+): every
-        recv of the engine picks its buffer from one."""
+    def buf_ring_error(self, unsigned entries=2):
+        """0 if a provided-buffer ring of `entries` can be registered now, else
+        the errno: EINVAL before 5.19 (every recv of the engine picks its
+        buffer from one), ENOMEM where locked memory (RLIMIT_MEMLOCK, without
+        CAP_IPC_LOCK) cannot hold that many entries next to the rings."""
         cdef int err = 0
-        cdef io_uring_buf_ring *br = uc_setup_buf_ring(&self.ring, 2, 0x7ff2, 0, &err)
+        cdef io_uring_buf_ring *br = uc_setup_buf_ring(&self.ring, entries, 0x7ff2, 0, &err)
         if br == NULL:
-            return False
-        uc_free_buf_ring(&self.ring, br, 2, 0x7ff2)
-        return True
+            return -err
+        uc_free_buf_ring(&self.ring, br, entries, 0x7ff2)
+        return 0
 
     def probe_nop(self):
         """True if a NOP submitted now completes: the ring is usable, not only

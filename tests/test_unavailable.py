@@ -110,6 +110,42 @@ def test_auto_backend_takes_epoll_when_the_mode_needs_a_missing_operation(echo_s
     assert r.returncode == 1 and "SPLICE" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_auto_backend_takes_epoll_when_locked_memory_cannot_hold_the_buffer_ring(echo_server):
+    """Without CAP_IPC_LOCK the rings and the provided-buffer ring count against
+    RLIMIT_MEMLOCK. With a limit the rings fit in (about 200 KiB for 64 flows) but a
+    ring of 32,768 buffers (512 KiB) does not, auto must serve on epoll and say why in
+    one line; it exited 1 when the engine met ENOMEM. --backend uring names the limit.
+    One worker: each worker has rings of its own, and a second would not fit either."""
+    import shutil
+    if os.geteuid() != 0 or not (shutil.which("prlimit") and shutil.which("setpriv")):
+        pytest.fail("needs root, prlimit and setpriv (util-linux) to drop CAP_IPC_LOCK")
+    limit = 384 << 10
+    pre = ["prlimit", f"--memlock={limit}:{limit}", "setpriv", "--inh-caps=-ipc_lock",
+           "--bounding-set=-ipc_lock"]
+    args = [sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0", "--upstream",
+            echo_server.addr, "--workers", "1", "--max-conns", "64", "--max-buffers", "32768"]
+    p = ProxyProcess([*pre, *args])
+    try:
+        assert p.listening["backend"] == "epoll", p.listening
+        fallbacks = [l for l in p.raw_lines if l.startswith("fallback feature=io_uring ")]
+        assert len(fallbacks) == 1 and "ENOMEM" in fallbacks[0] and "RLIMIT_MEMLOCK" in fallbacks[0], \
+            p.raw_lines
+        _echo_through(p, 3)
+        p.wait_for_close(1, 10)
+    finally:
+        assert p.stop() == 0, p._tail()
+    r = subprocess.run([*pre, *args, "--backend", "uring"], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and "RLIMIT_MEMLOCK" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # The control: with room for it, the same command runs on io_uring.
+    roomy = 4 << 20
+    p = ProxyProcess(["prlimit", f"--memlock={roomy}:{roomy}", *pre[2:], *args])
+    try:
+        assert p.listening["backend"] == "uring", p.listening
+    finally:
+        assert p.stop() == 0, p._tail()
+
+
 def test_auto_backend_uses_io_uring_where_it_works(echo_server):
     p = ProxyProcess([sys.executable, "-m", "uring_net", "--listen", "127.0.0.1:0",
                       "--upstream", echo_server.addr])

@@ -73,9 +73,9 @@ class Capabilities:
         # The epoll driver carries out every operation the engine submits.
         return self.ring is None or self.ring.supports(op)
 
-    def unusable(self, mode: str) -> str | None:
-        """None if this backend can run `mode`, else what it lacks: the reason
-        `--backend auto` takes epoll instead."""
+    def unusable(self, mode: str, buf_entries: int = 2) -> str | None:
+        """None if this backend can run `mode` with a buffer ring of `buf_entries`,
+        else what it lacks: the reason `--backend auto` takes epoll instead."""
         if self.ring is None:
             return None
         if not self.ring.probe_nop():
@@ -83,7 +83,11 @@ class Capabilities:
         missing = [op for op in BASE_OPS + MODE_OPS.get(mode, ()) if not self.has_op(op)]
         if mode == "splice" and "splice" in self.disabled:
             missing.append(f"SPLICE ({FORCED})")
-        if not self.ring.probe_buf_ring():
+        err = self.ring.buf_ring_error(buf_entries)
+        if err == errno.ENOMEM:
+            return (f"registering the provided-buffer ring ({buf_entries} entries) failed: ENOMEM, "
+                    "locked memory (RLIMIT_MEMLOCK) is short")
+        if err:
             missing.append("provided-buffer rings (Linux 5.19+)")
         if missing:
             return f"io_uring lacks what --mode {mode} needs: {', '.join(missing)}"

@@ -140,11 +140,13 @@ class Proxy:
         from . import _core
 
         cfg = self.cfg
+        max_buffers = self.max_buffers()
         self.listener = self.given_listener
         if self.listener is None:
             self.listener = open_listener(cfg, reuseport=cfg.reuseport)
         try:
-            self.caps, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled, cfg.max_conns)
+            self.caps, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled, cfg.max_conns,
+                                            max_buffers)
         except backend.BackendUnavailable as e:
             self.listener.close()
             raise StartupError(str(e)) from None
@@ -175,7 +177,7 @@ class Proxy:
         self._raise_nofile()      # the mode is settled: how many fds a flow needs is known
         self.engine = _core.Engine(self.driver, EngineConfig(
             mode=cfg.mode, max_conns=cfg.max_conns, buffers=cfg.buffers,
-            buffer_size=cfg.buffer_size, max_buffers=self.max_buffers(),
+            buffer_size=cfg.buffer_size, max_buffers=max_buffers,
             max_inflight=cfg.max_inflight, connect_timeout=cfg.connect_timeout,
             zc_threshold=cfg.zc_threshold, replay_window=cfg.replay_window,
             pipe_size=pipe_size, segs_per_buf=_segs_per_buf(),
