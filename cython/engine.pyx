@@ -450,9 +450,9 @@ cdef class Engine:
         """Flows closed so far, by cause name."""
         return {name: self.cause_n[code] for code, (name, _) in CAUSES.items()}
 
-    def set_close_format(self, fmt, upstreams, errno_names):
+    def set_close_format(self, fmt, upstreams, errno_names, frontend=None):
         """Close records drain as rendered lines (EventLog.set_close_format)."""
-        self.events.set_close_format(fmt, upstreams, errno_names)
+        self.events.set_close_format(fmt, upstreams, errno_names, frontend)
 
     def drain_events(self):
         """What happened since the last call (EventLog.drain): flows closed,

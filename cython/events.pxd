@@ -49,6 +49,7 @@ cdef class EventLog:
     cdef bint json_lines
     cdef const char *upstream_names[LINE_NAMES]
     cdef const char *errno_names[LINE_NAMES]
+    cdef const char *frontend      # the config file's frontend name, or NULL
     cdef list names_kept
     cdef char *text                # the rendered lines of one drain
     cdef size_t text_cap

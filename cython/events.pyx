@@ -58,10 +58,12 @@ cdef const char *CLOSE_JSON = (b'{"event": "close", "ts": %s, "client": "%s", "u
                                b'"bytes_c2u": %llu, "bytes_u2c": %llu, "duration_ms": %s, '
                                b'"cause": "%s", "term": "%s"')
 # The optional fields and the line's end, [text, json].
+cdef const char *FRONTEND[2]
 cdef const char *FAILOVERS[2]
 cdef const char *ERROR_NAME[2]
 cdef const char *ERROR_NUMBER[2]
 cdef const char *LINE_END[2]
+FRONTEND[:] = [b" frontend=%s", b', "frontend": %s']
 FAILOVERS[:] = [b" failovers=%u", b', "failovers": %u']
 ERROR_NAME[:] = [b" error=%s", b', "error": "%s"']
 ERROR_NUMBER[:] = [b" error=%d", b', "error": "%d"']
@@ -121,11 +123,12 @@ cdef class EventLog:
         free(self.recs)
         free(self.text)
 
-    def set_close_format(self, str fmt, upstreams, errno_names):
+    def set_close_format(self, str fmt, upstreams, errno_names, frontend=None):
         """From now on drain() hands over close records as rendered lines
         ({"event": "close_lines", "text": ..., "lines": n}): `fmt` "text" or
         "json", `upstreams` the --upstream names by index, `errno_names` a
-        name per errno number below LINE_NAMES."""
+        name per errno number below LINE_NAMES, `frontend` the name each
+        line ends with (a config file's frontends share one log)."""
         if fmt not in ("text", "json") or len(upstreams) > LINE_NAMES:
             raise ValueError("fmt must be text or json, with at most 256 upstreams")
         self.json_lines = fmt == "json"
@@ -139,6 +142,11 @@ cdef class EventLog:
             err = (errno_names[i] if i < len(errno_names) else str(i)).encode()
             self.names_kept.append(err)
             self.errno_names[i] = err
+        self.frontend = NULL
+        if frontend is not None:
+            name = (_json.dumps(frontend) if self.json_lines else frontend).encode()
+            self.names_kept.append(name)
+            self.frontend = name
         self.render_closes = True
 
     # One close line at self.text + at (room ensured by the caller); returns
@@ -164,6 +172,8 @@ cdef class EventLog:
             n = snprintf(p, room, CLOSE_TEXT, client, self.upstream_names[r.up_idx],
                          <unsigned long long>r.c2u_bytes, <unsigned long long>r.u2c_bytes,
                          duration, cause, term)
+        if self.frontend != NULL:
+            n += snprintf(p + n, room - n, FRONTEND[self.json_lines], self.frontend)
         if r.failovers:
             n += snprintf(p + n, room - n, FAILOVERS[self.json_lines], <unsigned>r.failovers)
         if r.err > 0 and r.err < LINE_NAMES:

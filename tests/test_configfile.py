@@ -139,6 +139,8 @@ upstreams = ["{b.addr}", {{address = "{a.addr}", weight = 2}}]
             # "two" is smooth weighted round robin over b (1) and a (2): a, b, a.
             ups_seen = [e["upstream"] for e in p.closes()]
             assert ups_seen == [a.addr, a.addr, b.addr, a.addr], ups_seen
+            # The frontends share one log: each close line says whose it is.
+            assert [e["frontend"] for e in p.closes()] == ["one", "two", "two", "two"], p.closes()
             # One endpoint, every frontend's counters, by name.
             maddr = next(e for e in p.lines if e["event"] == "metrics")["listen"]
             status, text = scrape(maddr)
@@ -148,7 +150,8 @@ upstreams = ["{b.addr}", {{address = "{a.addr}", weight = 2}}]
                     for n in ("one", "two")] == [1, 3]
             assert p.stop(signal.SIGTERM) == 0
             stopped = [e for e in p.lines if e["event"] == "stopped"]
-            assert sorted(e["connections"] for e in stopped) == [1, 3], stopped
+            assert sorted((e["frontend"], e["connections"]) for e in stopped) == [("one", 1), ("two", 3)], \
+                stopped
             assert not p.problems(), p.problems()
         finally:
             if p.returncode is None:

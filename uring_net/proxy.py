@@ -202,7 +202,8 @@ class Proxy:
         self.upstream_names += ["?"] * (NO_UPSTREAM - len(self.upstream_names)) + ["-"]
         # Close lines are rendered by the engine, in C, a batch at a time.
         self.engine.set_close_format(self.log.fmt, self.upstream_names,
-                                     [errno.errorcode.get(i, str(i)) for i in range(256)])
+                                     [errno.errorcode.get(i, str(i)) for i in range(256)],
+                                     self.name)
         for up in cfg.upstreams:
             self.engine.add_upstream(up.family, up.host, up.port, up.weight)
         if self.health_from is not None:
@@ -379,7 +380,7 @@ class Proxy:
         stats = eng.stats()
         self.log.event("stats", level=2, **stats)
         if report:
-            log_stopped(self.log, self.cfg, stats)
+            log_stopped(self.log, self.cfg, stats, self.name)
         return stats
 
     def _drain_flows(self):
@@ -445,8 +446,11 @@ class Proxy:
             if kind == "close":
                 err = ev.pop("errno")
                 ev["upstream"] = ups[ev.pop("upstream_index")]
-                if not ev["failovers"]:
-                    del ev["failovers"]
+                failovers = ev.pop("failovers")
+                if self.name is not None:       # the order the engine renders
+                    ev["frontend"] = self.name
+                if failovers:
+                    ev["failovers"] = failovers
                 if err:
                     ev["error"] = errno.errorcode.get(err, str(err))
                 closes.append(ev)
@@ -534,8 +538,9 @@ def sum_stats(many: list) -> dict:
     return out
 
 
-def log_stopped(log: Log, cfg: Config, stats: dict):
-    """The stopped line: a frontend's totals (its workers' summed)."""
+def log_stopped(log: Log, cfg: Config, stats: dict, name: str | None = None):
+    """The stopped line: a frontend's totals (its workers' summed), named when
+    it is one of a config file's."""
     # The pool's size at the end: it grows past --buffers only while flows
     # hold buffers (splice mode reads into pipes, not the pool).
     pool = {} if cfg.mode == "splice" else {"pool_buffers": stats["pool_buffers"]}
@@ -570,7 +575,7 @@ def log_stopped(log: Log, cfg: Config, stats: dict):
               buffers_out=stats["bufs_held"], segments_out=stats["segments_out"],
               ring_order_errors=stats["ring_order_errors"],
               cancel_fallbacks=stats["cancel_fallbacks"],
-              **pool, **extra)
+              **pool, **extra, **({"frontend": name} if name is not None else {}))
 
 
 def set_crash_knob():

@@ -364,7 +364,7 @@ class Supervisor:
         gen.reported = True
         for fi, g in enumerate(gen.groups):
             if gen.final.get(fi):
-                log_stopped(self.log, g[0].cfg, sum_stats(gen.final[fi]))
+                log_stopped(self.log, g[0].cfg, sum_stats(gen.final[fi]), g[0].name)
         # A frontend the file no longer has: its sockets close once no
         # generation still running uses them.
         live = set().union(*(g.keys for g in self.generations if not g.reported))
