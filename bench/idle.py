@@ -31,7 +31,6 @@ import datetime as _dt
 import json
 import os
 import resource
-import shlex
 import socket
 import subprocess
 import sys

@@ -16,7 +16,7 @@ import time
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from netutil import (IO_TIMEOUT, BgThread, Pattern, Verifier, family_of, fmt_addr, parse_addr,
+from netutil import (IO_TIMEOUT, BgThread, Verifier, family_of, fmt_addr, parse_addr,
                      reset_close, send_stream)
 
 KiB = 1 << 10

@@ -107,7 +107,7 @@ import throughput as tp  # noqa: E402  (paths, proxies, children, /proc accounti
 import http_rate as hr  # noqa: E402  (nginx upstream, wrk)
 import perfparse as pp  # noqa: E402  (the parsers and figures)
 import perfreport as rp  # noqa: E402  (the markdown)
-from perfparse import NA, is_na  # noqa: E402
+from perfparse import NA  # noqa: E402
 
 PERF = shutil.which("perf") or "/usr/bin/perf"
 STRACE = shutil.which("strace") or "/usr/bin/strace"
