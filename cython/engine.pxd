@@ -134,6 +134,7 @@ cdef struct Stats:
     uint64_t peek_eagain        # peek: peeks that found nothing past the offset
     uint64_t consumed_bytes     # peek: bytes dropped from client sockets after delivery
     uint64_t splice_eagain      # splice: splices that found nothing to move
+    uint64_t splice_bytes       # splice: bytes moved pipe -> socket (live, not at close)
     uint64_t zc_close_waits     # flows whose fds closed with zero-copy notifications owed
     uint64_t zc_close_wait_ns   # ... and the time they then waited for them, summed
     uint64_t unknown_cqes       # CQEs whose user_data names no op of ours: dropped

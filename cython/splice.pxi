@@ -49,6 +49,7 @@ cdef void on_splice_out(Engine e, Flow *f, int d, int res) noexcept nogil:
             e.st.short_sends += 1
         D.pipe_bytes -= <uint32_t>res
         D.moved_bytes += <uint32_t>res
+        e.st.splice_bytes += <uint32_t>res
     if f.state != F_OPEN:
         return
     if res > 0:

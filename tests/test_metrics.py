@@ -78,6 +78,33 @@ def test_metrics_after_a_known_load(proxy, refusing_upstream, echo_server):
 
 
 @pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
+@pytest.mark.parametrize("mode", ["splice"])
+def test_splice_counters_move_with_the_bytes(proxy, echo_server):
+    """Splice mode's bytes are counted as they move, not when the connection ends
+    (uring_proxy_bytes_total's rule), so a long stream shows in the rate at once."""
+    p = proxy(echo_server.addr, "--metrics", "127.0.0.1:0", log_format="json")
+    maddr = next(e for e in p.lines if e["event"] == "metrics")["listen"]
+    fe = ("frontend", "default")
+    with connect(p.listen_addr) as c:
+        client = fmt_addr(c.getsockname())
+        c.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000:
+            got += c.recv(1000 - len(got))
+        live = samples(scrape(maddr)[1])
+        # The echo's 1000 bytes went both ways through the pipes; none has ended.
+        assert live[("uring_proxy_splice_bytes_total", frozenset({fe}))] == 2000
+        assert live[("uring_proxy_bytes_total", frozenset({fe, ("direction", "c2u")}))] == 0
+        assert live[("uring_proxy_splice_pipes_pooled", frozenset({fe}))] >= 0
+    p.close_for(client)
+    ended = samples(scrape(maddr)[1])
+    assert ended[("uring_proxy_splice_bytes_total", frozenset({fe}))] == 2000
+    assert ended[("uring_proxy_bytes_total", frozenset({fe, ("direction", "u2c")}))] == 1000
+    # Back in the pool once the flow ended (the pool is filled at start and kept full).
+    assert ended[("uring_proxy_splice_pipes_pooled", frozenset({fe}))] > 0
+
+
+@pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
 @pytest.mark.parametrize("mode", ["copy"])
 def test_metrics_follow_health_and_a_refused_client(proxy, refusing_upstream):
     p = proxy(refusing_upstream.addr, "--health-interval", "0.05", "--fall", "1",
