@@ -12,19 +12,52 @@
 
 import contextvars as _contextvars
 import heapq as _heapq
-import logging as _logging
-from asyncio import base_events as _abe, events as _aev, futures as _afutures
 
 cdef object _heappop = _heapq.heappop
 cdef object _heapify = _heapq.heapify
-cdef object _Handle = _aev.Handle
-cdef object _Future = _afutures.Future
-cdef object _base_call_soon = _abe.BaseEventLoop.call_soon
-cdef object _format_handle = _abe._format_handle
-cdef object _aio_logger = _logging.getLogger("asyncio")
-cdef double _MAX_SELECT_TIMEOUT = _abe.MAXIMUM_SELECT_TIMEOUT
-cdef Py_ssize_t _MIN_SCHEDULED = _abe._MIN_SCHEDULED_TIMER_HANDLES
-cdef double _MIN_CANCELLED_FRACTION = _abe._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+cdef object _copy_context = _contextvars.copy_context
+# asyncio's own objects and constants, bound by aio_bind() (below).
+cdef object _Handle = None
+cdef object _Future = None
+cdef object _base_call_soon = None
+cdef object _format_handle = None
+cdef object _aio_logger = None
+cdef double _MAX_SELECT_TIMEOUT = 0
+cdef Py_ssize_t _MIN_SCHEDULED = 0
+cdef double _MIN_CANCELLED_FRACTION = 0
+cdef bint _handle_by_slots = False
+cdef object _new_handle = None
+cdef bint _aio_bound = False
+
+
+def aio_bind():
+    """Bind asyncio's objects this module's loop and transports use. Called when
+    uring_net.aio is imported (and by LoopOps, whoever makes one): importing
+    asyncio with the extension cost every proxy start ~50 ms for nothing."""
+    global _Handle, _Future, _base_call_soon, _format_handle, _aio_logger
+    global _MAX_SELECT_TIMEOUT, _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
+    global _handle_by_slots, _new_handle, _aio_bound
+    if _aio_bound:
+        return
+    import logging
+    from asyncio import base_events, events, futures
+    stream_bind()
+    _Handle = events.Handle
+    _Future = futures.Future
+    _base_call_soon = base_events.BaseEventLoop.call_soon
+    _format_handle = base_events._format_handle
+    _aio_logger = logging.getLogger("asyncio")
+    _MAX_SELECT_TIMEOUT = base_events.MAXIMUM_SELECT_TIMEOUT
+    _MIN_SCHEDULED = base_events._MIN_SCHEDULED_TIMER_HANDLES
+    _MIN_CANCELLED_FRACTION = base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+    # asyncio's Handle.__init__ outside debug mode sets these slots and no
+    # others (3.11 to 3.13 agree); where that still holds, a Handle is made
+    # here without running it, two Python frames fewer per callback scheduled.
+    _handle_by_slots = _Handle.__slots__ == (
+        '_callback', '_args', '_cancelled', '_loop', '_source_traceback', '_repr',
+        '__weakref__', '_context')
+    _new_handle = _Handle.__new__
+    _aio_bound = True
 
 
 def loop_run_once(self):
@@ -99,16 +132,6 @@ def loop_run_once(self):
                 continue
             handle._run()
     handle = None       # breaks a cycle when a callback raised
-
-
-# asyncio's Handle.__init__ outside debug mode sets these slots and no
-# others (3.11 to 3.13 agree); where that still holds, a Handle is made here
-# without running it, two Python frames fewer per callback scheduled.
-cdef bint _handle_by_slots = _Handle.__slots__ == (
-    '_callback', '_args', '_cancelled', '_loop', '_source_traceback', '_repr',
-    '__weakref__', '_context')
-cdef object _new_handle = _Handle.__new__
-cdef object _copy_context = _contextvars.copy_context
 
 
 def loop_call_soon(self, callback, *args, context=None):

@@ -43,6 +43,8 @@ cdef enum:
 
 cdef class LoopOps:
     def __cinit__(self, PollSet polls):
+        if not _aio_bound:
+            aio_bind()          # asyncio's objects, for StreamIO and the loop's turn
         self.polls = polls
         self.pool_ring = None
         self.waiters = []

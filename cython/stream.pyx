@@ -31,13 +31,24 @@
 
 from cpython.bytearray cimport PyByteArray_AS_STRING
 
-import logging
-from asyncio import constants as _aconst, protocols as _aprotocols
+# asyncio's pieces, bound when uring_net.aio is imported (aio_bind in
+# loopcore.pyx), not with the extension: the proxy never uses asyncio, and
+# importing it was a third of every proxy's start-up.
+cdef object _logger = None
+cdef object _feed_buffered = None
+cdef object _BufferedProtocol = None
+cdef int _CONNLOST_LOG = 5
 
-cdef object _logger = logging.getLogger("asyncio")
-cdef object _feed_buffered = _aprotocols._feed_data_to_buffered_proto
-cdef object _BufferedProtocol = _aprotocols.BufferedProtocol
-cdef int _CONNLOST_LOG = _aconst.LOG_THRESHOLD_FOR_CONNLOST_WRITES
+
+cdef int stream_bind() except -1:
+    global _logger, _feed_buffered, _BufferedProtocol, _CONNLOST_LOG
+    import logging
+    from asyncio import constants, protocols
+    _logger = logging.getLogger("asyncio")
+    _feed_buffered = protocols._feed_data_to_buffered_proto
+    _BufferedProtocol = protocols.BufferedProtocol
+    _CONNLOST_LOG = constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES
+    return 0
 
 cdef enum:
     RM_POOL = 1     # into the loop's pool: the result is bytes (b"" at EOF)

@@ -43,11 +43,13 @@ import sys
 import warnings
 from asyncio import base_events, exceptions, selector_events, unix_events
 
-from ._core import (LoopOps, StreamIO, loop_call_soon, loop_create_future,
+from ._core import (LoopOps, StreamIO, aio_bind, loop_call_soon, loop_create_future,
                     loop_process_events, loop_run_once, loop_time)
 from .selectors import UringSelector, uring_available
 
 __all__ = ["Loop", "new_event_loop", "run", "install", "EventLoopPolicy"]
+
+aio_bind()      # the extension's loop code takes asyncio's objects from here on
 
 _PIPE_SIZE = 1 << 20        # sendfile's pipe: the bytes one splice pair moves
 
