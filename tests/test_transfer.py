@@ -51,14 +51,12 @@ def test_exact_transfer(proxy, upstream):
 
 
 @pytest.mark.time_limit(200)
-@pytest.mark.epoll_modes("copy")    # the byte path is the engine's; every mode in make test-full
 def test_256mib_both_directions(proxy, upstream):
     srv = upstream()
     p = proxy(srv.addr)
     transfer(p, srv, 256 * MiB, 256 * MiB, seed=7, timeout=150)
 
 
-@pytest.mark.epoll_modes("copy")    # (every mode in make test-full)
 def test_sequential_connections_reuse_state(proxy, upstream):
     """Many short connections one after another: slot reuse must not mix up flows."""
     srv = upstream()
