@@ -165,9 +165,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "time_limit(seconds): per-test limit of the suite's watchdog")
     config.addinivalue_line(
-        "markers", "default_tier_backends(*backends): the backends this test runs on in "
-        "the default tier (both with URING_NET_TEST_FULL=1)")
-    config.addinivalue_line(
         "markers", "epoll_modes(*modes): the modes this test runs on the epoll backend "
         "in the default tier (every mode with URING_NET_TEST_FULL=1, make test-full)")
 
@@ -562,12 +559,6 @@ def pytest_generate_tests(metafunc):
                              ids=[f"{b}-{m}-{f}" for b, m, f in combos])
         return
     if "backend" in metafunc.fixturenames and "backend" not in pinned:
-        # default_tier_backends(*b): a test of logic above the driver (balancing,
-        # parsing) runs on these backends in make test, on both in make test-full.
-        tier = metafunc.definition.get_closest_marker("default_tier_backends")
-        if tier is not None and not os.environ.get("URING_NET_TEST_FULL"):
-            metafunc.parametrize("backend", [b for b in BACKENDS if b in tier.args])
-            return
         metafunc.parametrize("backend", BACKENDS)
     if want == ["mode", "disabled_features"]:
         metafunc.parametrize("mode,disabled_features", [(m, FEATURE_SETS[f]) for m, f in VARIANTS],

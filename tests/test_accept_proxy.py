@@ -109,7 +109,6 @@ def test_carried_address_is_the_client_and_is_sent_on(proxy, upstream, version, 
 
 
 @engine_logic
-@pytest.mark.default_tier_backends("uring")       # the parser's verdicts; the polls: below
 @pytest.mark.parametrize("first,error", [
     (b"GET / HTTP/1.0\r\n\r\n", "EPROTO"),
     (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n", "EPROTO"),
@@ -191,7 +190,6 @@ def test_fuzzed_headers_never_harm_the_proxy(proxy, echo_server):
     assert p.stop() == 0
 
 
-@pytest.mark.default_tier_backends("uring")
 @pytest.mark.parametrize("disabled_features", [""], ids=["allfeatures"])
 @pytest.mark.parametrize("mode", ["copy"])
 def test_source_balancing_follows_the_carried_address(proxy, echo_server):

@@ -75,7 +75,6 @@ def pool_args(*addrs_weights, balance: str, extra=()):
 # --- balancing -----------------------------------------------------------------------
 
 @engine_logic
-@pytest.mark.default_tier_backends("uring")
 def test_roundrobin_spreads_by_weight_in_turn(proxy, echoes):
     a, b, c = echoes(3)
     first, args = pool_args((a.addr, 3), (b.addr, 1), (c.addr, 1), balance="roundrobin")
@@ -89,7 +88,6 @@ def test_roundrobin_spreads_by_weight_in_turn(proxy, echoes):
 
 
 @engine_logic
-@pytest.mark.default_tier_backends("uring")
 def test_first_sends_everything_to_the_first_up(proxy, echoes):
     a, b = echoes(2)
     p = proxy(a.addr, "--upstream", b.addr, "--balance", "first", log_format="json")
@@ -97,7 +95,6 @@ def test_first_sends_everything_to_the_first_up(proxy, echoes):
 
 
 @engine_logic
-@pytest.mark.default_tier_backends("uring")
 def test_leastconn_fills_the_least_loaded_per_weight(proxy, echoes):
     a, b = echoes(2)
     first, args = pool_args((a.addr, 3), (b.addr, 1), balance="leastconn")
@@ -120,7 +117,6 @@ def test_leastconn_fills_the_least_loaded_per_weight(proxy, echoes):
 
 
 @engine_logic
-@pytest.mark.default_tier_backends("uring")
 def test_source_keeps_each_client_on_its_upstream_while_it_is_up(proxy, echoes):
     ups = echoes(3)
     p = proxy(ups[0].addr, "--upstream", ups[1].addr, "--upstream", ups[2].addr,
@@ -306,7 +302,6 @@ def expected_header(version: int, src: tuple, dst: tuple) -> bytes:
 
 
 @engine_logic
-@pytest.mark.default_tier_backends("uring")       # one send(2), the same on both drivers
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_proxy_protocol_header_comes_first_byte_exact(proxy, upstream, version, family):
