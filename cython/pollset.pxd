@@ -10,11 +10,14 @@ cdef class PollSet:
     cdef uint32_t *want         # per fd: the poll mask asked for; 0 = not registered
     cdef uint16_t *gen          # per fd: the generation of its latest arm
     cdef uint8_t *state         # per fd: ST_* bits
+    cdef uint32_t *armed_in     # per fd: the select() (its number) that armed its poll
     cdef int *queue             # fds to arm at the next select()
     cdef unsigned nqueue
     cdef list keys              # per fd: what select() reports for it
     cdef LoopOps ops            # the event loop's operations on this ring, if any
     cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows, parked, moves
+    cdef readonly uint64_t rechecks, recheck_gone
+    cdef bint woke_before      # this select() found completions waiting as it began
     cdef unsigned long owner_tid    # the thread the ring was set up by
     # Write-only fds whose peer has half-closed, watched by an epoll set of
     # our own whose fd the ring polls (pollset.pyx says why).
@@ -29,6 +32,8 @@ cdef class PollSet:
     cdef void prep_remove(self, int fd) noexcept
     cdef void arm_queued(self) noexcept
     cdef list harvest(self)
+    cdef void recheck(self, pollfd *pfds, unsigned n, list out) noexcept
+    cdef void report(self, int fd, uint32_t revents, list out) noexcept
     cdef void park(self, int fd, list out) noexcept
     cdef void unpark(self, int fd) noexcept
     cdef void epoll_ready(self, list out) noexcept

@@ -28,6 +28,24 @@
 # events registered; the ring polls that set's fd like any other, and the fd
 # leaves it when it is modified or unregistered.
 #
+# A completion can be out of date: io_uring records the events a poll woke
+# with when the wake-up comes, and with DEFER_TASKRUN posts it only at the
+# next select(). A poll armed by an earlier select() that woke while the
+# caller was away (its bytes arrived, then the caller read them without
+# being told) would say "readable" of a socket that no longer is, where
+# EpollSelector, which asks at epoll_wait, says nothing; a caller doing a
+# blocking recv() on that word would hang. So when completions were already
+# waiting as select() began (the ring's TASKRUN flag, or posted ones), those
+# of polls armed by an earlier select() are checked with one poll(2) over all
+# of them, and only what it says now is reported. A poll armed by this
+# select() was checked by the kernel as it went in, and one that woke during
+# this select()'s wait is as fresh as epoll's answer: neither costs a
+# syscall. (tests/test_selector.py, test_same_answers_as_epoll, found it.)
+# What remains: a unix socket wakes its reader just after queueing the bytes,
+# outside the lock a reader takes, so a read on another CPU inside that
+# window, then select() at once, can still see the word (TCP wakes under the
+# socket's lock, which a reader waits for).
+#
 # user_data (userdata.pxd): owner OWNER_SELECTOR, slot = the fd, gen = the
 # fd's arm generation. Every arm takes a new generation, so the completion of
 # a poll that was removed, or that watched an fd number since closed and
@@ -80,6 +98,7 @@ cdef class PollSet:
         free(self.want)
         free(self.gen)
         free(self.state)
+        free(self.armed_in)
         free(self.queue)
 
     cdef int grow(self, int fd) except -1:
@@ -93,6 +112,7 @@ cdef class PollSet:
         if (grow_zeroed(<void **>&self.want, sizeof(uint32_t), self.cap, n)
                 or grow_zeroed(<void **>&self.gen, sizeof(uint16_t), self.cap, n)
                 or grow_zeroed(<void **>&self.state, sizeof(uint8_t), self.cap, n)
+                or grow_zeroed(<void **>&self.armed_in, sizeof(uint32_t), self.cap, n)
                 or grow_zeroed(<void **>&self.queue, sizeof(int), self.cap, n)):
             raise MemoryError()     # (the arrays grown so far keep their new size)
         self.keys.extend([None] * (n - self.cap))
@@ -162,6 +182,7 @@ cdef class PollSet:
             io_uring_prep_poll_add(s, fd, self.want[fd])
             io_uring_sqe_set_data64(s, ud_make(OWNER_SELECTOR, fd, self.gen[fd], SEL_POLL, 0))
             self.state[fd] |= ST_ARMED
+            self.armed_in[fd] = <uint32_t>self.selects
             self.arms += 1
         self.nqueue = 0
         if self.ep_queued and not self.ep_armed and self.epfd >= 0:
@@ -220,6 +241,7 @@ cdef class PollSet:
         cdef int64_t timeout_ns
         cdef double deadline = 0.0
         self.selects += 1
+        self.woke_before = r.completions_waiting()
         self.arm_queued()
         cdef bint poll_only = timeout is not None and timeout <= 0
         if timeout is not None and not poll_only:
@@ -262,16 +284,17 @@ cdef class PollSet:
 
     cdef list harvest(self):
         cdef io_uring_cqe *cqes[PS_BATCH]
-        cdef unsigned n, i
+        cdef pollfd pfds[PS_BATCH]
+        cdef unsigned n, i, nre
         cdef uint64_t ud
         cdef int fd
-        cdef uint32_t ready
         cdef list out = []
         while True:
             n = self.ring.peek_batch(cqes, PS_BATCH)
             if n == 0:
                 return out
             self.cqes += n
+            nre = 0
             for i in range(n):
                 ud = cqes[i].user_data
                 if ud_owner(ud) == OWNER_LOOP and self.ops is not None:
@@ -303,16 +326,40 @@ cdef class PollSet:
                     # The poll itself failed (EBADF: the fd was closed before
                     # its arm went in). Report it ready, as poll(2)'s POLLNVAL
                     # is: the caller's next call on it says what is wrong.
-                    ready = sel_events(POLLERR)
+                    self.report(fd, POLLERR, out)
+                elif not self.woke_before or self.armed_in[fd] == <uint32_t>self.selects:
+                    self.report(fd, <uint32_t>cqes[i].res, out)
                 else:
-                    # As epoll reports: what was asked for, errors, hang-ups
-                    # (not the POLLRDHUP io_uring adds).
-                    ready = sel_events(<uint32_t>cqes[i].res
-                                       & (self.want[fd] | POLLERR | POLLHUP))
-                ready &= (EV_READ if self.want[fd] & POLLIN else 0) | (EV_WRITE if self.want[fd] & POLLOUT else 0)
-                if ready:
-                    out.append((self.keys[fd], ready))
+                    # Armed by an earlier select(): ask again (top of the file).
+                    pfds[nre].fd = fd
+                    pfds[nre].events = <short>self.want[fd]
+                    pfds[nre].revents = 0
+                    nre += 1
             self.ring.advance(n)
+            if nre:
+                self.recheck(pfds, nre, out)
+
+    cdef void recheck(self, pollfd *pfds, unsigned n, list out) noexcept:
+        cdef unsigned i
+        self.rechecks += n
+        if poll(pfds, n, 0) < 0:
+            for i in range(n):      # (EINTR, ENOMEM) the completions' word, then
+                pfds[i].revents = pfds[i].events
+        for i in range(n):
+            if pfds[i].revents & POLLNVAL:
+                self.report(pfds[i].fd, POLLERR, out)
+            elif pfds[i].revents:
+                self.report(pfds[i].fd, <uint16_t>pfds[i].revents, out)
+            else:
+                self.recheck_gone += 1      # no longer ready: armed again next select()
+
+    cdef void report(self, int fd, uint32_t revents, list out) noexcept:
+        """As epoll reports: what was asked for, errors, hang-ups (not the
+        POLLRDHUP io_uring adds)."""
+        cdef uint32_t ready = sel_events(revents & (self.want[fd] | POLLERR | POLLHUP))
+        ready &= (EV_READ if self.want[fd] & POLLIN else 0) | (EV_WRITE if self.want[fd] & POLLOUT else 0)
+        if ready:
+            out.append((self.keys[fd], ready))
 
     cdef void park(self, int fd, list out) noexcept:
         cdef epoll_event ev
@@ -392,4 +439,5 @@ cdef class PollSet:
         return {"arms": self.arms, "removes": self.removes, "cqes": self.cqes,
                 "stale": self.stale, "selects": self.selects, "enters": self.enters,
                 "overflows": self.overflows, "parked": self.parked, "moves": self.moves,
+                "rechecks": self.rechecks, "recheck_gone": self.recheck_gone,
                 "setup": None if self.ring is None else self.ring.setup_mode}

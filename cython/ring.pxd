@@ -10,3 +10,5 @@ cdef class Ring(Driver):         # the contract's calls: driver.pxd
     cdef readonly bint ring_fd_registered
     cdef bint closed
     cdef bytearray op_supported       # index: opcode -> 1 if the probe says so
+
+    cdef bint completions_waiting(self) noexcept nogil    # the selector's, not the contract's

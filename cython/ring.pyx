@@ -181,6 +181,15 @@ cdef class Ring(Driver):
             return True         # no flag to read: completions may be pending
         return (self.ring.sq.kflags[0] & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0
 
+    # Completions the kernel has for us already, posted or not yet run (the
+    # TASKRUN flag); True where the ring has no flag to read.
+    cdef bint completions_waiting(self) noexcept nogil:
+        if io_uring_cq_ready(&self.ring):
+            return True
+        if not (self.setup_flags & IORING_SETUP_TASKRUN_FLAG):
+            return True
+        return (self.ring.sq.kflags[0] & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0
+
     cdef unsigned peek_batch(self, io_uring_cqe **cqes, unsigned n) noexcept nogil:
         return io_uring_peek_batch_cqe(&self.ring, cqes, n)
 

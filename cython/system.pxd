@@ -94,7 +94,7 @@ cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
 cdef extern from "<poll.h>" nogil:
-    unsigned POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP
+    unsigned POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP, POLLNVAL
     struct pollfd:
         int fd
         short events

@@ -9,7 +9,7 @@ import socket
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import NOFILE_LIMIT
@@ -300,6 +300,11 @@ step = st.one_of(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(step, max_size=25))
+# Found by this test: a poll armed by one select() wakes, the caller reads the byte
+# without being told, and the next select() must not call the socket readable.
+@example([("register", 0, R), ("select", 0, 0), ("send", 0, 1), ("recv", 0, 1)])
+@example([("register", 0, R), ("register", 1, R), ("select", 0, 0), ("send", 0, 1),
+          ("send", 1, 1), ("recv", 0, 1)])
 def test_same_answers_as_epoll(steps):
     """Any sequence of changes and socket traffic: after each select(0),
     UringSelector reports exactly what EpollSelector reports."""
