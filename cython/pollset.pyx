@@ -343,7 +343,7 @@ cdef class PollSet:
         cdef unsigned i
         self.rechecks += n
         if poll(pfds, n, 0) < 0:
-            for i in range(n):      # (EINTR, ENOMEM) the completions' word, then
+            for i in range(n):      # (EINTR, ENOMEM) what was asked for, as the completions said
                 pfds[i].revents = pfds[i].events
         for i in range(n):
             if pfds[i].revents & POLLNVAL:
