@@ -68,7 +68,14 @@ cdef void accept_step(Engine e) noexcept nogil:
             io_uring_prep_accept(s, e.listen_fd, NULL, NULL, SOCK_CLOEXEC)
         io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ACCEPT, 0))
         e.acc_armed = True
-    elif not want and e.acc_armed and not e.acc_cancel:
+    elif not want:
+        accept_cancel(e)
+
+# Cancel the accept in flight, once; its completion clears acc_armed, and
+# accept_step arms a new one if one is still wanted.
+cdef void accept_cancel(Engine e) noexcept nogil:
+    cdef io_uring_sqe *s
+    if e.acc_armed and not e.acc_cancel:
         s = e.sqe()
         io_uring_prep_cancel64(s, proxy_ud(0, 0, OP_ACCEPT, 0), 0)
         io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ENGINE_CANCEL, 0))

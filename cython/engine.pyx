@@ -472,12 +472,8 @@ cdef class Engine:
         cancelled: io_uring's accept waits are exclusive, so the wake-up was
         theirs alone, and those connections would sit in the queue until the
         next one came. A fresh accept looks at the queue at once."""
-        cdef io_uring_sqe *s
-        if self.acc_armed and not self.acc_cancel:
-            s = self.sqe()
-            io_uring_prep_cancel64(s, proxy_ud(0, 0, OP_ACCEPT, 0), 0)
-            io_uring_sqe_set_data64(s, proxy_ud(0, 0, OP_ENGINE_CANCEL, 0))
-            self.acc_cancel = True
+        with nogil:
+            accept_cancel(self)
 
     def close_listener(self):
         """Forget the listener once no accept is in flight (the caller closes
