@@ -12,3 +12,4 @@ cdef class Ring(Driver):         # the contract's calls: driver.pxd
     cdef bytearray op_supported       # index: opcode -> 1 if the probe says so
 
     cdef bint completions_waiting(self) noexcept nogil    # the selector's, not the contract's
+    cdef bint kernel_work(self) noexcept nogil

@@ -175,17 +175,15 @@ cdef class Ring(Driver):
         return io_uring_cq_ready(&self.ring)
 
     cdef bint must_enter(self) noexcept nogil:
-        if io_uring_sq_ready(&self.ring):
-            return True
-        if not (self.setup_flags & IORING_SETUP_TASKRUN_FLAG):
-            return True         # no flag to read: completions may be pending
-        return (self.ring.sq.kflags[0] & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0
+        return io_uring_sq_ready(&self.ring) != 0 or self.kernel_work()
 
-    # Completions the kernel has for us already, posted or not yet run (the
-    # TASKRUN flag); True where the ring has no flag to read.
+    # Completions the kernel has for us already, posted or not yet run.
     cdef bint completions_waiting(self) noexcept nogil:
-        if io_uring_cq_ready(&self.ring):
-            return True
+        return io_uring_cq_ready(&self.ring) != 0 or self.kernel_work()
+
+    # Completion work the kernel holds for us (the TASKRUN flag) or an
+    # overflow to flush; True where the ring has no flag to read.
+    cdef inline bint kernel_work(self) noexcept nogil:
         if not (self.setup_flags & IORING_SETUP_TASKRUN_FLAG):
             return True
         return (self.ring.sq.kflags[0] & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0
