@@ -51,11 +51,6 @@ class Log:
             return
         self.raw(self._render(event, fields))
 
-    def events(self, event: str, many) -> None:
-        """One line per fields dict in `many`, all of one event at level 0, handed
-        to the writer at once (a batch of close lines takes the lock once)."""
-        self.lines([self._render(event, fields) for fields in many])
-
     def raw(self, line: str) -> None:
         """Write one line as it is (error messages), in order with the events."""
         self.lines([line])

@@ -434,30 +434,12 @@ class Proxy:
     def _drain(self):
         """Log what the engine pushed since the last drain (one batch of records)."""
         ups = self.upstream_names
-        closes = []
         for ev in self.engine.drain_events():
             kind = ev.pop("event")
             if kind == "close_lines":
-                if closes:
-                    self.log.events("close", closes)
-                    closes = []
+                # Rendered by the engine (set_close_format at start): one block.
                 self.log.block(ev["text"], ev["lines"])
                 continue
-            if kind == "close":
-                err = ev.pop("errno")
-                ev["upstream"] = ups[ev.pop("upstream_index")]
-                failovers = ev.pop("failovers")
-                if self.name is not None:       # the order the engine renders
-                    ev["frontend"] = self.name
-                if failovers:
-                    ev["failovers"] = failovers
-                if err:
-                    ev["error"] = errno.errorcode.get(err, str(err))
-                closes.append(ev)
-                continue
-            if closes:          # in order with the other events
-                self.log.events("close", closes)
-                closes = []
             if kind == "accept_paused":
                 code = errno.errorcode.get(ev["errno"], str(ev["errno"]))
                 self._repeat(f"accept:{code}", ev["times"], "accept_paused", reason=code,
@@ -483,8 +465,6 @@ class Proxy:
                 reason = errno.errorcode.get(ev["errno"], str(ev["errno"]))
                 self.log.event("fallback", feature=ev["feature"], reason=f"{reason} at run time",
                                using="copy-mode sends")
-        if closes:
-            self.log.events("close", closes)
         self._say_held()
         dropped = self.engine.events_dropped
         if dropped != self._log_dropped_logged:
