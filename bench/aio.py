@@ -30,9 +30,9 @@ Is the generator the bottleneck?
     The c-echo rows answer it: the same generator against an echo server in C. A
     Python server well below c-echo's rate, with the generator's CPU (its own
     getrusage, printed per row) well under one core, is what limits the row. The
-    targets table also says, per cell, whether c-echo itself reaches the target
-    ratio over the other loop: where it does not, no Python loop can, and the
-    cell is out of reach on that machine.
+    targets table also says, per cell, whether c-echo itself reached the target
+    ratio over the other loop: where it did not, no Python loop could have in
+    that run, and the cell measured the machine more than the loops.
 
 Where the generator runs (--pin)
     SERVER:GENERATOR on two CPUs (the default, 1:0) is a client on another
@@ -253,9 +253,10 @@ def targets_table(summary, runs, sizes, conns):
     per-round pairs, and whether the cell can be met on this machine at all.
     c-echo (a C echo server on the same generator) is the fastest server the
     generator and the kernel allow: where c-echo itself is not target x the
-    other loop, no Python loop can be, and the cell says so."""
-    lines = ["| target | cells met / reachable / all | ratio per cell (size/conc): median "
-             "[per-round range]; c-echo's ratio where the cell is out of reach |",
+    other loop in that run, the cell measured the machine more than the loops
+    (no Python loop is faster than c-echo), and it says so."""
+    lines = ["| target | cells met / cells where c-echo met it / all | ratio per cell "
+             "(size/conc): median [per-round range]; c-echo's ratio where it did not |",
              "|---|---|---|"]
     for (api, other), want in TARGETS.items():
         got = []
@@ -275,7 +276,7 @@ def targets_table(summary, runs, sizes, conns):
         for name, r, pr, ok, ceiling in got:
             cell = f"{name} {r:.2f}x" + (f" [{min(pr):.2f}-{max(pr):.2f}]" if pr else "")
             if not ok:
-                cell += f" (out of reach: c-echo {ceiling:.2f}x)"
+                cell += f" (c-echo only {ceiling:.2f}x)"
             cells.append(cell)
         lines.append(f"| {api}: uring >= {want}x {other} | {met} / {reach} / {len(got)} | "
                      + ", ".join(cells) + " |")
