@@ -43,7 +43,9 @@ Where the generator runs (--pin)
     moved 4x between rounds on a firecracker VM (2026-12-01). One CPU for both
     (--pin 1:1) takes those wake-ups out: a send() that wakes the peer hands
     it the CPU there and then, the cells repeat within about 15%, and what
-    differs between loops is their CPU per request. It also favours a loop that
+    differs between loops is their CPU per request. The generator's own time
+    is then in every rate (c-echo's rate shows how much), so compare the
+    fastest loops by their CPU per request. It also favours a loop that
     tries a recv() before waiting (asyncio's sock_recv), since the peer has
     already answered by the time the server reads. The two placements are
     separate sections of docs/benchmarks.md.
