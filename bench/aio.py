@@ -39,11 +39,12 @@ Where the generator runs (--pin)
     core, as a real one is on another host: every message wakes a sleeping
     process on the other CPU. On a VM that wake-up is an inter-processor
     interrupt through the hypervisor, and a run settles either where both sides
-    stay busy or where each message pays a sleep and a wake-up: the same cell
-    moved 4x between rounds on a firecracker VM (2026-12-01). One CPU for both
-    (--pin 1:1) takes those wake-ups out: a send() that wakes the peer hands
-    it the CPU there and then, the cells repeat within about 15%, and what
-    differs between loops is their CPU per request. The generator's own time
+    stay busy or where each message pays a sleep and a wake-up: on a 2-CPU
+    firecracker VM (2026-12-02) a cell's fastest round was a median 1.9x its
+    slowest, and up to 5x. One CPU for both (--pin 1:1) takes those wake-ups
+    out: a send() that wakes the peer hands it the CPU there and then, a
+    cell's rounds differ by a median 18% (at most 55%), and what differs
+    between loops is their CPU per request. The generator's own time
     is then in every rate (c-echo's rate shows how much), so compare the
     fastest loops by their CPU per request. It also favours a loop that
     tries a recv() before waiting (asyncio's sock_recv), since the peer has
