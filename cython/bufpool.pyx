@@ -19,6 +19,21 @@
 # The pool never touches a socket or the ring's SQEs: the driver sets the
 # ring up (attach), the owner submits the recvs.
 
+# The provided-buffer ring's size for a pool of up to max(buffers, max_buffers)
+# buffers: the next power of two (the kernel's rule for a buffer ring).
+cdef uint32_t pool_ring_entries(uint32_t buffers, uint32_t max_buffers) noexcept nogil:
+    cdef uint32_t n = max(buffers, max_buffers), entries = 1
+    while entries < n and entries < (<uint32_t>1 << 31):
+        entries <<= 1
+    return entries
+
+
+def buf_ring_entries(uint32_t buffers, uint32_t max_buffers):
+    """The buffer ring's entries for a pool of --buffers/--max-buffers (the
+    probe registers one of that size before the engine does)."""
+    return pool_ring_entries(buffers, max_buffers)
+
+
 cdef class BufferPool:
     def __cinit__(self, *, uint32_t buffers, uint32_t max_buffers, uint32_t buffer_size,
                   uint64_t max_inflight, uint32_t holders, bint incremental=False,
@@ -27,9 +42,7 @@ cdef class BufferPool:
         self.max_bufs = max(buffers, max_buffers)
         if self.max_bufs > 32768:
             raise ValueError("at most 32768 buffers (the kernel's buffer-ring limit)")
-        self.entries = 1
-        while self.entries < self.max_bufs:
-            self.entries <<= 1
+        self.entries = pool_ring_entries(buffers, max_buffers)
         self.ring_mask = self.entries - 1
         self.buf_size = buffer_size
         self.inc = incremental

@@ -280,12 +280,12 @@ cdef void flow_release(Engine e, uint32_t slot, Flow *f) noexcept nogil:
 
 # --- a worker whose loop failed ------------------------------------------------
 
-cdef void flows_reset(Engine self) noexcept:
+cdef void flows_reset(Engine self) noexcept nogil:
     """Every open flow's sockets closed with an RST (SO_LINGER 0) and its
     pipes closed, at once and without the ring: its clients and upstreams see
     a reset, never a connection that hangs (Engine.reset_all)."""
     cdef uint32_t i
-    cdef int side, fd
+    cdef int side
     cdef linger lg
     lg.l_onoff = 1
     lg.l_linger = 0
@@ -297,7 +297,8 @@ cdef void flows_reset(Engine self) noexcept:
                 setsockopt(self.flows[i].fd[side], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
                 close(self.flows[i].fd[side])
                 self.flows[i].fd[side] = -1
-            for fd in (self.flows[i].dir[side].pipe_r, self.flows[i].dir[side].pipe_w):
-                if fd >= 0:
-                    close(fd)
+            if self.flows[i].dir[side].pipe_r >= 0:
+                close(self.flows[i].dir[side].pipe_r)
+            if self.flows[i].dir[side].pipe_w >= 0:
+                close(self.flows[i].dir[side].pipe_w)
             self.flows[i].dir[side].pipe_r = self.flows[i].dir[side].pipe_w = -1

@@ -34,25 +34,16 @@ def open_uring(max_conns: int = 4096):
         return None, e.strerror
 
 
-def buf_ring_entries(max_buffers: int) -> int:
-    """The provided-buffer ring's size for a pool of up to `max_buffers` buffers:
-    the next power of two (BufferPool's rule)."""
-    entries = 1
-    while entries < max_buffers:
-        entries <<= 1
-    return entries
-
-
 def choose(backend: str, mode: str, disabled=frozenset(), max_conns: int = 4096,
-           max_buffers: int = 2):
+           buf_entries: int = 2):
     """(capabilities, fallback_reason) for --backend `backend` and --mode `mode`:
     the Capabilities of the driver chosen (caps.driver, caps.backend).
 
     `fallback_reason` is set when auto chose epoll (the caller logs it once).
     --backend uring where io_uring cannot be set up raises BackendUnavailable;
     where an operation of the mode is missing it returns the ring, and the mode's
-    own set-up refuses or falls back as it always has. The buffer ring the pool of
-    `max_buffers` needs is registered once and let go: where locked memory cannot
+    own set-up refuses or falls back as it always has. A buffer ring of
+    `buf_entries` (the pool's, _core.buf_ring_entries) is registered once and let go: where locked memory cannot
     hold it, auto takes epoll rather than failing when the engine starts."""
     from . import _core
     if backend == "epoll":
@@ -64,7 +55,7 @@ def choose(backend: str, mode: str, disabled=frozenset(), max_conns: int = 4096,
         return Capabilities("epoll", _core.Epoll(), disabled), why
     caps = Capabilities("uring", ring, disabled)
     if backend == "auto":
-        why = caps.unusable(mode, buf_ring_entries(max_buffers))
+        why = caps.unusable(mode, buf_entries)
         if why:
             ring.close()
             return Capabilities("epoll", _core.Epoll(), disabled), why

@@ -146,7 +146,7 @@ class Proxy:
             self.listener = open_listener(cfg, reuseport=cfg.reuseport)
         try:
             self.caps, why = backend.choose(cfg.backend, cfg.mode, cfg.disabled, cfg.max_conns,
-                                            max_buffers)
+                                            _core.buf_ring_entries(cfg.buffers, max_buffers))
         except backend.BackendUnavailable as e:
             self.listener.close()
             raise StartupError(str(e)) from None
