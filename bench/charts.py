@@ -76,7 +76,7 @@ def grouped_bars(ax, groups: list[tuple[str, dict[str, dict]]], ylabel: str, log
             errs[0].append(v - lo if lo is not None else 0)
             errs[1].append(hi - v if hi is not None else 0)
         ax.bar(xs, ys, width, label=label,
-                      yerr=errs if any(errs[0] + errs[1]) else None, capsize=2)
+               yerr=errs if any(errs[0] + errs[1]) else None, capsize=2)
         for x in fails:
             # At the foot of the axes (x in data, y in axes units): a log axis has no 0.
             ax.text(x, 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=7,
