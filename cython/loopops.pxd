@@ -12,7 +12,7 @@ cdef class LoopOps:
     cdef list waiters           # per slot: called with the result, once
     cdef list keep              # per slot: kept alive while the kernel may read it
     cdef list done              # (waiter, res) harvested, for the loop to call
-    cdef readonly uint64_t submitted, completed, cancels, stale, nobufs
+    cdef readonly uint64_t submitted, completed, cancels, stale, nobufs, spec_misses
     # The receive pool: a provided-buffer ring (group 0) on the same ring, so
     # that an idle connection's pending recv holds no buffer of its own.
     cdef Ring pool_ring         # the ring the pool is registered with (None: none yet)
@@ -20,9 +20,15 @@ cdef class LoopOps:
     cdef char *pool
     cdef readonly unsigned pool_n, pool_size
     cdef public bint pooled     # receive into the pool (pool_available() said it works)
+    # try_recv: a receive that does not wait (loopops.pyx)
+    cdef char *scratch          # POOL_SIZE bytes, made on first use
+    cdef uint8_t *spec          # per fd: the backoff (level << 4 | tries left to skip)
+    cdef unsigned spec_cap
 
     cdef int pool_ready(self) except -1
     cdef void pool_drop(self, bint forked) noexcept
+    cdef bint spec_skip(self, int fd) except -1
+    cdef void spec_result(self, int fd, bint hit) noexcept
 
     cdef int take_slot(self) except -1
     cdef int take_slot_viewing(self, obj, int flags) except -1

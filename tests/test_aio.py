@@ -4,6 +4,7 @@ lost to a cancelled operation, bounded memory, fork, the fallback)."""
 
 import asyncio
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -129,20 +130,81 @@ def test_sock_methods_are_completions():
         s, addr = await conn_task
         assert addr == c.getsockname()
         for i in range(50):
+            # Nothing is there when the receive starts: it waits as an op.
+            recv = asyncio.ensure_future(loop.sock_recv(s, 1000))
+            await asyncio.sleep(0)
             await loop.sock_sendall(c, b"x" * 1000)
-            got = b""
+            got = await recv
             while len(got) < 1000:
                 got += await loop.sock_recv(s, 1000 - len(got))
         buf = bytearray(10)
+        recv = asyncio.ensure_future(loop.sock_recv_into(c, buf))
+        await asyncio.sleep(0)
         await loop.sock_sendall(s, b"0123456789")
-        n = await loop.sock_recv_into(c, buf)
+        n = await recv
         assert buf[:n] == b"0123456789"[:n]
         done = loop.stats()["ops"]["completed"] - before
         for x in (s, c, lsock):
             x.close()
         return done
 
-    assert aio.run(main()) >= 52        # accept, connect, 50 receives
+    assert aio.run(main()) >= 53        # accept, connect, 51 receives
+
+
+def test_sock_recv_takes_what_is_there_without_an_op():
+    # As asyncio's: bytes already received are returned at once, by recv(2).
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        out = []
+        for recv in (lambda: loop.sock_recv(a, 100),
+                     lambda: loop.sock_recv_into(a, bytearray(100))):
+            b.send(b"ready")
+            select.select([a], [], [], 10)
+            before = loop.stats()["ops"]["submitted"]
+            got = await recv()
+            out.append((got, loop.stats()["ops"]["submitted"] - before))
+        a.close()
+        b.close()
+        return out
+
+    assert aio.run(main()) == [(b"ready", 0), (5, 0)]
+
+
+def test_sock_recv_stops_trying_a_socket_that_has_nothing():
+    # A peer slower than the loop: the try before the wait finds nothing
+    # every time, so it is made less and less often (each a wasted syscall).
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        before = loop.stats()["ops"]["recv_tries_empty"]
+        for i in range(40):
+            recv = asyncio.ensure_future(loop.sock_recv(a, 100))
+            await asyncio.sleep(0)
+            await loop.sock_sendall(b, b"%d" % i)
+            assert await recv == b"%d" % i
+        empty = loop.stats()["ops"]["recv_tries_empty"] - before
+        # Bytes there again: once a try is made it finds them, and from then
+        # on every receive is a try that finds them, no op.
+        direct = []
+        for i in range(20):
+            b.send(b"%d" % i)
+            select.select([a], [], [], 10)
+            ops = loop.stats()["ops"]["submitted"]
+            assert await loop.sock_recv(a, 100) == b"%d" % i
+            direct.append(loop.stats()["ops"]["submitted"] == ops)
+        a.close()
+        b.close()
+        return empty, direct
+
+    empty, direct = aio.run(main())
+    assert 1 <= empty <= 6, empty      # tries 1, 3, 7, 15, 31 of 40 (then every 16th)
+    first = direct.index(True)
+    assert first <= 15 and all(direct[first:]), direct
 
 
 def test_transport_close_with_a_receive_in_flight_sends_the_fin_at_once():

@@ -7,9 +7,12 @@
     uring_net.aio.install()     # the policy, where asyncio still has policies
 
 What is a completion here, not readiness plus a syscall:
-- ``sock_recv``, ``sock_recv_into``, ``sock_accept``, ``sock_connect``, and
-  ``sock_sendall`` once the socket's buffer is full (a first ``send`` is
-  tried at once, as asyncio does);
+- ``sock_recv`` and ``sock_recv_into`` when nothing has been received yet
+  (bytes already there are taken at once by ``recv``, as asyncio does; a
+  socket where that try keeps finding nothing is tried less and less
+  often), ``sock_accept``, ``sock_connect``, and ``sock_sendall`` once the
+  socket's buffer is full (a first ``send`` is tried at once, as asyncio
+  does);
 - ``sock_sendfile`` and a transport's ``sendfile``: splices, file -> pipe ->
   socket;
 - every stream transport (``create_connection``, ``create_server``,
@@ -239,9 +242,22 @@ class Loop(unix_events._UnixSelectorEventLoop):
         fd = sock.fileno()
         if self._recv_stash and fd in self._recv_stash:
             return self._from_stash(fd, n)
-        self._ensure_fd_no_transport(fd)
         if n <= 0:
             return await super().sock_recv(sock, n)
+        # What is already there is taken now, as asyncio does: no op, no wait
+        # (and, as in asyncio, no look for a transport on the fd first).
+        res = self._ops.try_recv(fd, n)
+        if res is not None:
+            if type(res) is bytes:
+                return res
+            raise _error(res)
+        return await self._sock_recv_op(fd, n)
+
+    # (The waits of sock_recv and sock_sendall are methods of their own:
+    # their closures' variables would otherwise be cells made on every call,
+    # the calls that never wait included.)
+    async def _sock_recv_op(self, fd, n):
+        self._ensure_fd_no_transport(fd)
 
         def keep(res):      # a cancelled receive that still got bytes
             if type(res) is bytes and res:
@@ -282,6 +298,14 @@ class Loop(unix_events._UnixSelectorEventLoop):
             data = self._from_stash(fd, len(memoryview(buf)))
             memoryview(buf)[:len(data)] = data
             return len(data)
+        res = self._ops.try_recv_into(fd, buf)
+        if res is not None:
+            if res >= 0:
+                return res
+            raise _error(res)
+        return await self._sock_recv_into_op(fd, buf)
+
+    async def _sock_recv_into_op(self, fd, buf):
         self._ensure_fd_no_transport(fd)
         # A cancelled receive into the caller's buffer: the caller gave it up
         # with the cancellation, as with any cancelled recv_into.
@@ -296,12 +320,15 @@ class Loop(unix_events._UnixSelectorEventLoop):
             n = sock.send(data)
         except (BlockingIOError, InterruptedError):
             n = 0
+        if n and type(data) is bytes and n == len(data):
+            return                  # all of it, the usual case: no view to make
         view = memoryview(data).cast("B")
         if n == len(view):
             return
-        fd = sock.fileno()
+        await self._sock_send_op(sock.fileno(), view[n:])
+
+    async def _sock_send_op(self, fd, view):
         self._ensure_fd_no_transport(fd)
-        view = view[n:]
         while view:
             part = view
             res = await self._op(lambda w: self._ops.send(fd, part, w))
