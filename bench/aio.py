@@ -40,16 +40,16 @@ Where the generator runs (--pin)
     process on the other CPU. On a VM that wake-up is an inter-processor
     interrupt through the hypervisor, and a run settles either where both sides
     stay busy or where each message pays a sleep and a wake-up: on a 2-CPU
-    firecracker VM (2026-12-02) a cell's fastest round was a median 1.9x its
-    slowest, and up to 5x. One CPU for both (--pin 1:1) takes those wake-ups
-    out: a send() that wakes the peer hands it the CPU there and then, a
-    cell's rounds differ by a median 18% (at most 55%), and what differs
+    firecracker VM (2026-12-02) a cell's fastest round was a median 1.6-1.9x
+    its slowest, and up to 5.7x. One CPU for both (--pin 1:1) takes those
+    wake-ups out: a send() that wakes the peer hands it the CPU there and then,
+    a cell's rounds differ by a median 17-18% (at most 55%), and what differs
     between loops is their CPU per request. The generator's own time
     is then in every rate (c-echo's rate shows how much), so compare the
     fastest loops by their CPU per request. It also favours a loop that
-    tries a recv() before waiting (asyncio's sock_recv), since the peer has
-    already answered by the time the server reads. The two placements are
-    separate sections of docs/benchmarks.md.
+    tries a recv() before waiting (asyncio's sock_recv, uring_net.aio's
+    too), since the peer has already answered by the time the server reads.
+    The two placements are separate sections of docs/benchmarks.md.
 
 Usage (from the repository root)
     .venv/bin/python bench/aio.py                          # 3 rounds x 2 s, everything
