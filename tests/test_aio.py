@@ -255,6 +255,61 @@ def test_cancelled_sock_recv_loses_no_bytes():
     assert aio.run(main()) == b"early bytes, and later ones"
 
 
+def test_a_sock_recv_after_a_cancelled_one_keeps_the_bytes_in_order():
+    # A cancelled receive may already have completed with bytes ("A") that
+    # the loop has not harvested yet: another cancel's submit in the same
+    # turn ran its completion. A sock_recv made at once after the
+    # cancellation must not return later bytes ("B") before those.
+    async def main():
+        loop = asyncio.get_running_loop()
+        x, x_peer = socket.socketpair()
+        y, y_peer = socket.socketpair()
+        for sock in (x, y):
+            sock.setblocking(False)
+        tx = asyncio.ensure_future(loop.sock_recv(x, 100))
+        ty = asyncio.ensure_future(loop.sock_recv(y, 100))
+        for _ in range(3):
+            await asyncio.sleep(0)      # both receives in the kernel, waiting
+        # y's bytes arrive after the next turn's wait, before the
+        # cancellations run: x's cancel, submitted first, runs y's receive.
+        loop.call_soon(y_peer.send, b"A")
+        tx.cancel()
+        ty.cancel()
+        await asyncio.sleep(0)          # (runs after both cancellations, same turn)
+        y_peer.send(b"B")
+        got = [await loop.sock_recv(y, 100)]    # in this turn still (no wait_for task)
+        while len(b"".join(got)) < 2:
+            got.append(await asyncio.wait_for(loop.sock_recv(y, 100), 10))
+        for sock in (x, x_peer, y, y_peer):
+            sock.close()
+        return b"".join(got), tx.cancelled(), ty.cancelled()
+
+    assert aio.run(main()) == (b"AB", True, True)
+
+
+def test_a_sock_recv_cancelled_after_its_bytes_came_keeps_them():
+    # The receive completed and set its result; the task was cancelled
+    # before it ran again, so it raises CancelledError, and the bytes go to
+    # the next sock_recv (asyncio's own loop drops them).
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_recv(a, 100))
+        for _ in range(3):
+            await asyncio.sleep(0)      # its receive in the kernel, waiting
+        b.send(b"A")
+        loop.call_soon(task.cancel)     # runs after the turn's completions
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        got = await asyncio.wait_for(loop.sock_recv(a, 100), 10)
+        a.close()
+        b.close()
+        return got
+
+    assert aio.run(main()) == b"A"
+
+
 def test_cancelled_sock_accept_loses_no_connection():
     async def main():
         loop = asyncio.get_running_loop()

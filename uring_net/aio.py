@@ -44,6 +44,7 @@ import socket
 import struct
 import sys
 import warnings
+import weakref
 from asyncio import base_events, exceptions, selector_events, unix_events
 
 from ._core import (LoopOps, StreamIO, aio_bind, loop_call_soon, loop_create_future,
@@ -187,6 +188,8 @@ class Loop(unix_events._UnixSelectorEventLoop):
             warnings.warn(f"uring_net.aio: no receive buffer pool ({why}); each stream "
                           f"transport reads into a buffer of its own", RuntimeWarning)
         self._recv_stash = {}       # fd -> bytes a cancelled sock_recv received
+        self._recv_owed = {}        # fd -> [n, future]: n cancelled receives not back yet
+        _live_loops.add(self)
         self._accept_stash = {}     # fd -> [fds] a cancelled sock_accept accepted
 
     # -- the completions -------------------------------------------------
@@ -207,21 +210,28 @@ class Loop(unix_events._UnixSelectorEventLoop):
                 os.close(fd)
         self._accept_stash.clear()
         self._recv_stash.clear()
+        self._forget_owed()
 
     def stats(self):
         """The ring work done so far: the selector's polls and the loop's ops."""
         return {"polls": self._selector.stats(), "ops": self._ops.stats()}
 
-    async def _op(self, start, on_cancel=None):
+    async def _op(self, start, on_cancel=None, owed_fd=-1):
         """Submit an op (start(waiter) -> slot) and wait for its result. A
         cancelled wait cancels the op; on_cancel(res) then gets a result the
-        kernel still produced, so nothing it did is lost."""
+        kernel still produced, so nothing it did is lost. With owed_fd, the
+        next sock_recv on that fd waits for that result first (_recv_owed)."""
         fut = self.create_future()
+        owed = False
 
         def waiter(res):
+            nonlocal owed
             if fut.cancelled():
                 if on_cancel is not None:
                     on_cancel(res)
+                if owed:
+                    owed = False
+                    self._owed_back(owed_fd)
             else:
                 fut.set_result(res)
 
@@ -229,8 +239,41 @@ class Loop(unix_events._UnixSelectorEventLoop):
         try:
             return await fut
         except asyncio.CancelledError:
-            self._ops.cancel(slot, waiter)
+            if fut.done() and not fut.cancelled():
+                # Cancelled after the result came, before this task ran
+                # again: the op is done and its result is real.
+                if on_cancel is not None:
+                    on_cancel(fut.result())
+            elif owed_fd >= 0 and self._ops.cancel(slot, waiter):
+                owed = True
+                entry = self._recv_owed.get(owed_fd)
+                if entry is None:
+                    self._recv_owed[owed_fd] = [1, self.create_future()]
+                else:
+                    entry[0] += 1
+            elif owed_fd < 0:
+                self._ops.cancel(slot, waiter)
             raise
+
+    # A cancelled receive may have taken bytes whose completion the loop has
+    # not harvested yet: another cancel's submit in the same turn can run
+    # it. Until it is back (its bytes in _recv_stash), a new sock_recv on the
+    # fd would take the bytes after them first; so it waits for it.
+    def _owed_back(self, fd):
+        entry = self._recv_owed[fd]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._recv_owed[fd]
+            if not entry[1].done():
+                entry[1].set_result(None)
+
+    def _forget_owed(self):
+        # The ring is gone (closed; in a fork's child, the parent's): the
+        # cancelled receives will not come back here.
+        owed, self._recv_owed = self._recv_owed, {}
+        for _, fut in owed.values():
+            if not fut.done():
+                fut.set_result(None)
 
     def _check_sock(self, sock):
         base_events._check_ssl_socket(sock)
@@ -240,6 +283,8 @@ class Loop(unix_events._UnixSelectorEventLoop):
     async def sock_recv(self, sock, n):
         self._check_sock(sock)
         fd = sock.fileno()
+        if self._recv_owed and fd in self._recv_owed:
+            await self._recv_owed[fd][1]    # a cancelled receive's bytes go first
         if self._recv_stash and fd in self._recv_stash:
             return self._from_stash(fd, n)
         if n <= 0:
@@ -267,7 +312,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
             # From the pool, at most n bytes: no n-byte buffer to allocate and
             # fault in per call (asyncio asks for 256 KiB).
             while True:
-                res = await self._op(lambda w: self._ops.recv_pooled(fd, w, n), keep)
+                res = await self._op(lambda w: self._ops.recv_pooled(fd, w, n), keep, fd)
                 if type(res) is bytes:
                     return res
                 if res != -errno.ENOBUFS:
@@ -279,7 +324,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
             if res > 0:
                 self._recv_stash[fd] = self._recv_stash.get(fd, b"") + bytes(buf[:res])
 
-        res = await self._op(lambda w: self._ops.recv(fd, buf, w), keep_own)
+        res = await self._op(lambda w: self._ops.recv(fd, buf, w), keep_own, fd)
         if res < 0:
             raise _error(res)
         del buf[res:]
@@ -432,6 +477,19 @@ class Loop(unix_events._UnixSelectorEventLoop):
         res = await self._op(lambda w: self._ops.connect(fd, sockaddr, w))
         if res < 0:
             raise OSError(-res, f"Connect call failed {address}")
+
+
+# fork() leaves the ring to the parent (uring_net.selectors): in the child,
+# cancelled receives never come back.
+_live_loops = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for loop in list(_live_loops):
+        loop._forget_owed()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_event_loop():
