@@ -287,6 +287,44 @@ def test_a_sock_recv_after_a_cancelled_one_keeps_the_bytes_in_order():
     assert aio.run(main()) == (b"AB", True, True)
 
 
+def test_a_cancelled_wait_for_a_cancelled_receive_leaves_the_others_waiting():
+    # As above; then a sock_recv that waits for the cancelled receive to come
+    # back is itself cancelled, in the same turn (stepped by hand, as a task
+    # would be). The next sock_recv must still get "A", then "B".
+    async def main():
+        loop = asyncio.get_running_loop()
+        x, x_peer = socket.socketpair()
+        y, y_peer = socket.socketpair()
+        for sock in (x, y):
+            sock.setblocking(False)
+        tx = asyncio.ensure_future(loop.sock_recv(x, 100))
+        ty = asyncio.ensure_future(loop.sock_recv(y, 100))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        loop.call_soon(y_peer.send, b"A")
+        tx.cancel()
+        ty.cancel()
+        await asyncio.sleep(0)
+        y_peer.send(b"B")
+        first = loop.sock_recv(y, 100)
+        awaited = first.send(None)      # it waits for y's cancelled receive
+        awaited.cancel()                # what cancelling its task does
+        with pytest.raises(asyncio.CancelledError):
+            first.throw(asyncio.CancelledError())
+        second = loop.sock_recv(y, 100)     # in the same turn, waiting as well
+        await asyncio.wait_for(second.send(None), 10)
+        with pytest.raises(StopIteration) as stop:
+            second.send(None)
+        got = stop.value.value
+        while len(got) < 2:
+            got += await asyncio.wait_for(loop.sock_recv(y, 100), 10)
+        for sock in (x, x_peer, y, y_peer):
+            sock.close()
+        return got
+
+    assert aio.run(main()) == b"AB"
+
+
 def test_a_sock_recv_cancelled_after_its_bytes_came_keeps_them():
     # The receive completed and set its result; the task was cancelled
     # before it ran again, so it raises CancelledError, and the bytes go to

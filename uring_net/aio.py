@@ -244,15 +244,13 @@ class Loop(unix_events._UnixSelectorEventLoop):
                 # again: the op is done and its result is real.
                 if on_cancel is not None:
                     on_cancel(fut.result())
-            elif owed_fd >= 0 and self._ops.cancel(slot, waiter):
-                owed = True
+            elif self._ops.cancel(slot, waiter) and owed_fd >= 0:
+                owed = True         # its completion is still to come
                 entry = self._recv_owed.get(owed_fd)
                 if entry is None:
                     self._recv_owed[owed_fd] = [1, self.create_future()]
                 else:
                     entry[0] += 1
-            elif owed_fd < 0:
-                self._ops.cancel(slot, waiter)
             raise
 
     # A cancelled receive may have taken bytes whose completion the loop has
@@ -260,7 +258,9 @@ class Loop(unix_events._UnixSelectorEventLoop):
     # it. Until it is back (its bytes in _recv_stash), a new sock_recv on the
     # fd would take the bytes after them first; so it waits for it.
     def _owed_back(self, fd):
-        entry = self._recv_owed[fd]
+        entry = self._recv_owed.get(fd)
+        if entry is None:
+            return              # forgotten (_forget_owed)
         entry[0] -= 1
         if entry[0] == 0:
             del self._recv_owed[fd]
@@ -284,7 +284,9 @@ class Loop(unix_events._UnixSelectorEventLoop):
         self._check_sock(sock)
         fd = sock.fileno()
         if self._recv_owed and fd in self._recv_owed:
-            await self._recv_owed[fd][1]    # a cancelled receive's bytes go first
+            # A cancelled receive's bytes go first. (Shielded: the future is
+            # every waiter's, and cancelling one waiter must not cancel it.)
+            await asyncio.shield(self._recv_owed[fd][1])
         if self._recv_stash and fd in self._recv_stash:
             return self._from_stash(fd, n)
         if n <= 0:
