@@ -312,7 +312,8 @@ def test_a_cancelled_wait_for_a_cancelled_receive_leaves_the_others_waiting():
         with pytest.raises(asyncio.CancelledError):
             first.throw(asyncio.CancelledError())
         second = loop.sock_recv(y, 100)     # in the same turn, waiting as well
-        await asyncio.wait_for(second.send(None), 10)
+        waited = second.send(None)
+        await asyncio.wait([waited], timeout=10)    # (not awaited twice)
         with pytest.raises(StopIteration) as stop:
             second.send(None)
         got = stop.value.value
