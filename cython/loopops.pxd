@@ -29,6 +29,7 @@ cdef class LoopOps:
     cdef void pool_drop(self, bint forked) noexcept
     cdef bint spec_skip(self, int fd) except -1
     cdef void spec_result(self, int fd, bint hit) noexcept
+    cdef ssize_t recv_now(self, int fd, void *buf, size_t n) except? -1
 
     cdef int take_slot(self) except -1
     cdef int take_slot_viewing(self, obj, int flags) except -1

@@ -259,49 +259,49 @@ cdef class LoopOps:
             self.spec[fd] = <uint8_t>((level << 4) | ((1u << level) - 1))
             self.spec_misses += 1
 
+    # recv(2) of up to n bytes into buf, not waiting: the count (0 at EOF),
+    # -EAGAIN when nothing is there yet, a signal came or the try was
+    # skipped, else -errno.
+    cdef ssize_t recv_now(self, int fd, void *buf, size_t n) except? -1:
+        cdef ssize_t got
+        cdef int err = 0
+        if fd < 0 or self.spec_skip(fd):
+            return -EAGAIN
+        with nogil:
+            got = recv(fd, buf, n, MSG_DONTWAIT)
+            err = errno
+        if got < 0:
+            got = -EAGAIN if err == EAGAIN or err == EINTR else -err
+        self.spec_result(fd, got != -EAGAIN)
+        return got
+
     def try_recv(self, int fd, size_t n):
         """recv(2) of up to n bytes, not waiting: bytes (b"" at EOF), None if
         nothing is there yet, or a signal came, or the try was skipped (see
         above); else -errno."""
         cdef ssize_t got
-        cdef int err
-        if fd < 0 or self.spec_skip(fd):
-            return None
         if self.scratch == NULL:
             self.scratch = <char *>malloc(POOL_SIZE)
             if self.scratch == NULL:
                 raise MemoryError()
         if n > POOL_SIZE:
             n = POOL_SIZE       # "up to n": the rest waits for the next call
-        with nogil:
-            got = recv(fd, self.scratch, n, MSG_DONTWAIT)
-            err = errno
-        self.spec_result(fd, got >= 0 or (err != EAGAIN and err != EINTR))
+        got = self.recv_now(fd, self.scratch, n)
         if got >= 0:
             return PyBytes_FromStringAndSize(self.scratch, got)
-        if err == EAGAIN or err == EINTR:
-            return None
-        return -err
+        return None if got == -EAGAIN else got
 
     def try_recv_into(self, int fd, buf):
         """recv(2) into buf, not waiting: the count (0 at EOF), None as for
         try_recv(), else -errno."""
         cdef Py_buffer view
         cdef ssize_t got
-        cdef int err
-        if fd < 0 or self.spec_skip(fd):
-            return None
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
-        with nogil:
-            got = recv(fd, view.buf, <size_t>view.len, MSG_DONTWAIT)
-            err = errno
-        PyBuffer_Release(&view)
-        self.spec_result(fd, got >= 0 or (err != EAGAIN and err != EINTR))
-        if got >= 0:
-            return got
-        if err == EAGAIN or err == EINTR:
-            return None
-        return -err
+        try:
+            got = self.recv_now(fd, view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return None if got == -EAGAIN else got
 
     def pool_available(self):
         """Whether the receive pool can be set up here (5.19+), and if not why."""
