@@ -255,6 +255,29 @@ def test_cancelled_sock_recv_loses_no_bytes():
     assert aio.run(main()) == b"early bytes, and later ones"
 
 
+async def cancel_a_receive_that_completes_unseen(loop):
+    """Two sock_recv tasks, on x and y, cancelled in one turn, x's first: x's
+    cancel, submitted first, runs y's receive, which completes with "A" that
+    the loop has not harvested yet. Then "B" is sent to y. Returns the
+    sockets (x, x_peer, y, y_peer) and the two tasks; the caller goes on in
+    the cancellations' turn."""
+    x, x_peer = socket.socketpair()
+    y, y_peer = socket.socketpair()
+    for sock in (x, y):
+        sock.setblocking(False)
+    tx = asyncio.ensure_future(loop.sock_recv(x, 100))
+    ty = asyncio.ensure_future(loop.sock_recv(y, 100))
+    for _ in range(3):
+        await asyncio.sleep(0)          # both receives in the kernel, waiting
+    # y's bytes arrive after the next turn's wait, before the cancellations run.
+    loop.call_soon(y_peer.send, b"A")
+    tx.cancel()
+    ty.cancel()
+    await asyncio.sleep(0)              # (runs after both cancellations, same turn)
+    y_peer.send(b"B")
+    return (x, x_peer, y, y_peer), tx, ty
+
+
 def test_a_sock_recv_after_a_cancelled_one_keeps_the_bytes_in_order():
     # A cancelled receive may already have completed with bytes ("A") that
     # the loop has not harvested yet: another cancel's submit in the same
@@ -262,21 +285,8 @@ def test_a_sock_recv_after_a_cancelled_one_keeps_the_bytes_in_order():
     # cancellation must not return later bytes ("B") before those.
     async def main():
         loop = asyncio.get_running_loop()
-        x, x_peer = socket.socketpair()
-        y, y_peer = socket.socketpair()
-        for sock in (x, y):
-            sock.setblocking(False)
-        tx = asyncio.ensure_future(loop.sock_recv(x, 100))
-        ty = asyncio.ensure_future(loop.sock_recv(y, 100))
-        for _ in range(3):
-            await asyncio.sleep(0)      # both receives in the kernel, waiting
-        # y's bytes arrive after the next turn's wait, before the
-        # cancellations run: x's cancel, submitted first, runs y's receive.
-        loop.call_soon(y_peer.send, b"A")
-        tx.cancel()
-        ty.cancel()
-        await asyncio.sleep(0)          # (runs after both cancellations, same turn)
-        y_peer.send(b"B")
+        socks, tx, ty = await cancel_a_receive_that_completes_unseen(loop)
+        x, x_peer, y, y_peer = socks
         got = [await loop.sock_recv(y, 100)]    # in this turn still (no wait_for task)
         while len(b"".join(got)) < 2:
             got.append(await asyncio.wait_for(loop.sock_recv(y, 100), 10))
@@ -293,19 +303,8 @@ def test_a_cancelled_wait_for_a_cancelled_receive_leaves_the_others_waiting():
     # would be). The next sock_recv must still get "A", then "B".
     async def main():
         loop = asyncio.get_running_loop()
-        x, x_peer = socket.socketpair()
-        y, y_peer = socket.socketpair()
-        for sock in (x, y):
-            sock.setblocking(False)
-        tx = asyncio.ensure_future(loop.sock_recv(x, 100))
-        ty = asyncio.ensure_future(loop.sock_recv(y, 100))
-        for _ in range(3):
-            await asyncio.sleep(0)
-        loop.call_soon(y_peer.send, b"A")
-        tx.cancel()
-        ty.cancel()
-        await asyncio.sleep(0)
-        y_peer.send(b"B")
+        socks, _, _ = await cancel_a_receive_that_completes_unseen(loop)
+        x, x_peer, y, y_peer = socks
         first = loop.sock_recv(y, 100)
         awaited = first.send(None)      # it waits for y's cancelled receive
         awaited.cancel()                # what cancelling its task does
