@@ -255,18 +255,30 @@ def test_cancelled_sock_recv_loses_no_bytes():
     assert aio.run(main()) == b"early bytes, and later ones"
 
 
-async def cancel_a_receive_that_completes_unseen(loop):
-    """Two sock_recv tasks, on x and y, cancelled in one turn, x's first: x's
-    cancel, submitted first, runs y's receive, which completes with "A" that
-    the loop has not harvested yet. Then "B" is sent to y. Returns the
-    sockets (x, x_peer, y, y_peer) and the two tasks; the caller goes on in
-    the cancellations' turn."""
+def receive(loop, kind, sock, buf=None):
+    """sock_recv(sock, 100), or sock_recv_into(sock, buf) for kind "into",
+    answering the bytes received either way."""
+    if kind == "recv":
+        return loop.sock_recv(sock, 100)
+
+    async def into():
+        b = bytearray(100) if buf is None else buf
+        return bytes(b[:await loop.sock_recv_into(sock, b)])
+    return into()
+
+
+async def cancel_a_receive_that_completes_unseen(loop, kind="recv", buf=None):
+    """Two receive tasks (receive() of `kind`; y's into buf), on x and y,
+    cancelled in one turn, x's first: x's cancel, submitted first, runs y's
+    receive, which completes with "A" that the loop has not harvested yet.
+    Then "B" is sent to y. Returns the sockets (x, x_peer, y, y_peer) and
+    the two tasks; the caller goes on in the cancellations' turn."""
     x, x_peer = socket.socketpair()
     y, y_peer = socket.socketpair()
     for sock in (x, y):
         sock.setblocking(False)
-    tx = asyncio.ensure_future(loop.sock_recv(x, 100))
-    ty = asyncio.ensure_future(loop.sock_recv(y, 100))
+    tx = asyncio.ensure_future(receive(loop, kind, x))
+    ty = asyncio.ensure_future(receive(loop, kind, y, buf))
     for _ in range(3):
         await asyncio.sleep(0)          # both receives in the kernel, waiting
     # y's bytes arrive after the next turn's wait, before the cancellations run.
@@ -278,23 +290,26 @@ async def cancel_a_receive_that_completes_unseen(loop):
     return (x, x_peer, y, y_peer), tx, ty
 
 
-def test_a_sock_recv_after_a_cancelled_one_keeps_the_bytes_in_order():
+@pytest.mark.parametrize("kind", ["recv", "into"])
+def test_a_sock_recv_after_a_cancelled_one_keeps_the_bytes_in_order(kind):
     # A cancelled receive may already have completed with bytes ("A") that
     # the loop has not harvested yet: another cancel's submit in the same
-    # turn ran its completion. A sock_recv made at once after the
-    # cancellation must not return later bytes ("B") before those.
+    # turn ran its completion. A receive made at once after the
+    # cancellation must not return later bytes ("B") before those, and the
+    # cancelled receive's buffer is left as it was (asyncio's is).
     async def main():
         loop = asyncio.get_running_loop()
-        socks, tx, ty = await cancel_a_receive_that_completes_unseen(loop)
+        given = bytearray(b"." * 100)
+        socks, tx, ty = await cancel_a_receive_that_completes_unseen(loop, kind, given)
         x, x_peer, y, y_peer = socks
-        got = [await loop.sock_recv(y, 100)]    # in this turn still (no wait_for task)
+        got = [await receive(loop, kind, y)]    # in this turn still (no wait_for task)
         while len(b"".join(got)) < 2:
-            got.append(await asyncio.wait_for(loop.sock_recv(y, 100), 10))
+            got.append(await asyncio.wait_for(receive(loop, kind, y), 10))
         for sock in (x, x_peer, y, y_peer):
             sock.close()
-        return b"".join(got), tx.cancelled(), ty.cancelled()
+        return b"".join(got), tx.cancelled(), ty.cancelled(), given == b"." * 100
 
-    assert aio.run(main()) == (b"AB", True, True)
+    assert aio.run(main()) == (b"AB", True, True, True)
 
 
 def test_a_cancelled_wait_for_a_cancelled_receive_leaves_the_others_waiting():
@@ -325,22 +340,23 @@ def test_a_cancelled_wait_for_a_cancelled_receive_leaves_the_others_waiting():
     assert aio.run(main()) == b"AB"
 
 
-def test_a_sock_recv_cancelled_after_its_bytes_came_keeps_them():
+@pytest.mark.parametrize("kind", ["recv", "into"])
+def test_a_sock_recv_cancelled_after_its_bytes_came_keeps_them(kind):
     # The receive completed and set its result; the task was cancelled
     # before it ran again, so it raises CancelledError, and the bytes go to
-    # the next sock_recv (asyncio's own loop drops them).
+    # the next receive (asyncio's own loop drops them).
     async def main():
         loop = asyncio.get_running_loop()
         a, b = socket.socketpair()
         a.setblocking(False)
-        task = asyncio.ensure_future(loop.sock_recv(a, 100))
+        task = asyncio.ensure_future(receive(loop, kind, a))
         for _ in range(3):
             await asyncio.sleep(0)      # its receive in the kernel, waiting
         b.send(b"A")
         loop.call_soon(task.cancel)     # runs after the turn's completions
         with pytest.raises(asyncio.CancelledError):
             await task
-        got = await asyncio.wait_for(loop.sock_recv(a, 100), 10)
+        got = await asyncio.wait_for(receive(loop, kind, a), 10)
         a.close()
         b.close()
         return got

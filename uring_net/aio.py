@@ -63,6 +63,19 @@ def _error(res):
     return OSError(-res, os.strerror(-res))
 
 
+def _nbytes(buf):
+    with memoryview(buf) as view:
+        return view.nbytes
+
+
+def _copy_into(buf, data):
+    """data into the start of buf (any writable buffer, as recv_into takes);
+    returns len(data)."""
+    with memoryview(buf) as view, view.cast("B") as octets:
+        octets[:len(data)] = data
+    return len(data)
+
+
 def _pack_sockaddr(family, address):
     """struct sockaddr for CONNECT, or None for a family left to asyncio."""
     if family == socket.AF_INET:
@@ -341,10 +354,10 @@ class Loop(unix_events._UnixSelectorEventLoop):
     async def sock_recv_into(self, sock, buf):
         self._check_sock(sock)
         fd = sock.fileno()
+        if self._recv_owed and fd in self._recv_owed:
+            await asyncio.shield(self._recv_owed[fd][1])     # as in sock_recv
         if self._recv_stash and fd in self._recv_stash:
-            data = self._from_stash(fd, len(memoryview(buf)))
-            memoryview(buf)[:len(data)] = data
-            return len(data)
+            return _copy_into(buf, self._from_stash(fd, _nbytes(buf)))
         res = self._ops.try_recv_into(fd, buf)
         if res is not None:
             if res >= 0:
@@ -353,13 +366,16 @@ class Loop(unix_events._UnixSelectorEventLoop):
         return await self._sock_recv_into_op(fd, buf)
 
     async def _sock_recv_into_op(self, fd, buf):
-        self._ensure_fd_no_transport(fd)
-        # A cancelled receive into the caller's buffer: the caller gave it up
-        # with the cancellation, as with any cancelled recv_into.
-        res = await self._op(lambda w: self._ops.recv(fd, buf, w))
-        if res < 0:
-            raise _error(res)
-        return res
+        # Not into the caller's buffer: the kernel may still fill that after
+        # a cancellation, and the caller would neither know how much nor get
+        # those bytes from the next receive. Received as sock_recv does, so a
+        # cancelled receive's bytes go to the next one on the socket (asyncio
+        # reads only once readable, so its cancel never loses bytes either),
+        # then copied.
+        n = _nbytes(buf)
+        if n == 0:
+            return 0        # (a try skipped while the socket backs off)
+        return _copy_into(buf, await self._sock_recv_op(fd, n))
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
