@@ -12,7 +12,6 @@ cdef class StreamIO:
     cdef int recv_slot          # -1: none in flight
     cdef object recv_waiter     # self while a receive is in flight (cancel() checks it)
     cdef uint8_t recv_mode      # RM_*: where the receive in flight puts the bytes
-    cdef object recv_updated    # RM_PROTO: the buffer_updated of the buffer's owner
     cdef bytearray rbuf         # RM_OWN: this transport's buffer (no pool)
     cdef list held              # results that came while not reading, in order
     cdef bint held_due          # deliver_held() is scheduled
@@ -38,4 +37,5 @@ cdef class StreamIO:
     cdef int send_done(self, object res) except -1
     cdef int deliver(self, object res) except -1
     cdef int feed(self, object data) except -1
+    cdef int feed_buffered(self, bytes data) except -1
     cdef int check_lost(self) except -1

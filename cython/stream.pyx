@@ -11,10 +11,12 @@
 # see one state.
 #
 # Reading: one receive is in the kernel while the transport reads, into the
-# loop's shared pool (Protocol), into the buffer get_buffer() returned
-# (BufferedProtocol), or, without a pool, into a buffer of the transport's
-# own. pause_reading() cancels it; results that come meanwhile are held, in
-# order, and delivered on resume. (A multishot receive, armed once for many
+# loop's shared pool, or, without a pool, into a buffer of the transport's
+# own. A Protocol gets those bytes; a BufferedProtocol gets them copied into
+# the buffer get_buffer() returns once they came, as asyncio's loops ask for
+# it (a buffer asked for when the receive went in may since have been handed
+# on or compacted by the protocol). pause_reading() cancels the receive;
+# results that come meanwhile are held, in order, and delivered on resume. (A multishot receive, armed once for many
 # messages, was measured slower: docs/architecture.md, "Measured and
 # rejected".)
 #
@@ -35,17 +37,15 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 # loopcore.pyx), not with the extension: the proxy never uses asyncio, and
 # importing it was a third of every proxy's start-up.
 cdef object _logger = None
-cdef object _feed_buffered = None
 cdef object _BufferedProtocol = None
 cdef int _CONNLOST_LOG = 5
 
 
 cdef int stream_bind() except -1:
-    global _logger, _feed_buffered, _BufferedProtocol, _CONNLOST_LOG
+    global _logger, _BufferedProtocol, _CONNLOST_LOG
     import logging
     from asyncio import constants, protocols
     _logger = logging.getLogger("asyncio")
-    _feed_buffered = protocols._feed_data_to_buffered_proto
     _BufferedProtocol = protocols.BufferedProtocol
     _CONNLOST_LOG = constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES
     return 0
@@ -53,7 +53,6 @@ cdef int stream_bind() except -1:
 cdef enum:
     RM_POOL = 1     # into the loop's pool: the result is bytes (b"" at EOF)
     RM_OWN = 2      # into self.rbuf: the result is a count
-    RM_PROTO = 3    # into the buffer get_buffer() returned: the result is a count
 
 cdef enum:
     OWN_BUF_SIZE = 256 * 1024   # asyncio's max_size
@@ -108,20 +107,7 @@ cdef class StreamIO:
                 self.held_due = True
                 self.transport._loop.call_soon(self.deliver_held)
             return 0
-        if self.buffered:
-            try:
-                buf = self.get_buffer(-1)
-                if not len(buf):
-                    raise RuntimeError('get_buffer() returned an empty buffer')
-            except BaseException as exc:
-                if _fatal(exc):
-                    raise
-                self.transport._fatal_error(exc, 'Fatal error: protocol.get_buffer() call failed.')
-                return 0
-            self.recv_slot = self.ops.c_recv(self.fd, buf, self, 0)
-            self.recv_mode = RM_PROTO
-            self.recv_updated = self.buffer_updated
-        elif self.ops.pooled:
+        if self.ops.pooled:
             self.recv_slot = self.ops.c_recv_pooled(self.fd, self, 0)
             self.recv_mode = RM_POOL
         else:
@@ -195,17 +181,7 @@ cdef class StreamIO:
             if n == 0:
                 self.transport._read_ready__on_eof()
                 return 0
-            if self.recv_mode == RM_PROTO:
-                try:
-                    self.recv_updated(n)
-                except BaseException as exc:
-                    if _fatal(exc):
-                        raise
-                    self.transport._fatal_error(
-                        exc, 'Fatal error: protocol.buffer_updated() call failed.')
-                    return 0
-            else:
-                self.feed(PyBytes_FromStringAndSize(<char *>PyByteArray_AS_STRING(self.rbuf), n))
+            self.feed(PyBytes_FromStringAndSize(<char *>PyByteArray_AS_STRING(self.rbuf), n))
         elif not res:
             self.transport._read_ready__on_eof()
             return 0
@@ -216,20 +192,61 @@ cdef class StreamIO:
         return 0
 
     cdef int feed(self, object data) except -1:
+        if self.buffered:
+            return self.feed_buffered(data)
         try:
-            if self.buffered:
-                # The protocol became buffered while these bytes were on
-                # their way (start_tls): into its buffers, as asyncio would.
-                _feed_buffered(self.protocol, data)
-            else:
-                self.data_received(data)
+            self.data_received(data)
         except BaseException as exc:
             if _fatal(exc):
                 raise
-            self.transport._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.'
-                                        if not self.buffered else
-                                        'Fatal error: protocol.buffer_updated() call failed.')
+            self.transport._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
         return 0
+
+    cdef int feed_buffered(self, bytes data) except -1:
+        # Into the buffer get_buffer() returns now, as asyncio's loops do it
+        # when the bytes are there: a protocol may hand its buffer on, swap
+        # or compact it between callbacks, so one asked for before the
+        # receive went in could be stale by the time the bytes came. (What
+        # does not fit goes to the next buffer, unless buffer_updated()
+        # paused reading: then it is held for resume_reading().)
+        cdef Py_buffer view
+        cdef Py_ssize_t off = 0, n = len(data), k
+        while off < n:
+            try:
+                buf = self.get_buffer(-1)
+                PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+                k = min(view.len, n - off)
+                memcpy(view.buf, <char *>data + off, k)
+                PyBuffer_Release(&view)
+                if k == 0:
+                    raise RuntimeError('get_buffer() returned an empty buffer')
+            except BaseException as exc:
+                if _fatal(exc):
+                    raise
+                self.transport._fatal_error(exc, 'Fatal error: protocol.get_buffer() call failed.')
+                return 0
+            try:
+                self.buffer_updated(k)
+            except BaseException as exc:
+                if _fatal(exc):
+                    raise
+                self.transport._fatal_error(exc, 'Fatal error: protocol.buffer_updated() call failed.')
+                return 0
+            off += k
+            if off < n and (self.conn_lost or not self.reading()):
+                if not self.conn_lost and not self.closing:
+                    self.hold(data[off:])
+                return 0
+        return 0
+
+    def hold(self, data):
+        """Bytes for the protocol before any received now (a cancelled
+        sock_recv's, the rest of what paused it): delivered first, as what
+        came while paused is."""
+        if self.held is None:
+            self.held = [data]
+        else:
+            self.held.insert(0, data)
 
     # --- writing ----------------------------------------------------------
 
@@ -342,7 +359,7 @@ cdef class StreamIO:
         """The transport is gone: drop every reference that could hold it."""
         self.transport = None
         self.protocol = self.data_received = self.get_buffer = None
-        self.buffer_updated = self.recv_updated = None
+        self.buffer_updated = None
         self.wq = []
         self.held = None
         self.rbuf = None

@@ -385,6 +385,72 @@ def test_cancelled_sock_accept_loses_no_connection():
     assert aio.run(main()) == b"hi"
 
 
+class SwappingBuffers(asyncio.BufferedProtocol):
+    """Keeps what it received in `got`; its buffer is `buf` at the time
+    get_buffer() is called, which the test may swap between callbacks."""
+
+    def __init__(self, loop):
+        self.buf = bytearray(16)
+        self.got = bytearray()
+        self.grew = loop.create_future()
+        self.want = 0
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, n):
+        self.got += self.buf[:n]
+        if len(self.got) >= self.want and not self.grew.done():
+            self.grew.set_result(None)
+
+    async def until(self, n):
+        self.want = n
+        if len(self.got) < n:
+            await asyncio.wait_for(self.grew, 10)
+        self.grew = asyncio.get_running_loop().create_future()
+
+
+def test_a_buffered_protocol_gets_bytes_in_the_buffer_it_gives_when_they_came():
+    # asyncio asks get_buffer() for a buffer when the bytes are there. A
+    # protocol may hand its buffer on (or compact it) between callbacks; the
+    # bytes must never land in one it gave before.
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        proto = SwappingBuffers(loop)
+        transport, _ = await loop.connect_accepted_socket(lambda: proto, a)
+        b.send(b"hello")
+        await proto.until(5)
+        given = proto.buf
+        proto.buf = bytearray(16)       # handed on: no longer the receive's
+        b.send(b"world")
+        await proto.until(10)
+        transport.close()
+        b.close()
+        return bytes(proto.got), bytes(given[:6])
+
+    assert aio.run(main()) == (b"helloworld", b"hello\0")
+
+
+def test_set_protocol_from_a_task_takes_the_next_bytes():
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        first = SwappingBuffers(loop)
+        transport, _ = await loop.connect_accepted_socket(lambda: first, a)
+        b.send(b"first")
+        await first.until(5)
+        second = SwappingBuffers(loop)
+        transport.set_protocol(second)
+        b.send(b"second")
+        await second.until(6)
+        transport.close()
+        b.close()
+        return bytes(first.got), bytes(second.got)
+
+    assert aio.run(main()) == (b"first", b"second")
+
+
 def test_receive_pool_survives_more_eofs_than_it_has_buffers():
     # 128 pool buffers; 300 connections that end with an EOF on one loop, then
     # data must still arrive (an EOF whose buffer was not given back would

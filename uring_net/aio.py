@@ -18,9 +18,10 @@ What is a completion here, not readiness plus a syscall:
 - every stream transport (``create_connection``, ``create_server``,
   ``open_connection``, ``start_server``, and TLS on top of them): a receive
   stays in the kernel while the transport reads, into a shared pool of
-  buffers for a ``Protocol``, straight into the buffer ``get_buffer()``
-  returned for a ``BufferedProtocol``; each write() is queued as a send that
-  goes to the kernel with the loop's next wait (cython/stream.pyx).
+  buffers (a ``BufferedProtocol`` gets the bytes copied into the buffer
+  ``get_buffer()`` returns once they came, as asyncio asks for it then);
+  each write() is queued as a send that goes to the kernel with the loop's
+  next wait (cython/stream.pyx).
 
 Everything else -- ``add_reader``/``add_writer``, subprocess pipes, signals
 through the wake-up fd, datagrams -- is asyncio's own selector code on
