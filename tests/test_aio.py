@@ -385,6 +385,91 @@ def test_cancelled_sock_accept_loses_no_connection():
     assert aio.run(main()) == b"hi"
 
 
+async def cancel_once_its_result_came(loop, op, send):
+    """Start op() as a task, send() once it waits in the kernel, and cancel
+    the task after the completion came but before the task ran again: the
+    kernel has done the op (bytes taken, a connection accepted)."""
+    task = asyncio.ensure_future(op())
+    for _ in range(3):
+        await asyncio.sleep(0)          # its op in the kernel, waiting
+    send()
+    loop.call_soon(task.cancel)         # runs after the turn's completions
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_kept_bytes_never_go_to_a_socket_that_reuses_the_fd_number():
+    # What a cancelled receive took belongs to its socket: once that is
+    # closed, a new socket that gets the same fd number starts empty.
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        await cancel_once_its_result_came(loop, lambda: loop.sock_recv(a, 100),
+                                          lambda: b.send(b"OLD"))
+        fd = a.fileno()
+        a.close()
+        b.close()
+        c, d = socket.socketpair()
+        c.setblocking(False)
+        assert c.fileno() == fd         # (the lowest free number)
+        d.send(b"new")
+        got = await asyncio.wait_for(loop.sock_recv(c, 100), 10)
+        c.close()
+        d.close()
+        return got
+
+    assert aio.run(main()) == b"new"
+
+
+def test_a_kept_connection_never_goes_to_a_listener_that_reuses_the_fd_number():
+    # A connection a cancelled sock_accept took belongs to its listener: a
+    # new listener on the same fd number accepts its own, and the kept one
+    # is closed, as the closed listener's backlog would have been.
+    async def main():
+        loop = asyncio.get_running_loop()
+        old = socket.create_server(("127.0.0.1", 0))
+        old.setblocking(False)
+        clients = []
+        await cancel_once_its_result_came(
+            loop, lambda: loop.sock_accept(old),
+            lambda: clients.append(socket.create_connection(old.getsockname())))
+        fd = old.fileno()
+        old.close()
+        new = socket.create_server(("127.0.0.1", 0))
+        new.setblocking(False)
+        assert new.fileno() == fd
+        clients.append(socket.create_connection(new.getsockname()))
+        conn, _ = await asyncio.wait_for(loop.sock_accept(new), 10)
+        accepted = conn.getpeername() == clients[1].getsockname()
+        clients[0].settimeout(10)
+        first_client_got = clients[0].recv(10)      # b"": closed by the loop
+        for sock in clients + [conn, new]:
+            sock.close()
+        return accepted, first_client_got
+
+    assert aio.run(main()) == (True, b"")
+
+
+def test_bytes_a_cancelled_receive_took_go_first_to_a_transport():
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        await cancel_once_its_result_came(loop, lambda: loop.sock_recv(a, 100),
+                                          lambda: b.send(b"HELLO"))
+        b.send(b"-more")
+        reader, writer = await asyncio.open_connection(sock=a)
+        got = b""
+        while len(got) < 10:
+            got += await asyncio.wait_for(reader.read(100), 10)
+        writer.close()
+        b.close()
+        return got
+
+    assert aio.run(main()) == b"HELLO-more"
+
+
 class SwappingBuffers(asyncio.BufferedProtocol):
     """Keeps what it received in `got`; its buffer is `buf` at the time
     get_buffer() is called, which the test may swap between callbacks."""

@@ -201,10 +201,10 @@ class Loop(unix_events._UnixSelectorEventLoop):
         if not pooled:
             warnings.warn(f"uring_net.aio: no receive buffer pool ({why}); each stream "
                           f"transport reads into a buffer of its own", RuntimeWarning)
-        self._recv_stash = {}       # fd -> bytes a cancelled sock_recv received
+        self._recv_stash = {}       # fd -> [ref to the socket, bytes]: _keep_bytes
         self._recv_owed = {}        # fd -> [n, future]: n cancelled receives not back yet
         _live_loops.add(self)
-        self._accept_stash = {}     # fd -> [fds] a cancelled sock_accept accepted
+        self._accept_stash = {}     # fd -> [ref to the listener, [fds]]: _keep_conn
 
     # -- the completions -------------------------------------------------
 
@@ -215,20 +215,95 @@ class Loop(unix_events._UnixSelectorEventLoop):
         return super()._remove_reader(fd)
 
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
-        return _UringSocketTransport(self, sock, protocol, waiter, extra, server)
+        transport = _UringSocketTransport(self, sock, protocol, waiter, extra, server)
+        if self._recv_stash and self._kept_bytes(sock):
+            # A cancelled sock_recv's bytes are the stream's first.
+            transport._io.hold(self._recv_stash.pop(sock.fileno())[1])
+        return transport
 
     def close(self):
         super().close()
-        for fds in self._accept_stash.values():
-            for fd in fds:
-                os.close(fd)
-        self._accept_stash.clear()
+        for fd in list(self._accept_stash):
+            self._drop_conns(fd)
         self._recv_stash.clear()
         self._forget_owed()
 
     def stats(self):
         """The ring work done so far: the selector's polls and the loop's ops."""
         return {"polls": self._selector.stats(), "ops": self._ops.stats()}
+
+    # -- what cancelled operations still got -------------------------------
+    # A receive or an accept cancelled as the kernel completed it still took
+    # bytes or a connection. They are kept for the next operation on the same
+    # socket object: once that socket is closed its fd number may go to
+    # another socket, which must never get them.
+
+    def _keep_bytes(self, sock, data):
+        fd = sock.fileno()
+        if fd < 0:
+            return                  # closed meanwhile: gone with it
+        if self._kept_bytes(sock):
+            self._recv_stash[fd][1] += data
+        else:
+            self._recv_stash[fd] = [weakref.ref(sock), data]
+
+    def _kept_bytes(self, sock):
+        """Whether bytes are kept for sock; another socket's, that had the
+        same fd number, are dropped."""
+        fd = sock.fileno()
+        entry = self._recv_stash.get(fd)
+        if entry is None:
+            return False
+        if entry[0]() is sock:
+            return True
+        del self._recv_stash[fd]
+        return False
+
+    def _from_stash(self, sock, n):
+        fd = sock.fileno()
+        entry = self._recv_stash[fd]
+        data = entry[1]
+        if len(data) > n:
+            entry[1] = data[n:]
+        else:
+            del self._recv_stash[fd]
+        return data[:n]
+
+    def _keep_conn(self, sock, conn_fd):
+        fd = sock.fileno()
+        entry = self._accept_stash.get(fd)
+        if entry is not None and entry[0]() is sock:
+            entry[1].append(conn_fd)
+            return
+        if fd < 0:
+            os.close(conn_fd)       # the listener is closed: as its backlog would be
+            return
+        self._drop_conns(fd)
+        # Should the listener go away unused, so do its connections.
+        ref = weakref.ref(sock, lambda ref, fd=fd: self._drop_conns(fd, ref))
+        self._accept_stash[fd] = [ref, [conn_fd]]
+
+    def _kept_conn(self, sock):
+        """A connection kept for listener sock, or None; another
+        listener's, that had the same fd number, are closed."""
+        fd = sock.fileno()
+        entry = self._accept_stash.get(fd)
+        if entry is None:
+            return None
+        if entry[0]() is not sock:
+            self._drop_conns(fd)
+            return None
+        conn_fd = entry[1].pop(0)
+        if not entry[1]:
+            del self._accept_stash[fd]
+        return conn_fd
+
+    def _drop_conns(self, fd, ref=None):
+        entry = self._accept_stash.get(fd)
+        if entry is not None and (ref is None or entry[0] is ref):
+            del self._accept_stash[fd]
+            for conn_fd in entry[1]:
+                os.close(conn_fd)
 
     async def _op(self, start, on_cancel=None, owed_fd=-1):
         """Submit an op (start(waiter) -> slot) and wait for its result. A
@@ -301,8 +376,8 @@ class Loop(unix_events._UnixSelectorEventLoop):
             # A cancelled receive's bytes go first. (Shielded: the future is
             # every waiter's, and cancelling one waiter must not cancel it.)
             await asyncio.shield(self._recv_owed[fd][1])
-        if self._recv_stash and fd in self._recv_stash:
-            return self._from_stash(fd, n)
+        if self._recv_stash and self._kept_bytes(sock):
+            return self._from_stash(sock, n)
         if n <= 0:
             return await super().sock_recv(sock, n)
         # What is already there is taken now, as asyncio does: no op, no wait
@@ -312,17 +387,17 @@ class Loop(unix_events._UnixSelectorEventLoop):
             if type(res) is bytes:
                 return res
             raise _error(res)
-        return await self._sock_recv_op(fd, n)
+        return await self._sock_recv_op(sock, fd, n)
 
     # (The waits of sock_recv and sock_sendall are methods of their own:
     # their closures' variables would otherwise be cells made on every call,
     # the calls that never wait included.)
-    async def _sock_recv_op(self, fd, n):
+    async def _sock_recv_op(self, sock, fd, n):
         self._ensure_fd_no_transport(fd)
 
         def keep(res):      # a cancelled receive that still got bytes
             if type(res) is bytes and res:
-                self._recv_stash[fd] = self._recv_stash.get(fd, b"") + res
+                self._keep_bytes(sock, res)
 
         if self._ops.pooled:
             # From the pool, at most n bytes: no n-byte buffer to allocate and
@@ -338,7 +413,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
 
         def keep_own(res):
             if res > 0:
-                self._recv_stash[fd] = self._recv_stash.get(fd, b"") + bytes(buf[:res])
+                self._keep_bytes(sock, bytes(buf[:res]))
 
         res = await self._op(lambda w: self._ops.recv(fd, buf, w), keep_own, fd)
         if res < 0:
@@ -346,27 +421,21 @@ class Loop(unix_events._UnixSelectorEventLoop):
         del buf[res:]
         return bytes(buf)
 
-    def _from_stash(self, fd, n):
-        data = self._recv_stash.pop(fd)
-        if len(data) > n:
-            self._recv_stash[fd] = data[n:]
-        return data[:n]
-
     async def sock_recv_into(self, sock, buf):
         self._check_sock(sock)
         fd = sock.fileno()
         if self._recv_owed and fd in self._recv_owed:
             await asyncio.shield(self._recv_owed[fd][1])     # as in sock_recv
-        if self._recv_stash and fd in self._recv_stash:
-            return _copy_into(buf, self._from_stash(fd, _nbytes(buf)))
+        if self._recv_stash and self._kept_bytes(sock):
+            return _copy_into(buf, self._from_stash(sock, _nbytes(buf)))
         res = self._ops.try_recv_into(fd, buf)
         if res is not None:
             if res >= 0:
                 return res
             raise _error(res)
-        return await self._sock_recv_into_op(fd, buf)
+        return await self._sock_recv_into_op(sock, fd, buf)
 
-    async def _sock_recv_into_op(self, fd, buf):
+    async def _sock_recv_into_op(self, sock, fd, buf):
         # Not into the caller's buffer: the kernel may still fill that after
         # a cancellation, and the caller would neither know how much nor get
         # those bytes from the next receive. Received as sock_recv does, so a
@@ -376,7 +445,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
         n = _nbytes(buf)
         if n == 0:
             return 0        # (a try skipped while the socket backs off)
-        return _copy_into(buf, await self._sock_recv_op(fd, n))
+        return _copy_into(buf, await self._sock_recv_op(sock, fd, n))
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
@@ -403,19 +472,16 @@ class Loop(unix_events._UnixSelectorEventLoop):
     async def sock_accept(self, sock):
         self._check_sock(sock)
         fd = sock.fileno()
-        stash = self._accept_stash.get(fd)
-        if not stash:
-            self._ensure_fd_no_transport(fd)
-
+        self._ensure_fd_no_transport(fd)
+        res = self._kept_conn(sock) if self._accept_stash else None
+        if res is None:
             def keep(res):      # accepted after all: the next sock_accept gets it
                 if res >= 0:
-                    self._accept_stash.setdefault(fd, []).append(res)
+                    self._keep_conn(sock, res)
 
             res = await self._op(lambda w: self._ops.accept(fd, w), keep)
             if res < 0:
                 raise _error(res)
-        else:
-            res = stash.pop(0)
         conn = socket.socket(sock.family, sock.type, sock.proto, fileno=res)
         conn.setblocking(False)
         try:
