@@ -536,6 +536,43 @@ def test_set_protocol_from_a_task_takes_the_next_bytes():
     assert aio.run(main()) == (b"first", b"second")
 
 
+def test_sock_connect_again_after_a_cancelled_one_waits_for_it():
+    # A cancelled sock_connect leaves the kernel's connect going (its SYN
+    # unanswered: the listener's queue is full). A second sock_connect, as
+    # after a wait_for timeout, connects once the listener takes it.
+    async def main():
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)      # one connection not accepted fills the queue
+        address = listener.getsockname()
+        queued = socket.create_connection(address)
+        sock = socket.socket()
+        sock.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_connect(sock, address))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Its SYN was dropped (the queue is full): the connect goes on.
+        tcp_state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        assert tcp_state == 2   # TCP_SYN_SENT
+        queued.close()
+        listener.setblocking(False)
+        while True:             # empty the queue: the SYN's retry gets in
+            try:
+                listener.accept()[0].close()
+            except BlockingIOError:
+                break
+        await asyncio.wait_for(loop.sock_connect(sock, address), 20)
+        peer = sock.getpeername()
+        sock.close()
+        listener.close()
+        return peer
+
+    assert aio.run(main())[1] > 0
+
+
 def test_receive_pool_survives_more_eofs_than_it_has_buffers():
     # 128 pool buffers; 300 connections that end with an EOF on one loop, then
     # data must still arrive (an EOF whose buffer was not given back would

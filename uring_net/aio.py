@@ -560,6 +560,11 @@ class Loop(unix_events._UnixSelectorEventLoop):
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
         res = await self._op(lambda w: self._ops.connect(fd, sockaddr, w))
+        if res == -errno.EALREADY:
+            # An earlier connect on this socket, whose wait was cancelled, is
+            # still going on in the kernel: wait for it as asyncio would
+            # (writable, then SO_ERROR).
+            return await super().sock_connect(sock, address)
         if res < 0:
             raise OSError(-res, f"Connect call failed {address}")
 
