@@ -16,9 +16,9 @@
 # the buffer get_buffer() returns once they came, as asyncio's loops ask for
 # it (a buffer asked for when the receive went in may since have been handed
 # on or compacted by the protocol). pause_reading() cancels the receive;
-# results that come meanwhile are held, in order, and delivered on resume. (A multishot receive, armed once for many
-# messages, was measured slower: docs/architecture.md, "Measured and
-# rejected".)
+# results that come meanwhile are held, in order, and delivered on resume.
+# (A multishot receive, armed once for many messages, was measured slower:
+# docs/architecture.md, "Measured and rejected".)
 #
 # Writing: write() queues the bytes and prepares a SEND at once; it reaches
 # the kernel with the loop's next io_uring_enter, the one that also waits,
