@@ -22,6 +22,7 @@
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING
 
 cdef enum LoopOp:
     LOP_RECV = 1
@@ -345,11 +346,16 @@ cdef class LoopOps:
         io_uring_sqe_set_data64(s, self.ud(slot))
         return slot
 
-    def accept(self, int fd, waiter):
-        """Accept one connection, non-blocking and close-on-exec; waiter(fd or -errno)."""
+    def accept(self, int fd, waiter, bytearray peer):
+        """Accept one connection, non-blocking and close-on-exec; waiter(fd or
+        -errno). The kernel writes the peer's address into `peer` as accept(2)
+        does: a socklen_t (set it to the room left), then the sockaddr."""
         cdef int slot = self.take_slot()
         cdef io_uring_sqe *s = self.prep(slot, LOP_ACCEPT, waiter)
-        io_uring_prep_accept(s, fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        cdef char *p = PyByteArray_AS_STRING(peer)
+        self.keep[slot] = peer          # (not resized: its bytes stay put)
+        io_uring_prep_accept(s, fd, <sockaddr *>(p + sizeof(socklen_t)), <socklen_t *>p,
+                             SOCK_NONBLOCK | SOCK_CLOEXEC)
         io_uring_sqe_set_data64(s, self.ud(slot))
         return slot
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -571,6 +572,44 @@ def test_sock_connect_again_after_a_cancelled_one_waits_for_it():
         return peer
 
     assert aio.run(main())[1] > 0
+
+
+@pytest.mark.parametrize("family,client", [
+    ("inet", None), ("inet-reset", None), ("inet6", None),
+    ("unix", None), ("unix", "path"), ("unix", "abstract")])
+def test_sock_accept_gives_the_address_accept_gives(family, client, tmp_path):
+    # The peer's address comes with the accept, as from accept(2): also for
+    # a client that reset the connection while it waited in the queue
+    # (getpeername() fails on that one).
+    async def main():
+        loop = asyncio.get_running_loop()
+        if family == "unix":
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(tmp_path / "listener"))
+            c = socket.socket(socket.AF_UNIX)
+            if client == "path":
+                c.bind(str(tmp_path / "client"))
+            elif client == "abstract":
+                c.bind(b"\0uring-net-test-%d" % os.getpid())
+        else:
+            fam = socket.AF_INET6 if family == "inet6" else socket.AF_INET
+            listener = socket.socket(fam)
+            listener.bind(("::1" if family == "inet6" else "127.0.0.1", 0))
+            c = socket.socket(fam)
+        listener.listen()
+        listener.setblocking(False)
+        c.connect(listener.getsockname())
+        expected = c.getsockname()
+        if family == "inet-reset":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        conn, address = await asyncio.wait_for(loop.sock_accept(listener), 10)
+        for sock in (conn, c, listener):
+            sock.close()
+        return address, expected
+
+    address, expected = aio.run(main())
+    assert address == expected
 
 
 def test_receive_pool_survives_more_eofs_than_it_has_buffers():

@@ -77,6 +77,40 @@ def _copy_into(buf, data):
     return len(data)
 
 
+_PEER_ROOM = 128            # sizeof(struct sockaddr_storage)
+
+
+def _peer_buffer():
+    """Where an ACCEPT puts the peer's address: a socklen_t, then the sockaddr."""
+    peer = bytearray(4 + _PEER_ROOM)
+    struct.pack_into("=I", peer, 0, _PEER_ROOM)
+    return peer
+
+
+def _unpack_peer(peer, conn):
+    """The address accept() would have returned, from _peer_buffer()'s bytes
+    (the sockaddr's family is conn's); asyncio's value for a family not
+    decoded here, from getpeername()."""
+    length = struct.unpack_from("=I", peer)[0]
+    raw = bytes(peer[4:4 + min(length, _PEER_ROOM)])
+    family = conn.family
+    if family == socket.AF_INET and length >= 8:
+        return socket.inet_ntop(family, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET6 and length >= 28:
+        port, flowinfo = struct.unpack_from("!HI", raw, 2)
+        return (socket.inet_ntop(family, raw[8:24]), port, flowinfo,
+                struct.unpack_from("=I", raw, 24)[0])
+    if family == socket.AF_UNIX:
+        path = raw[2:]
+        if path[:1] == b"\0":
+            return path             # the abstract namespace: bytes, as Python gives
+        return os.fsdecode(path.split(b"\0", 1)[0])
+    try:
+        return conn.getpeername()
+    except OSError:
+        return None
+
+
 def _pack_sockaddr(family, address):
     """struct sockaddr for CONNECT, or None for a family left to asyncio."""
     if family == socket.AF_INET:
@@ -204,7 +238,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
         self._recv_stash = {}       # fd -> [ref to the socket, bytes]: _keep_bytes
         self._recv_owed = {}        # fd -> [n, future]: n cancelled receives not back yet
         _live_loops.add(self)
-        self._accept_stash = {}     # fd -> [ref to the listener, [fds]]: _keep_conn
+        self._accept_stash = {}     # fd -> [ref to the listener, [(fd, peer)]]: _keep_conn
 
     # -- the completions -------------------------------------------------
 
@@ -269,11 +303,11 @@ class Loop(unix_events._UnixSelectorEventLoop):
             del self._recv_stash[fd]
         return data[:n]
 
-    def _keep_conn(self, sock, conn_fd):
+    def _keep_conn(self, sock, conn_fd, peer):
         fd = sock.fileno()
         entry = self._accept_stash.get(fd)
         if entry is not None and entry[0]() is sock:
-            entry[1].append(conn_fd)
+            entry[1].append((conn_fd, peer))
             return
         if fd < 0:
             os.close(conn_fd)       # the listener is closed: as its backlog would be
@@ -281,10 +315,10 @@ class Loop(unix_events._UnixSelectorEventLoop):
         self._drop_conns(fd)
         # Should the listener go away unused, so do its connections.
         ref = weakref.ref(sock, lambda ref, fd=fd: self._drop_conns(fd, ref))
-        self._accept_stash[fd] = [ref, [conn_fd]]
+        self._accept_stash[fd] = [ref, [(conn_fd, peer)]]
 
     def _kept_conn(self, sock):
-        """A connection kept for listener sock, or None; another
+        """A connection kept for listener sock, (fd, peer), or None; another
         listener's, that had the same fd number, are closed."""
         fd = sock.fileno()
         entry = self._accept_stash.get(fd)
@@ -293,16 +327,16 @@ class Loop(unix_events._UnixSelectorEventLoop):
         if entry[0]() is not sock:
             self._drop_conns(fd)
             return None
-        conn_fd = entry[1].pop(0)
+        conn = entry[1].pop(0)
         if not entry[1]:
             del self._accept_stash[fd]
-        return conn_fd
+        return conn
 
     def _drop_conns(self, fd, ref=None):
         entry = self._accept_stash.get(fd)
         if entry is not None and (ref is None or entry[0] is ref):
             del self._accept_stash[fd]
-            for conn_fd in entry[1]:
+            for conn_fd, _ in entry[1]:
                 os.close(conn_fd)
 
     async def _op(self, start, on_cancel=None, owed_fd=-1):
@@ -473,22 +507,22 @@ class Loop(unix_events._UnixSelectorEventLoop):
         self._check_sock(sock)
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
-        res = self._kept_conn(sock) if self._accept_stash else None
-        if res is None:
+        kept = self._kept_conn(sock) if self._accept_stash else None
+        if kept is None:
+            peer = _peer_buffer()
+
             def keep(res):      # accepted after all: the next sock_accept gets it
                 if res >= 0:
-                    self._keep_conn(sock, res)
+                    self._keep_conn(sock, res, peer)
 
-            res = await self._op(lambda w: self._ops.accept(fd, w), keep)
+            res = await self._op(lambda w: self._ops.accept(fd, w, peer), keep)
             if res < 0:
                 raise _error(res)
+        else:
+            res, peer = kept
         conn = socket.socket(sock.family, sock.type, sock.proto, fileno=res)
         conn.setblocking(False)
-        try:
-            address = conn.getpeername()
-        except OSError:
-            address = "" if sock.family == socket.AF_UNIX else None
-        return conn, address
+        return conn, _unpack_peer(peer, conn)
 
     async def _sock_sendfile_native(self, sock, file, offset, count):
         # sock_sendfile(), and a transport's sendfile(), through splice:
