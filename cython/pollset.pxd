@@ -22,6 +22,7 @@ cdef class PollSet:
     # Write-only fds whose peer has half-closed, watched by an epoll set of
     # our own whose fd the ring polls (pollset.pyx says why).
     cdef int epfd
+    cdef unsigned nparked       # fds in it now
     cdef bint ep_armed, ep_queued
     cdef uint16_t ep_gen
 

@@ -231,7 +231,7 @@ cdef class PollSet:
                 self.prep_remove(fd)
                 self.ring.submit()
 
-    def select(self, timeout):
+    def select(self, timeout=None):
         """[(key, events)] of the watched fds that are ready, like
         EpollSelector.select(): wait up to `timeout` seconds (None: until one
         is; 0 or less: not at all). A signal whose handler returns does not
@@ -240,47 +240,60 @@ cdef class PollSet:
         cdef int ret
         cdef int64_t timeout_ns
         cdef double deadline = 0.0
+        cdef uint64_t ops_done
+        cdef list out
         self.selects += 1
-        self.woke_before = r.completions_waiting()
-        self.arm_queued()
         cdef bint poll_only = timeout is not None and timeout <= 0
         if timeout is not None and not poll_only:
             deadline = _monotonic() + timeout
         while True:
-            timeout_ns = -1
-            if poll_only:
-                timeout_ns = 0          # (an asyncio loop's every turn with callbacks ready)
-            elif timeout is not None:
-                # (capped at ~146 years: a larger double would not fit)
-                timeout_ns = <int64_t>(min(max(0.0, deadline - _monotonic()), 4.6e9) * 1e9)
-            # No syscall when answers already wait in the CQ, or when a
-            # zero wait could find none that we cannot see from here.
-            if not r.must_enter() and (r.ready() or timeout_ns == 0):
-                break
-            self.enters += 1
-            if timeout_ns == 0:
-                # Submit and reap, without the timer a zero wait would arm.
+            self.woke_before = r.completions_waiting()
+            self.arm_queued()
+            ops_done = self.ops.completed if self.ops is not None else 0
+            ret = 0
+            while True:
+                timeout_ns = -1
+                if poll_only:
+                    timeout_ns = 0      # (an asyncio loop's every turn with callbacks ready)
+                elif timeout is not None:
+                    # (capped at ~146 years: a larger double would not fit)
+                    timeout_ns = <int64_t>(min(max(0.0, deadline - _monotonic()), 4.6e9) * 1e9)
+                # No syscall when answers already wait in the CQ, or when a
+                # zero wait could find none that we cannot see from here.
+                if not r.must_enter() and (r.ready() or timeout_ns == 0):
+                    break
+                self.enters += 1
+                if timeout_ns == 0:
+                    # Submit and reap, without the timer a zero wait would arm.
+                    with nogil:
+                        ret = r.submit()
+                    if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
+                        raise OSError(-ret, os.strerror(-ret))
+                    break
                 with nogil:
-                    ret = r.submit()
-                if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
+                    ret = r.submit_and_wait(timeout_ns)
+                if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
                     raise OSError(-ret, os.strerror(-ret))
-                break
-            with nogil:
-                ret = r.submit_and_wait(timeout_ns)
-            if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
-                raise OSError(-ret, os.strerror(-ret))
-            if r.ready() or r.cq_overflowed() or ret == -ETIME:
-                break
-            # Woken with nothing to report: a signal. (The wait's EINTR is
-            # not always what comes back: io_uring_enter returns the count
-            # submitted when it submitted anything.) Run its handler, which
-            # may raise; else wait on for what is left (PEP 475).
-            PyErr_CheckSignals()
-            if timeout is not None and _monotonic() >= deadline:
-                break
-        if r.cq_overflowed():
-            self.overflows += 1
-        return self.harvest()
+                if r.ready() or r.cq_overflowed() or ret == -ETIME:
+                    break
+                # Woken with nothing to report: a signal. (The wait's EINTR is
+                # not always what comes back: io_uring_enter returns the count
+                # submitted when it submitted anything.) Run its handler, which
+                # may raise; else wait on for what is left (PEP 475).
+                PyErr_CheckSignals()
+                if timeout is not None and _monotonic() >= deadline:
+                    break
+            if r.cq_overflowed():
+                self.overflows += 1
+            out = self.harvest()
+            if (out or poll_only or ret == -ETIME
+                    or (self.ops is not None and self.ops.completed != ops_done)
+                    or (timeout is not None and _monotonic() >= deadline)):
+                return out
+            # Every completion was one to drop: a removed poll's, an fd's
+            # that went to the parking set, or one the re-check found no
+            # longer ready. epoll_wait would not have returned: wait on, for
+            # the time left, with those fds armed again.
 
     cdef list harvest(self):
         cdef io_uring_cqe *cqes[PS_BATCH]
@@ -374,6 +387,7 @@ cdef class PollSet:
             self.enqueue(fd)
             return
         self.state[fd] |= ST_PARKED
+        self.nparked += 1
         self.ep_queued = True
         self.parked += 1
 
@@ -381,12 +395,22 @@ cdef class PollSet:
         if self.state[fd] & ST_PARKED:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)   # EBADF if closed: gone anyway
             self.state[fd] &= ~ST_PARKED
+            self.nparked -= 1
 
     cdef void epoll_ready(self, list out) noexcept:
-        cdef epoll_event evs[64]
-        cdef int n, i, fd
+        # Room for every parked fd, so that one epoll_wait answers them all
+        # (a second call would hand out again those the first returned).
+        cdef epoll_event small[64]
+        cdef epoll_event *evs = small
+        cdef int room = 64, n, i, fd
         cdef uint32_t ready
-        n = epoll_wait(self.epfd, evs, 64, 0)
+        if self.nparked > 64:
+            evs = <epoll_event *>malloc(self.nparked * sizeof(epoll_event))
+            if evs == NULL:
+                evs = small         # (the rest at the next select)
+            else:
+                room = <int>self.nparked
+        n = epoll_wait(self.epfd, evs, room, 0)
         for i in range(n):
             fd = evs[i].data.fd
             if <unsigned>fd >= self.cap or not (self.state[fd] & ST_PARKED) or not self.want[fd]:
@@ -395,6 +419,8 @@ cdef class PollSet:
                                                  | (EV_WRITE if self.want[fd] & POLLOUT else 0))
             if ready:
                 out.append((self.keys[fd], ready))
+        if evs != small:
+            free(evs)
 
     def fileno(self):
         return self.live_ring().fd
@@ -410,6 +436,7 @@ cdef class PollSet:
             close(self.epfd)
             self.epfd = -1
         self.ep_armed = self.ep_queued = False
+        self.nparked = 0
         for i in range(self.cap):
             self.want[i] = 0
             self.state[i] = 0
@@ -429,6 +456,7 @@ cdef class PollSet:
             close(self.epfd)        # the child's reference; the set is the parent's
             self.epfd = -1
         self.ep_armed = self.ep_queued = False
+        self.nparked = 0
         self.nqueue = 0
         for fd in range(self.cap):
             self.state[fd] = 0

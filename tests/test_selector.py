@@ -223,6 +223,60 @@ def test_select_from_another_thread(sel):
         assert out == [[(key, R)]]
 
 
+def test_select_waits_on_past_the_completions_it_drops(sel):
+    # unregister() and modify() remove polls whose completions come back;
+    # select() drops them, and must then wait on for the time left, as
+    # epoll_wait does: select(None) never returns [].
+    import time
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        sel.register(a, R)
+        sel.select(0)                       # a's poll in the kernel
+        sel.unregister(a)
+        key = sel.register(c, R)
+        start = time.monotonic()
+        assert sel.select(0.2) == []
+        assert time.monotonic() - start >= 0.19
+        sel.modify(c, W | R)
+        sel.modify(c, R)                    # (both polls removed, one armed)
+        sel.unregister(c)
+        key = sel.register(c, R)
+        timer = threading.Timer(0.1, d.send, (b"x",))
+        timer.start()
+        try:
+            assert sel.select(None) == [(key, R)]
+        finally:
+            timer.join()
+
+
+def test_every_parked_writer_is_reported_by_one_select(sel):
+    # More write-only fds parked (their peers half-closed) than one
+    # epoll_wait of 64 events returns: all are reported once writable.
+    pairs = [socket.socketpair() for _ in range(100)]
+    try:
+        for a, b in pairs:
+            a.setblocking(False)
+            try:
+                while True:
+                    a.send(b"f" * 65536)
+            except BlockingIOError:
+                pass
+            sel.register(a, W)
+            b.shutdown(socket.SHUT_WR)
+        assert sel.select(0.1) == []        # all parked: nothing to write
+        assert sel.stats()["parked"] == 100
+        for a, b in pairs:
+            while select_readable(b) and b.recv(1 << 20, socket.MSG_DONTWAIT):
+                pass
+        assert len(sel.select(5)) == 100
+        assert len(sel.select(0)) == 100
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
 @pytest.mark.skipif(NOFILE_LIMIT < 10000,
                     reason=f"needs 10,000 fds; RLIMIT_NOFILE allows {NOFILE_LIMIT}")
 def test_more_ready_fds_than_the_cq_holds_are_all_reported(sel):
