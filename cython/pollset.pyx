@@ -52,7 +52,9 @@
 # reused, is recognised and dropped.
 
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.pythread cimport PyThread_get_thread_ident
+
+cdef extern from "thread_token.h":
+    unsigned long long un_thread_token()
 from time import monotonic as _monotonic
 
 cdef enum SelOp:
@@ -127,7 +129,9 @@ cdef class PollSet:
     # thread and run in another) moves to a new ring of that thread's: its
     # fds are armed again there. After a fork the child gets a new one too.
     cdef Ring live_ring(self):
-        cdef unsigned long tid = PyThread_get_thread_ident()
+        cdef unsigned long long tid = un_thread_token()
+        if self.closed:
+            raise ValueError("I/O operation on a closed selector")
         if self.ring is not None and tid != self.owner_tid:
             self.move_to_thread()
         if self.ring is None:
@@ -197,6 +201,8 @@ cdef class PollSet:
 
     def add(self, int fd, uint32_t events, key):
         """Watch fd for events (EVENT_READ|EVENT_WRITE); select() reports `key`."""
+        if self.closed:
+            raise ValueError("I/O operation on a closed selector")
         self.grow(fd)
         if self.want[fd]:
             raise KeyError(f"fd {fd} is already registered")
@@ -206,6 +212,8 @@ cdef class PollSet:
 
     def change(self, int fd, uint32_t events, key):
         """New events and key for a watched fd."""
+        if self.closed:
+            raise ValueError("I/O operation on a closed selector")
         if fd < 0 or <unsigned>fd >= self.cap or not self.want[fd]:
             raise KeyError(f"fd {fd} is not registered")
         cdef uint32_t mask = poll_mask(events)
@@ -442,6 +450,7 @@ cdef class PollSet:
             self.state[i] = 0
         self.nqueue = 0
         self.keys = [None] * self.cap
+        self.closed = True
 
     def after_fork(self):
         """In a child of fork(): the ring's memory is shared with the parent,

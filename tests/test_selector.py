@@ -250,6 +250,32 @@ def test_select_waits_on_past_the_completions_it_drops(sel):
             timer.join()
 
 
+def test_one_short_lived_thread_after_another(sel):
+    # A thread that exits leaves its pthread_self() to the next one started:
+    # the ring must still move to the new thread, whose ident looks the same.
+    a, b = socket.socketpair()
+    with a, b:
+        key = sel.register(a, R)
+        b.send(b"z")
+        out = []
+        for _ in range(3):
+            t = threading.Thread(target=lambda: out.append(sel.select(10)))
+            t.start()
+            t.join(20)
+        assert out == [[(key, R)]] * 3
+
+
+def test_a_closed_selector_refuses_as_epolls_does():
+    for cls in (selectors.EpollSelector, UringSelector):
+        s = cls()
+        s.close()
+        a, b = socket.socketpair()
+        with a, b:
+            for call in (lambda: s.select(0), s.fileno, lambda: s.register(a, R)):
+                with pytest.raises(ValueError):
+                    call()
+
+
 def test_every_parked_writer_is_reported_by_one_select(sel):
     # More write-only fds parked (their peers half-closed) than one
     # epoll_wait of 64 events returns: all are reported once writable.
