@@ -158,12 +158,7 @@ def test_writer_whose_peer_half_closed_does_not_spin(sel):
     # the peer's FIN at every re-arm. Such an fd is parked in an epoll set.
     a, b = socket.socketpair()
     with a, b:
-        a.setblocking(False)
-        try:
-            while True:
-                a.send(b"f" * 65536)
-        except BlockingIOError:
-            pass
+        fill(a)
         key = sel.register(a, W)
         b.shutdown(socket.SHUT_WR)
         enters = sel.stats()["enters"]
@@ -176,6 +171,16 @@ def test_writer_whose_peer_half_closed_does_not_spin(sel):
         assert sel.select(0) == [(key, W)]  # and level-triggered while parked
         key = sel.modify(a, R | W)          # back on a ring poll: EOF is readable
         assert by_fd(sel.select(0)) == {a.fileno(): R | W}
+
+
+def fill(sock):
+    """Send on sock, made non-blocking, until its buffer is full."""
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(b"f" * 65536)
+    except BlockingIOError:
+        pass
 
 
 def select_readable(sock):
@@ -282,12 +287,7 @@ def test_every_parked_writer_is_reported_by_one_select(sel):
     pairs = [socket.socketpair() for _ in range(100)]
     try:
         for a, b in pairs:
-            a.setblocking(False)
-            try:
-                while True:
-                    a.send(b"f" * 65536)
-            except BlockingIOError:
-                pass
+            fill(a)
             sel.register(a, W)
             b.shutdown(socket.SHUT_WR)
         assert sel.select(0.1) == []        # all parked: nothing to write
