@@ -58,8 +58,13 @@ cdef enum:
     OWN_BUF_SIZE = 256 * 1024   # asyncio's max_size
 
 
-cdef inline bint _fatal(exc):
-    return isinstance(exc, (SystemExit, KeyboardInterrupt))
+cdef int _protocol_failed(transport, exc, str call) except -1:
+    # As asyncio's transports do when a protocol's method raised: SystemExit
+    # and KeyboardInterrupt go on up, anything else ends the transport.
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        raise exc
+    transport._fatal_error(exc, f'Fatal error: protocol.{call}() call failed.')
+    return 0
 
 
 cdef class StreamIO:
@@ -197,9 +202,7 @@ cdef class StreamIO:
         try:
             self.data_received(data)
         except BaseException as exc:
-            if _fatal(exc):
-                raise
-            self.transport._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+            _protocol_failed(self.transport, exc, 'data_received')
         return 0
 
     cdef int feed_buffered(self, bytes data) except -1:
@@ -221,17 +224,11 @@ cdef class StreamIO:
                 if k == 0:
                     raise RuntimeError('get_buffer() returned an empty buffer')
             except BaseException as exc:
-                if _fatal(exc):
-                    raise
-                self.transport._fatal_error(exc, 'Fatal error: protocol.get_buffer() call failed.')
-                return 0
+                return _protocol_failed(self.transport, exc, 'get_buffer')
             try:
                 self.buffer_updated(k)
             except BaseException as exc:
-                if _fatal(exc):
-                    raise
-                self.transport._fatal_error(exc, 'Fatal error: protocol.buffer_updated() call failed.')
-                return 0
+                return _protocol_failed(self.transport, exc, 'buffer_updated')
             off += k
             if off < n and (self.conn_lost or not self.reading()):
                 if not self.conn_lost and not self.closing:
