@@ -201,6 +201,60 @@ def test_any_chunking_arrives_whole_and_in_order(chunks, end_with, sndbuf):
     assert aio.run(main()) == (True, "eof")
 
 
+class ChoppyBuffers(asyncio.BufferedProtocol):
+    """A BufferedProtocol whose get_buffer() gives buffers of the sizes
+    listed, in turn, a fresh one each time, and that pauses reading after
+    every `pause_every`-th buffer_updated() (0: never) until the next turn."""
+
+    def __init__(self, sizes, pause_every):
+        self.sizes = sizes
+        self.pause_every = pause_every
+        self.calls = 0
+        self.got = bytearray()
+        self.buf = None
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, t):
+        self.t = t
+
+    def get_buffer(self, sizehint):
+        self.buf = bytearray(self.sizes[self.calls % len(self.sizes)])
+        return self.buf
+
+    def buffer_updated(self, n):
+        self.got += self.buf[:n]
+        self.buf = None                 # given back: the next bytes need a new one
+        self.calls += 1
+        if self.pause_every and self.calls % self.pause_every == 0:
+            self.t.pause_reading()
+            asyncio.get_running_loop().call_soon(self.t.resume_reading)
+
+    def eof_received(self):
+        self.ended.set_result(None)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=6),
+       st.lists(st.integers(1, 5000), min_size=1, max_size=5), st.integers(0, 4))
+def test_a_buffered_protocol_gets_every_byte_whatever_its_buffers_and_pauses(
+        pieces, sizes, pause_every):
+    # Bytes received into the pool are copied into the buffers get_buffer()
+    # gives when they are there: what does not fit goes to the next one,
+    # and what is left when buffer_updated() pauses waits for the resume.
+    async def main():
+        t, p, peer = await tcp_transport(lambda: ChoppyBuffers(sizes, pause_every))
+        want = b"".join(pattern(n, i) for i, n in enumerate(pieces))
+        for i, n in enumerate(pieces):
+            peer.sendall(pattern(n, i))
+        peer.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(p.ended, 20)
+        t.close()
+        peer.close()
+        return bytes(p.got) == want
+
+    assert aio.run(main())
+
+
 def stalled_pair():
     """A loopback_pair() whose buffers a peer that does not read fills soon."""
     return loopback_pair(65536, 65536)
