@@ -30,6 +30,8 @@ cdef class PollSet:
     cdef int grow(self, int fd) except -1
     cdef Ring live_ring(self)
     cdef int move_to_thread(self) except -1
+    cdef int check_open(self) except -1
+    cdef bint wait(self, Ring r, bint poll_only, bint forever, double deadline) except -1
     cdef void enqueue(self, int fd) noexcept
     cdef void prep_remove(self, int fd) noexcept
     cdef void arm_queued(self) noexcept

@@ -52,10 +52,10 @@
 # reused, is recognised and dropped.
 
 from cpython.exc cimport PyErr_CheckSignals
+from time import monotonic as _monotonic
 
 cdef extern from "thread_token.h":
     unsigned long long un_thread_token()
-from time import monotonic as _monotonic
 
 cdef enum SelOp:
     SEL_POLL = 1
@@ -130,8 +130,7 @@ cdef class PollSet:
     # fds are armed again there. After a fork the child gets a new one too.
     cdef Ring live_ring(self):
         cdef unsigned long long tid = un_thread_token()
-        if self.closed:
-            raise ValueError("I/O operation on a closed selector")
+        self.check_open()
         if self.ring is not None and tid != self.owner_tid:
             self.move_to_thread()
         if self.ring is None:
@@ -157,6 +156,11 @@ cdef class PollSet:
             if self.want[fd]:
                 self.enqueue(fd)
         self.moves += 1
+        return 0
+
+    cdef int check_open(self) except -1:
+        if self.closed:
+            raise ValueError("I/O operation on a closed selector")   # as EpollSelector's
         return 0
 
     cdef void enqueue(self, int fd) noexcept:
@@ -201,8 +205,7 @@ cdef class PollSet:
 
     def add(self, int fd, uint32_t events, key):
         """Watch fd for events (EVENT_READ|EVENT_WRITE); select() reports `key`."""
-        if self.closed:
-            raise ValueError("I/O operation on a closed selector")
+        self.check_open()
         self.grow(fd)
         if self.want[fd]:
             raise KeyError(f"fd {fd} is already registered")
@@ -212,8 +215,7 @@ cdef class PollSet:
 
     def change(self, int fd, uint32_t events, key):
         """New events and key for a watched fd."""
-        if self.closed:
-            raise ValueError("I/O operation on a closed selector")
+        self.check_open()
         if fd < 0 or <unsigned>fd >= self.cap or not self.want[fd]:
             raise KeyError(f"fd {fd} is not registered")
         cdef uint32_t mask = poll_mask(events)
@@ -245,10 +247,9 @@ cdef class PollSet:
         is; 0 or less: not at all). A signal whose handler returns does not
         end the wait early (PEP 475); one whose handler raises does."""
         cdef Ring r = self.live_ring()
-        cdef int ret
-        cdef int64_t timeout_ns
         cdef double deadline = 0.0
         cdef uint64_t ops_done
+        cdef bint timed_out
         cdef list out
         self.selects += 1
         cdef bint poll_only = timeout is not None and timeout <= 0
@@ -258,50 +259,58 @@ cdef class PollSet:
             self.woke_before = r.completions_waiting()
             self.arm_queued()
             ops_done = self.ops.completed if self.ops is not None else 0
-            ret = 0
-            while True:
-                timeout_ns = -1
-                if poll_only:
-                    timeout_ns = 0      # (an asyncio loop's every turn with callbacks ready)
-                elif timeout is not None:
-                    # (capped at ~146 years: a larger double would not fit)
-                    timeout_ns = <int64_t>(min(max(0.0, deadline - _monotonic()), 4.6e9) * 1e9)
-                # No syscall when answers already wait in the CQ, or when a
-                # zero wait could find none that we cannot see from here.
-                if not r.must_enter() and (r.ready() or timeout_ns == 0):
-                    break
-                self.enters += 1
-                if timeout_ns == 0:
-                    # Submit and reap, without the timer a zero wait would arm.
-                    with nogil:
-                        ret = r.submit()
-                    if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
-                        raise OSError(-ret, os.strerror(-ret))
-                    break
-                with nogil:
-                    ret = r.submit_and_wait(timeout_ns)
-                if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
-                    raise OSError(-ret, os.strerror(-ret))
-                if r.ready() or r.cq_overflowed() or ret == -ETIME:
-                    break
-                # Woken with nothing to report: a signal. (The wait's EINTR is
-                # not always what comes back: io_uring_enter returns the count
-                # submitted when it submitted anything.) Run its handler, which
-                # may raise; else wait on for what is left (PEP 475).
-                PyErr_CheckSignals()
-                if timeout is not None and _monotonic() >= deadline:
-                    break
+            timed_out = self.wait(r, poll_only, timeout is None, deadline)
             if r.cq_overflowed():
                 self.overflows += 1
             out = self.harvest()
-            if (out or poll_only or ret == -ETIME
-                    or (self.ops is not None and self.ops.completed != ops_done)
-                    or (timeout is not None and _monotonic() >= deadline)):
+            if (out or poll_only or timed_out
+                    or (self.ops is not None and self.ops.completed != ops_done)):
                 return out
             # Every completion was one to drop: a removed poll's, an fd's
             # that went to the parking set, or one the re-check found no
             # longer ready. epoll_wait would not have returned: wait on, for
             # the time left, with those fds armed again.
+
+    cdef bint wait(self, Ring r, bint poll_only, bint forever, double deadline) except -1:
+        """Submit what is queued and wait until a completion is there, or
+        until `deadline` (not at all with poll_only; no limit if forever).
+        True if the time ran out."""
+        cdef int ret
+        cdef int64_t timeout_ns
+        while True:
+            timeout_ns = -1
+            if poll_only:
+                timeout_ns = 0          # (an asyncio loop's every turn with callbacks ready)
+            elif not forever:
+                # (capped at ~146 years: a larger double would not fit)
+                timeout_ns = <int64_t>(min(max(0.0, deadline - _monotonic()), 4.6e9) * 1e9)
+            # No syscall when answers already wait in the CQ, or when a
+            # zero wait could find none that we cannot see from here.
+            if not r.must_enter() and (r.ready() or timeout_ns == 0):
+                return timeout_ns == 0 and not poll_only
+            self.enters += 1
+            if timeout_ns == 0:
+                # Submit and reap, without the timer a zero wait would arm.
+                with nogil:
+                    ret = r.submit()
+                if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
+                    raise OSError(-ret, os.strerror(-ret))
+                return not poll_only
+            with nogil:
+                ret = r.submit_and_wait(timeout_ns)
+            if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:
+                raise OSError(-ret, os.strerror(-ret))
+            if ret == -ETIME:
+                return True
+            if r.ready() or r.cq_overflowed():
+                return False
+            # Woken with nothing to report: a signal. (The wait's EINTR is
+            # not always what comes back: io_uring_enter returns the count
+            # submitted when it submitted anything.) Run its handler, which
+            # may raise; else wait on for what is left (PEP 475).
+            PyErr_CheckSignals()
+            if not forever and _monotonic() >= deadline:
+                return True
 
     cdef list harvest(self):
         cdef io_uring_cqe *cqes[PS_BATCH]
