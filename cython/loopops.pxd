@@ -13,6 +13,7 @@ cdef class LoopOps:
     cdef list keep              # per slot: kept alive while the kernel may read it
     cdef list done              # (waiter, res) harvested, for the loop to call
     cdef readonly uint64_t submitted, completed, cancels, stale, nobufs, spec_misses
+    cdef readonly uint64_t quiet_sends   # sends finished in the harvest (StreamIO.send_quiet)
     # The receive pool: a provided-buffer ring (group 0) on the same ring, so
     # that an idle connection's pending recv holds no buffer of its own.
     cdef Ring pool_ring         # the ring the pool is registered with (None: none yet)

@@ -119,6 +119,14 @@ cdef class LoopOps:
             return
         waiter = self.waiters[slot]
         self.release(slot)
+        if (op == LOP_SEND and type(waiter) is StreamIO
+                and (<StreamIO>waiter).send_quiet(cqe.res)):
+            # A transport's send that took every byte written and leaves
+            # nothing for Python to do: finished here, not counted in
+            # `completed`, so select() waits on instead of turning the loop
+            # once more for it.
+            self.quiet_sends += 1
+            return
         self.completed += 1
         if op != LOP_RECV_POOL:
             self.done.append((waiter, cqe.res, op))
@@ -440,5 +448,5 @@ cdef class LoopOps:
     def stats(self):
         return {"submitted": self.submitted, "completed": self.completed,
                 "cancels": self.cancels, "stale": self.stale, "nobufs": self.nobufs,
-                "recv_tries_empty": self.spec_misses,
+                "recv_tries_empty": self.spec_misses, "quiet_sends": self.quiet_sends,
                 "in_flight": self.in_flight()}

@@ -35,6 +35,7 @@ cdef class StreamIO:
     cdef int completed(self, uint32_t op, object res) except -1
     cdef int recv_done(self, object res) except -1
     cdef int send_done(self, object res) except -1
+    cdef bint send_quiet(self, int res) noexcept
     cdef int deliver(self, object res) except -1
     cdef int feed(self, object data) except -1
     cdef int feed_buffered(self, bytes data) except -1

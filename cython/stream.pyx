@@ -24,7 +24,9 @@
 # the kernel with the loop's next io_uring_enter, the one that also waits,
 # so a write costs no syscall of its own. One send is in flight per
 # transport; what is written meanwhile is joined and sent when it completes,
-# and a short send resumes where it stopped. The FIN of write_eof() and the
+# and a short send resumes where it stopped. A send that took the last byte,
+# with nothing waiting on it, is finished in the harvest (send_quiet), so
+# the loop does not turn for it. The FIN of write_eof() and the
 # connection_lost of close() wait until every byte is out.
 #
 # The socket is closed only once no op on it is in flight: an op holds the
@@ -323,6 +325,25 @@ cdef class StreamIO:
         elif self.eof:
             self.transport._sock.shutdown(SHUT_WR)
         return 0
+
+    cdef bint send_quiet(self, int res) noexcept:
+        # Called by LoopOps.finish in the harvest, before select() returns:
+        # a send that sent the last byte written, on a transport with
+        # nothing waiting for that (no paused protocol, drain waiter, close
+        # or write_eof), needs no Python. Finishing it there spares the loop
+        # a turn per write: the send usually completes inside the
+        # io_uring_enter that submitted it, and the loop would otherwise
+        # wake for it and go round again before the peer's answer. False:
+        # send_done() runs from dispatch() as for any completion.
+        if (res <= 0 or self.lost is not None or self.conn_lost or self.closing
+                or self.eof or self.protocol_paused or self.empty_waiter is not None
+                or len(self.wq) != 1 or self.wq_off + res != len(<bytes>self.wq[0])):
+            return False
+        self.send_slot = -1
+        self.wsize -= res
+        self.wq_off = 0
+        self.wq.clear()
+        return True
 
     def drop_writes(self):
         """abort(), or a fatal error: what was not sent is dropped, the send

@@ -103,6 +103,45 @@ def test_a_slow_reader_gets_every_byte_through_short_sends_and_flow_control():
     assert stats["short_sends"] > 0, stats
 
 
+def test_a_send_nobody_waits_on_costs_the_loop_no_turn():
+    # A send that took every byte written, on a transport with nothing
+    # waiting for it (no paused protocol, drain, close or write_eof), is
+    # finished inside select(), which waits on: the send completes in the
+    # very io_uring_enter that submits it, and returning for it would turn
+    # the loop once more per write (StreamIO.send_quiet).
+    async def main():
+        loop = asyncio.get_running_loop()
+        t, proto, peer = await tcp_transport(Ends)
+
+        async def turns(write):
+            before = loop.stats()
+            if write:
+                t.write(b"x" * 100)
+            await asyncio.sleep(0.05)
+            after = loop.stats()
+            return (after["polls"]["selects"] - before["polls"]["selects"],
+                    after["ops"]["quiet_sends"] - before["ops"]["quiet_sends"],
+                    after["ops"]["completed"] - before["ops"]["completed"])
+
+        out = []
+        for _ in range(5):
+            idle = await turns(False)
+            busy = await turns(True)
+            out.append((idle, busy))
+        got = b""
+        while len(got) < 500:
+            got += peer.recv(500)
+        t.close()
+        await proto.lost
+        peer.close()
+        return out, got
+
+    out, got = aio.run(main())
+    assert got == b"x" * 500
+    for (idle_selects, _, _), (busy_selects, quiet, completed) in out:
+        assert (busy_selects, quiet, completed) == (idle_selects, 1, 0), out
+
+
 def test_write_eof_waits_for_the_queue_and_the_other_way_stays_open():
     total = 1 << 20
     data = pattern(total, 3)
