@@ -1,14 +1,22 @@
 # The turn of uring_net.aio's event loop in C: asyncio's BaseEventLoop
-# _run_once, call_soon and create_future, step for step, as functions the
-# Loop class takes as its methods (uring_net/aio.py). asyncio runs these in
-# Python once per turn and once per callback scheduled; a stream echo turns
-# the loop twice per request, so they were most of what uring_net.aio still
+# _run_once, _process_events, call_soon and create_future, step for step, as
+# methods of LoopCore, the first base of the Loop class (uring_net/aio.py),
+# ahead of asyncio's own. asyncio runs these in Python once per turn and
+# once per callback scheduled; they were most of what uring_net.aio still
 # spent in Python beyond the protocol's own code.
+#
+# The attributes of asyncio's that a turn reads are C fields of LoopCore.
+# asyncio's own code, which assigns and reads them as self._ready and so
+# on, reaches the same fields through their descriptors: one state. Read
+# from here they cost no lookup (a loop instance's attribute went through
+# the MRO and the instance dict, ~180 instructions each, seven a turn).
 #
 # Same order, same attributes, same semantics as asyncio's (3.11 to 3.13
 # agree on them): the timer heap and the ready deque stay asyncio's own
 # objects, so call_later, Handle.cancel and the rest of asyncio keep working
-# on them; debug mode takes asyncio's own code paths.
+# on them; debug mode takes asyncio's own code paths. One difference: the
+# turn calls its own _process_events and, on a UringSelector, the
+# PollSet's select, not whatever a subclass put in their place.
 
 import contextvars as _contextvars
 import heapq as _heapq
@@ -60,127 +68,149 @@ def aio_bind():
     _aio_bound = True
 
 
-def loop_run_once(self):
-    """One turn: drop cancelled timers, wait for I/O (not at all when
-    callbacks are ready), move due timers to the ready queue, and run the
-    callbacks that were ready when the turn began."""
-    cdef list scheduled = self._scheduled
-    cdef Py_ssize_t sched_count = len(scheduled), ntodo, i
-    cdef double t
-    ready = self._ready
-    if (sched_count > _MIN_SCHEDULED
-            and self._timer_cancelled_count / sched_count > _MIN_CANCELLED_FRACTION):
-        # Too many cancelled timers: rebuild the heap without them.
-        live = []
-        for handle in scheduled:
-            if handle._cancelled:
+cdef class LoopCore:
+    # asyncio's BaseEventLoop attributes, set by its __init__ as usual.
+    cdef public object _ready               # collections.deque of Handles
+    cdef public list _scheduled             # heap of TimerHandles
+    cdef public Py_ssize_t _timer_cancelled_count
+    cdef public bint _stopping, _closed
+    cdef public object _debug               # whatever set_debug() was given
+    cdef public double _clock_resolution
+    cdef public object _selector
+    # uring_net.aio's: the ring's operations, and the PollSet to select on
+    # directly when the selector is a UringSelector (None: call its select()).
+    cdef public LoopOps _ops
+    cdef public PollSet _polls
+
+    def _run_once(self):
+        """One turn: drop cancelled timers, wait for I/O (not at all when
+        callbacks are ready), move due timers to the ready queue, and run the
+        callbacks that were ready when the turn began."""
+        cdef list scheduled = self._scheduled
+        cdef Py_ssize_t sched_count = len(scheduled), ntodo, i
+        cdef double t, end_time
+        cdef list event_list
+        ready = self._ready
+        if (sched_count > _MIN_SCHEDULED
+                and <double>self._timer_cancelled_count / sched_count > _MIN_CANCELLED_FRACTION):
+            # Too many cancelled timers: rebuild the heap without them.
+            live = []
+            for handle in scheduled:
+                if handle._cancelled:
+                    handle._scheduled = False
+                else:
+                    live.append(handle)
+            _heapify(live)
+            self._scheduled = scheduled = live
+            self._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                self._timer_cancelled_count -= 1
+                handle = _heappop(scheduled)
                 handle._scheduled = False
-            else:
-                live.append(handle)
-        _heapify(live)
-        self._scheduled = scheduled = live
-        self._timer_cancelled_count = 0
-    else:
-        while scheduled and (<list>scheduled)[0]._cancelled:
-            self._timer_cancelled_count -= 1
-            handle = _heappop(scheduled)
-            handle._scheduled = False
 
-    timeout = None
-    if ready or self._stopping:
-        timeout = 0
-    elif scheduled:
-        t = scheduled[0]._when - self.time()
-        timeout = 0.0 if t < 0 else (_MAX_SELECT_TIMEOUT if t > _MAX_SELECT_TIMEOUT else t)
+        timeout = None
+        if ready or self._stopping:
+            timeout = 0
+        elif scheduled:
+            t = scheduled[0]._when - self.time()
+            timeout = 0.0 if t < 0 else (_MAX_SELECT_TIMEOUT if t > _MAX_SELECT_TIMEOUT else t)
 
-    event_list = self._selector.select(timeout)
-    self._process_events(event_list)
-    event_list = None
+        if self._polls is not None:
+            event_list = self._polls.c_select(timeout)
+        else:
+            event_list = self._selector.select(timeout)
+        self.process_events(event_list)
+        event_list = None
 
-    end_time = self.time() + self._clock_resolution
-    while scheduled:
-        handle = scheduled[0]
-        if handle._when >= end_time:
-            break
-        handle = _heappop(scheduled)
-        handle._scheduled = False
-        ready.append(handle)
+        if scheduled:
+            end_time = self.time() + self._clock_resolution
+            while scheduled:
+                handle = scheduled[0]
+                if handle._when >= end_time:
+                    break
+                handle = _heappop(scheduled)
+                handle._scheduled = False
+                ready.append(handle)
 
-    # Only the callbacks ready now: those they schedule wait for the next
-    # turn, after another look at I/O.
-    ntodo = len(ready)
-    popleft = ready.popleft
-    if self._debug:
-        for i in range(ntodo):
-            handle = popleft()
-            if handle._cancelled:
-                continue
-            try:
-                self._current_handle = handle
-                t0 = self.time()
+        # Only the callbacks ready now: those they schedule wait for the next
+        # turn, after another look at I/O.
+        ntodo = len(ready)
+        if not ntodo:
+            return
+        popleft = ready.popleft
+        if self._debug:
+            for i in range(ntodo):
+                handle = popleft()
+                if handle._cancelled:
+                    continue
+                try:
+                    self._current_handle = handle
+                    t0 = self.time()
+                    handle._run()
+                    dt = self.time() - t0
+                    if dt >= self.slow_callback_duration:
+                        _aio_logger.warning('Executing %s took %.3f seconds',
+                                            _format_handle(handle), dt)
+                finally:
+                    self._current_handle = None
+        else:
+            for i in range(ntodo):
+                handle = popleft()
+                if handle._cancelled:
+                    continue
                 handle._run()
-                dt = self.time() - t0
-                if dt >= self.slow_callback_duration:
-                    _aio_logger.warning('Executing %s took %.3f seconds',
-                                        _format_handle(handle), dt)
-            finally:
-                self._current_handle = None
-    else:
-        for i in range(ntodo):
-            handle = popleft()
-            if handle._cancelled:
-                continue
-            handle._run()
-    handle = None       # breaks a cycle when a callback raised
+        handle = None       # breaks a cycle when a callback raised
 
+    def call_soon(self, callback, *args, context=None):
+        """asyncio's call_soon; in debug mode asyncio's own, with its checks."""
+        if self._debug:
+            return _base_call_soon(self, callback, *args, context=context)
+        if self._closed:
+            raise RuntimeError('Event loop is closed')
+        if not _handle_by_slots:
+            handle = _Handle(callback, args, self, context)
+        else:
+            handle = _new_handle(_Handle)
+            handle._context = _copy_context() if context is None else context
+            handle._loop = self
+            handle._callback = callback
+            handle._args = args
+            handle._cancelled = False
+            handle._repr = None
+            handle._source_traceback = None
+        self._ready.append(handle)
+        return handle
 
-def loop_call_soon(self, callback, *args, context=None):
-    """asyncio's call_soon; in debug mode asyncio's own, with its checks."""
-    if self._debug:
-        return _base_call_soon(self, callback, *args, context=context)
-    if self._closed:
-        raise RuntimeError('Event loop is closed')
-    if not _handle_by_slots:
-        handle = _Handle(callback, args, self, context)
-    else:
-        handle = _new_handle(_Handle)
-        handle._context = _copy_context() if context is None else context
-        handle._loop = self
-        handle._callback = callback
-        handle._args = args
-        handle._cancelled = False
-        handle._repr = None
-        handle._source_traceback = None
-    self._ready.append(handle)
-    return handle
+    def create_future(self):
+        return _Future(loop=self)
 
+    def _process_events(self, list event_list):
+        self.process_events(event_list)
 
-def loop_create_future(self):
-    return _Future(loop=self)
+    cdef int process_events(self, list event_list) except -1:
+        """The selector's readiness (asyncio's add_reader/add_writer callbacks
+        to the ready queue, as asyncio does), then the ring's completions
+        (LoopOps.dispatch: a transport's by a C call, a future's result)."""
+        cdef tuple item
+        cdef int mask
+        for item in event_list:
+            key = item[0]
+            mask = item[1]
+            reader, writer = key.data
+            if mask & 1 and reader is not None:         # EVENT_READ
+                if reader._cancelled:
+                    self._remove_reader(key.fileobj)
+                else:
+                    self._ready.append(reader)
+            if mask & 2 and writer is not None:         # EVENT_WRITE
+                if writer._cancelled:
+                    self._remove_writer(key.fileobj)
+                else:
+                    self._ready.append(writer)
+        if self._ops is not None:
+            self._ops.c_dispatch(self)
+        return 0
 
-
-def loop_process_events(self, list event_list):
-    """The selector's readiness (asyncio's add_reader/add_writer callbacks
-    to the ready queue, as asyncio does), then the ring's completions
-    (LoopOps.dispatch: a transport's by a C call, a future's result)."""
-    cdef tuple item
-    cdef int mask
-    for item in event_list:
-        key = item[0]
-        mask = item[1]
-        reader, writer = key.data
-        if mask & 1 and reader is not None:         # EVENT_READ
-            if reader._cancelled:
-                self._remove_reader(key.fileobj)
-            else:
-                self._ready.append(reader)
-        if mask & 2 and writer is not None:         # EVENT_WRITE
-            if writer._cancelled:
-                self._remove_writer(key.fileobj)
-            else:
-                self._ready.append(writer)
-    (<LoopOps>self._ops).dispatch(self)
-
-
-def loop_time(self):
-    return _monotonic()
+    def time(self):
+        return _monotonic()

@@ -38,6 +38,7 @@ cdef class LoopOps:
     cdef void release(self, int slot) noexcept
     cdef void finish(self, io_uring_cqe *cqe) noexcept
     cdef uint64_t ud(self, int slot) noexcept
+    cdef int c_dispatch(self, loop) except -1
     # What StreamIO calls (the def methods of the same names wrap them).
     cdef int c_recv(self, int fd, object buf, object waiter, int flags) except -1
     cdef int c_recv_pooled(self, int fd, object waiter, size_t limit) except -1

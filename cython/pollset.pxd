@@ -36,6 +36,7 @@ cdef class PollSet:
     cdef void prep_remove(self, int fd) noexcept
     cdef void arm_queued(self) noexcept
     cdef list harvest(self)
+    cdef list c_select(self, object timeout)
     cdef void recheck(self, pollfd *pfds, unsigned n, list out) noexcept
     cdef void report(self, int fd, uint32_t revents, list out) noexcept
     cdef void park(self, int fd, list out) noexcept

@@ -246,6 +246,9 @@ cdef class PollSet:
         EpollSelector.select(): wait up to `timeout` seconds (None: until one
         is; 0 or less: not at all). A signal whose handler returns does not
         end the wait early (PEP 475); one whose handler raises does."""
+        return self.c_select(timeout)
+
+    cdef list c_select(self, object timeout):
         cdef Ring r = self.live_ring()
         cdef double deadline = 0.0
         cdef uint64_t ops_done

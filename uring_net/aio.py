@@ -48,8 +48,7 @@ import warnings
 import weakref
 from asyncio import base_events, exceptions, selector_events, unix_events
 
-from ._core import (LoopOps, StreamIO, aio_bind, loop_call_soon, loop_create_future,
-                    loop_process_events, loop_run_once, loop_time)
+from ._core import LoopCore, LoopOps, StreamIO, aio_bind
 from .selectors import UringSelector, uring_available
 
 __all__ = ["Loop", "new_event_loop", "run", "install", "EventLoopPolicy"]
@@ -215,22 +214,19 @@ class _UringSocketTransport(selector_events._SelectorSocketTransport):
             self._io.detach()
 
 
-class Loop(unix_events._UnixSelectorEventLoop):
+class Loop(LoopCore, unix_events._UnixSelectorEventLoop):
     """asyncio's Unix selector loop on a UringSelector, with the socket
-    operations and stream transports' data paths as io_uring completions."""
-
-    # asyncio's own steps, in C (cython/loopcore.pyx).
-    _run_once = loop_run_once
-    _process_events = loop_process_events
-    call_soon = loop_call_soon
-    create_future = loop_create_future
-    time = loop_time
+    operations and stream transports' data paths as io_uring completions.
+    LoopCore (cython/loopcore.pyx) comes first: asyncio's turn, call_soon
+    and create_future, in C, on its state in C fields."""
 
     def __init__(self, selector=None):
         if selector is None:
             selector = UringSelector()
         super().__init__(selector)
         self._ops = LoopOps(selector._polls)
+        if type(selector) is UringSelector:
+            self._polls = selector._polls   # select() without its Python frame
         pooled, why = self._ops.pool_available()
         if not pooled:
             warnings.warn(f"uring_net.aio: no receive buffer pool ({why}); each stream "
@@ -257,6 +253,7 @@ class Loop(unix_events._UnixSelectorEventLoop):
 
     def close(self):
         super().close()
+        self._polls = None
         for fd in list(self._accept_stash):
             self._drop_conns(fd)
         self._recv_stash.clear()
