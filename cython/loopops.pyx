@@ -342,6 +342,7 @@ cdef class LoopOps:
         cdef io_uring_sqe *s = self.prep(slot, LOP_SEND, waiter)
         io_uring_prep_send(s, fd, self.views[slot].buf, <size_t>self.views[slot].len, flags)
         io_uring_sqe_set_data64(s, self.ud(slot))
+        self.polls.eager = True
         return slot
 
     def splice(self, int fd_in, int64_t off_in, int fd_out, unsigned nbytes, waiter,

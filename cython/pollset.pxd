@@ -18,6 +18,7 @@ cdef class PollSet:
     cdef readonly uint64_t arms, removes, cqes, stale, selects, enters, overflows, parked, moves
     cdef readonly uint64_t rechecks, recheck_gone
     cdef bint woke_before      # this select() found completions waiting as it began
+    cdef bint eager             # a send is queued: submit before waiting (wait)
     cdef unsigned long long owner_tid   # the thread the ring was set up by (thread_token.h)
     cdef bint closed            # close() was called: every call but close() is refused
     # Write-only fds whose peer has half-closed, watched by an epoll set of

@@ -294,11 +294,26 @@ cdef class PollSet:
             self.enters += 1
             if timeout_ns == 0:
                 # Submit and reap, without the timer a zero wait would arm.
+                self.eager = False
                 with nogil:
                     ret = r.submit()
                 if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
                     raise OSError(-ret, os.strerror(-ret))
                 return not poll_only
+            if self.eager:
+                # A send is queued (LoopOps.c_send): it nearly always
+                # completes inside the submit, and the wait would return at
+                # once. Submitting first, the GIL held as for asyncio's own
+                # send(), spares the GIL a release and a retake around a
+                # syscall that does not block; the wait, GIL released,
+                # comes after only if nothing completed.
+                self.eager = False
+                ret = r.submit()
+                if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
+                    raise OSError(-ret, os.strerror(-ret))
+                if r.ready() or r.cq_overflowed():
+                    return False
+                self.enters += 1    # (the wait below: a syscall of its own)
             with nogil:
                 ret = r.submit_and_wait(timeout_ns)
             if ret < 0 and ret != -EINTR and ret != -ETIME and ret != -EBUSY and ret != -EAGAIN:

@@ -6,6 +6,8 @@ write_eof, abort, a reset peer) waits for, or cancels, the send in flight."""
 import asyncio
 import os
 import socket
+import threading
+import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -140,6 +142,41 @@ def test_a_send_nobody_waits_on_costs_the_loop_no_turn():
     assert got == b"x" * 500
     for (idle_selects, _, _), (busy_selects, quiet, completed) in out:
         assert (busy_selects, quiet, completed) == (idle_selects, 1, 0), out
+
+
+def test_a_send_that_cannot_complete_leaves_the_gil_to_other_threads():
+    # The loop submits a queued send holding the GIL, since it nearly always
+    # completes inside the submit (PollSet.wait). One that cannot -- the
+    # peer reads nothing and the socket is full -- must not keep the GIL
+    # through the wait that follows: another thread still runs Python and
+    # wakes the loop, long before the loop's own timer would.
+    async def main():
+        loop = asyncio.get_running_loop()
+        t, proto, peer = await tcp_transport(Ends, sndbuf=4096)
+        t.write(b"x" * (8 << 20))           # far beyond what the socket holds
+        woke = loop.create_future()
+
+        def worker():
+            time.sleep(0.2)                 # the loop is waiting by now
+            n = sum(range(200_000))         # Python: it needs the GIL
+            loop.call_soon_threadsafe(woke.set_result, n)
+
+        threading.Thread(target=worker).start()
+        # The loop's only other wake-up: with the GIL kept, only it would
+        # end the wait, and the worker could not have run before it.
+        late = []
+        timer = loop.call_later(30, late.append, True)
+        n = await woke
+        timer.cancel()
+        unsent = t.get_write_buffer_size()
+        t.abort()
+        await proto.lost
+        peer.close()
+        return n, late, unsent
+
+    n, late, unsent = aio.run(main())
+    assert (n, late) == (sum(range(200_000)), [])
+    assert unsent > 0           # the send was still waiting on the peer
 
 
 def test_write_eof_waits_for_the_queue_and_the_other_way_stays_open():
