@@ -20,6 +20,8 @@
 
 import contextvars as _contextvars
 import heapq as _heapq
+import sys as _sys
+import threading as _threading
 
 cdef object _heappop = _heapq.heappop
 cdef object _heapify = _heapq.heapify
@@ -35,6 +37,8 @@ cdef Py_ssize_t _MIN_SCHEDULED = 0
 cdef double _MIN_CANCELLED_FRACTION = 0
 cdef bint _handle_by_slots = False
 cdef object _new_handle = None
+cdef object _set_running_loop = None
+cdef bint _forever_setup = False     # asyncio has _run_forever_setup/_cleanup (3.13+)
 cdef bint _aio_bound = False
 
 
@@ -44,7 +48,7 @@ def aio_bind():
     asyncio with the extension cost every proxy start ~50 ms for nothing."""
     global _Handle, _Future, _base_call_soon, _format_handle, _aio_logger
     global _MAX_SELECT_TIMEOUT, _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
-    global _handle_by_slots, _new_handle, _aio_bound
+    global _handle_by_slots, _new_handle, _aio_bound, _set_running_loop, _forever_setup
     if _aio_bound:
         return
     import logging
@@ -65,6 +69,8 @@ def aio_bind():
         '_callback', '_args', '_cancelled', '_loop', '_source_traceback', '_repr',
         '__weakref__', '_context')
     _new_handle = _Handle.__new__
+    _set_running_loop = events._set_running_loop
+    _forever_setup = hasattr(base_events.BaseEventLoop, '_run_forever_setup')
     _aio_bound = True
 
 
@@ -82,10 +88,59 @@ cdef class LoopCore:
     cdef public LoopOps _ops
     cdef public PollSet _polls
 
+    def run_forever(self):
+        """asyncio's run_forever, its set-up and clean-up asyncio's own
+        (3.13's methods, or 3.11 and 3.12's lines, which agree), and its
+        turns in a C loop: asyncio's is Python bytecode, ~600 instructions a
+        turn around a turn that is a few thousand."""
+        if _forever_setup:
+            try:
+                self._run_forever_setup()
+                self.run_turns()
+            finally:
+                self._run_forever_cleanup()
+            return
+        self._check_closed()
+        self._check_running()
+        self._set_coroutine_origin_tracking(self._debug)
+        old_agen_hooks = _sys.get_asyncgen_hooks()
+        try:
+            self._thread_id = _threading.get_ident()
+            _sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
+                                    finalizer=self._asyncgen_finalizer_hook)
+            _set_running_loop(self)
+            self.run_turns()
+        finally:
+            self._stopping = False
+            self._thread_id = None
+            _set_running_loop(None)
+            self._set_coroutine_origin_tracking(False)
+            _sys.set_asyncgen_hooks(*old_agen_hooks)
+
+    cdef int run_turns(self) except -1:
+        if type(self)._run_once is not _core_run_once or '_run_once' in self.__dict__:
+            # _run_once replaced (a subclass, or a test counting turns): as
+            # asyncio does, through the attribute.
+            while True:
+                self._run_once()
+                if self._stopping:
+                    return 0
+        while True:
+            self.turn()
+            if self._stopping:
+                return 0
+            # Where asyncio's bytecode loop would run a Python signal
+            # handler (SIGINT's KeyboardInterrupt, asyncio.Runner's own)
+            # even in turns that ran no Python.
+            PyErr_CheckSignals()
+
     def _run_once(self):
         """One turn: drop cancelled timers, wait for I/O (not at all when
         callbacks are ready), move due timers to the ready queue, and run the
         callbacks that were ready when the turn began."""
+        self.turn()
+
+    cdef int turn(self) except -1:
         cdef list scheduled = self._scheduled
         cdef Py_ssize_t sched_count = len(scheduled), ntodo, i
         cdef double t, end_time
@@ -137,7 +192,7 @@ cdef class LoopCore:
         # turn, after another look at I/O.
         ntodo = len(ready)
         if not ntodo:
-            return
+            return 0
         popleft = ready.popleft
         if self._debug:
             for i in range(ntodo):
@@ -161,6 +216,7 @@ cdef class LoopCore:
                     continue
                 handle._run()
         handle = None       # breaks a cycle when a callback raised
+        return 0
 
     def call_soon(self, callback, *args, context=None):
         """asyncio's call_soon; in debug mode asyncio's own, with its checks."""
@@ -214,3 +270,6 @@ cdef class LoopCore:
 
     def time(self):
         return _monotonic()
+
+
+cdef object _core_run_once = LoopCore._run_once

@@ -65,6 +65,32 @@ def test_activation_the_uvloop_ways():
             asyncio.set_event_loop_policy(old)
 
 
+def test_a_replaced_run_once_is_what_run_forever_calls():
+    # run_forever turns the loop in C (LoopCore), but a _run_once put in
+    # the loop's own place -- a subclass's, or one set on the instance to
+    # count turns, as CPython's test_timeout_rounding does -- is called
+    # for every turn, as asyncio's run_forever calls it.
+    class Counting(aio.Loop):
+        turns = 0
+
+        def _run_once(self):
+            self.turns += 1
+            super()._run_once()
+
+    sub = Counting()
+    inst = aio.new_event_loop()
+    counted = []
+    own = inst._run_once
+    inst._run_once = lambda: (counted.append(1), own())
+    try:
+        for loop in (sub, inst):
+            loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        sub.close()
+        inst.close()
+    assert sub.turns >= 2 and len(counted) >= 2, (sub.turns, counted)
+
+
 def test_stream_reads_are_completions_not_polls():
     async def main():
         async def handle(r, w):
