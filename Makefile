@@ -7,6 +7,7 @@
 #   make bench  install the peers (iperf3, wrk, HAProxy, nginx, socat) and matplotlib, run
 #               every benchmark scenario (bench/suite.py); QUICK=1 runs a ~2-minute subset
 #   make bench-tools  install the perf tooling of bench/perf/ (linux-perf, strace, pyinferno)
+#               and valgrind (bench/aio_instructions.py)
 #   make wheel  build dist/uring_net-*.whl (manylinux, liburing linked in) and the sdist
 #               it was built from; make test builds it too, and tests it
 #               (make test-wheel: only the wheel's tests)
@@ -36,8 +37,9 @@ WHEEL_STAMP := dist/.wheel-$(shell sha256sum $(WHEEL_SOURCES) | sha256sum | cut 
 BUILD_DEBS  := liburing-dev gcc make pkg-config
 BENCH_DEBS  := iperf3 haproxy socat nginx-light libnginx-mod-stream wrk gcc util-linux
 # The perf tooling: perf itself (Debian's linux-perf), strace where perf trace
-# cannot run, and the flame-graph renderer (pyinferno, a wheel of the inferno crate).
-TOOLS_DEBS  := linux-perf strace
+# cannot run, the flame-graph renderer (pyinferno, a wheel of the inferno crate),
+# and valgrind, whose callgrind counts a loop's instructions per request.
+TOOLS_DEBS  := linux-perf strace valgrind
 # -2: uvloop joined matplotlib (a new name, so venvs made before install it)
 STAMP_BENCH := $(VENV)/.bench-installed-2
 STAMP_TOOLS := $(VENV)/.bench-tools-installed

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 DATA = Path(__file__).resolve().parent / "data" / "bench"
 sys.path.insert(0, str(BENCH))
 
+import aio_instructions  # noqa: E402
 import charts  # noqa: E402
 import http_rate  # noqa: E402
 import suite  # noqa: E402
@@ -203,3 +204,11 @@ def test_aio_placements_write_their_own_docs_sections():
     assert aio.section_of("1:0") == aio.SECTION == aio.section_of("none")
     one = aio.section_of("1:1")
     assert one != aio.SECTION and "--pin 1:1" in one[0] and "--pin 1:1" in one[1]
+
+
+def test_aio_instructions_reads_callgrinds_total_and_refuses_unknown_loops(tmp_path, capsys):
+    dump = tmp_path / "cg.out.1"
+    dump.write_text("# callgrind format\nversion: 1\nevents: Ir\nsummary: 57408326\n\nfn=x\n0 5\n")
+    assert aio_instructions.summary_of(dump) == 57408326
+    assert aio_instructions.main(["--loops", "uring,trio"]) == 2
+    assert "unknown loop 'trio'" in capsys.readouterr().err
