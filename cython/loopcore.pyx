@@ -28,6 +28,9 @@ cdef object _heapify = _heapq.heapify
 cdef object _copy_context = _contextvars.copy_context
 # asyncio's own objects and constants, bound by aio_bind() (below).
 cdef object _Handle = None
+cdef object _TimerHandle = None
+cdef object _format_callback_source = None
+cdef bint _format_takes_debug = False    # 3.13's format_helpers asks for the loop's debug
 cdef object _Future = None
 cdef object _base_call_soon = None
 cdef object _format_handle = None
@@ -37,6 +40,79 @@ cdef Py_ssize_t _MIN_SCHEDULED = 0
 cdef double _MIN_CANCELLED_FRACTION = 0
 cdef bint _handle_by_slots = False
 cdef object _new_handle = None
+# Where a Handle keeps each of the slots call_soon fills (_H_*), read from
+# the slots' own member descriptors, as CPython's member_set finds them.
+cdef Py_ssize_t _h_off[7]
+cdef enum:
+    _H_CALLBACK, _H_ARGS, _H_CANCELLED, _H_LOOP, _H_TRACEBACK, _H_REPR, _H_CONTEXT
+
+from cpython.ref cimport Py_DECREF
+
+cdef extern from "Python.h":
+    int PyContext_Enter(object) except -1
+    int PyContext_Exit(object) except -1
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    ctypedef struct PyTypeObject:
+        PyObject *(*tp_alloc)(PyTypeObject *, Py_ssize_t)
+
+
+cdef Py_ssize_t _slot_offset(cls, str name) except -1:
+    d = cls.__dict__[name]
+    if type(d).__name__ != 'member_descriptor':
+        raise TypeError(f'{cls.__name__}.{name} is not a slot')
+    return (<PyMemberDescrObject *>d).d_member.offset
+
+
+cdef inline void _fill(object o, Py_ssize_t off, object v) noexcept:
+    # A slot of an object just allocated (so empty): one reference to v.
+    Py_INCREF(v)
+    (<PyObject **>(<char *><PyObject *>o + off))[0] = <PyObject *>v
+
+
+cdef inline PyObject *_slot(object o, int which) noexcept:
+    # A filled slot of a Handle (borrowed).
+    return (<PyObject **>(<char *><PyObject *>o + _h_off[which]))[0]
+
+
+cdef int _run_handle(handle) except -1:
+    # asyncio's Handle._run: the callback in the handle's context; an
+    # exception (but SystemExit and KeyboardInterrupt) to the loop's
+    # exception handler, with the message and keys asyncio gives it.
+    ctx = <object>_slot(handle, _H_CONTEXT)
+    try:
+        PyContext_Enter(ctx)
+        try:
+            (<object>_slot(handle, _H_CALLBACK))(*<tuple>_slot(handle, _H_ARGS))
+        finally:
+            PyContext_Exit(ctx)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        loop = handle._loop
+        if _format_takes_debug:
+            cb = _format_callback_source(handle._callback, handle._args, debug=loop.get_debug())
+        else:
+            cb = _format_callback_source(handle._callback, handle._args)
+        context = {'message': f'Exception in callback {cb}', 'exception': exc, 'handle': handle}
+        if handle._source_traceback:
+            context['source_traceback'] = handle._source_traceback
+        loop.call_exception_handler(context)
+    return 0
+
+
+cdef object _alloc_handle():
+    cdef PyTypeObject *tp = <PyTypeObject *>_Handle
+    cdef PyObject *p = tp.tp_alloc(tp, 0)
+    if p == NULL:
+        raise MemoryError()
+    o = <object>p
+    Py_DECREF(o)            # (the cast took a reference of its own)
+    return o
 cdef object _set_running_loop = None
 cdef bint _forever_setup = False     # asyncio has _run_forever_setup/_cleanup (3.13+)
 cdef bint _aio_bound = False
@@ -46,15 +122,22 @@ def aio_bind():
     """Bind asyncio's objects this module's loop and transports use. Called when
     uring_net.aio is imported (and by LoopOps, whoever makes one): importing
     asyncio with the extension cost every proxy start ~50 ms for nothing."""
+    cdef int i
     global _Handle, _Future, _base_call_soon, _format_handle, _aio_logger
     global _MAX_SELECT_TIMEOUT, _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
     global _handle_by_slots, _new_handle, _aio_bound, _set_running_loop, _forever_setup
+    global _TimerHandle, _format_callback_source, _format_takes_debug
     if _aio_bound:
         return
     import logging
     from asyncio import base_events, events, futures
     stream_bind()
     _Handle = events.Handle
+    _TimerHandle = events.TimerHandle
+    from asyncio import format_helpers
+    import inspect
+    _format_callback_source = format_helpers._format_callback_source
+    _format_takes_debug = 'debug' in inspect.signature(_format_callback_source).parameters
     _Future = futures.Future
     _base_call_soon = base_events.BaseEventLoop.call_soon
     _format_handle = base_events._format_handle
@@ -65,10 +148,14 @@ def aio_bind():
     # asyncio's Handle.__init__ outside debug mode sets these slots and no
     # others (3.11 to 3.13 agree); where that still holds, a Handle is made
     # here without running it, two Python frames fewer per callback scheduled.
-    _handle_by_slots = _Handle.__slots__ == (
+    _handle_by_slots = _TimerHandle._run is _Handle._run and _Handle.__slots__ == (
         '_callback', '_args', '_cancelled', '_loop', '_source_traceback', '_repr',
         '__weakref__', '_context')
     _new_handle = _Handle.__new__
+    if _handle_by_slots:
+        for i, name in enumerate(('_callback', '_args', '_cancelled', '_loop',
+                                  '_source_traceback', '_repr', '_context')):
+            _h_off[i] = _slot_offset(_Handle, name)
     _set_running_loop = events._set_running_loop
     _forever_setup = hasattr(base_events.BaseEventLoop, '_run_forever_setup')
     _aio_bound = True
@@ -212,6 +299,13 @@ cdef class LoopCore:
         else:
             for i in range(ntodo):
                 handle = popleft()
+                if _handle_by_slots and (type(handle) is _Handle or type(handle) is _TimerHandle):
+                    # Handle._run in C: the same steps, without its frame
+                    # and two attribute lookups per callback.
+                    if <object>_slot(handle, _H_CANCELLED):
+                        continue
+                    _run_handle(handle)
+                    continue
                 if handle._cancelled:
                     continue
                 handle._run()
@@ -227,19 +321,26 @@ cdef class LoopCore:
         if not _handle_by_slots:
             handle = _Handle(callback, args, self, context)
         else:
-            handle = _new_handle(_Handle)
-            handle._context = _copy_context() if context is None else context
-            handle._loop = self
-            handle._callback = callback
-            handle._args = args
-            handle._cancelled = False
-            handle._repr = None
-            handle._source_traceback = None
+            # What Handle.__init__ sets outside debug mode, straight into
+            # its slots: a Python frame and seven attribute stores fewer
+            # for every callback (each future's result schedules one).
+            handle = _alloc_handle()
+            _fill(handle, _h_off[_H_CONTEXT], _copy_context() if context is None else context)
+            _fill(handle, _h_off[_H_LOOP], self)
+            _fill(handle, _h_off[_H_CALLBACK], callback)
+            _fill(handle, _h_off[_H_ARGS], args)
+            _fill(handle, _h_off[_H_CANCELLED], False)
+            _fill(handle, _h_off[_H_REPR], None)
+            _fill(handle, _h_off[_H_TRACEBACK], None)
         self._ready.append(handle)
         return handle
 
     def create_future(self):
         return _Future(loop=self)
+
+    def get_debug(self):
+        # asyncio's, without its Python frame: every new Future asks.
+        return self._debug
 
     def _process_events(self, list event_list):
         self.process_events(event_list)

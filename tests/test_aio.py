@@ -3,6 +3,7 @@ is completions, and the traps of completions (cancel before close, nothing
 lost to a cancelled operation, bounded memory, fork, the fallback)."""
 
 import asyncio
+import contextvars
 import os
 import select
 import socket
@@ -89,6 +90,43 @@ def test_a_replaced_run_once_is_what_run_forever_calls():
         sub.close()
         inst.close()
     assert sub.turns >= 2 and len(counted) >= 2, (sub.turns, counted)
+
+
+def run_callbacks_as_asyncio_does(loop):
+    """What a loop's turn did with a few callbacks: in their contexts,
+    cancelled ones not at all, a raising one reported with asyncio's keys."""
+    seen, reported = [], []
+    var = contextvars.ContextVar("v", default="outer")
+    loop.set_exception_handler(lambda _, ctx: reported.append(ctx))
+
+    def boom(tag):
+        raise ValueError(tag)
+
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "inner")
+    loop.call_soon(lambda: seen.append(("plain", var.get())))
+    loop.call_soon(lambda: seen.append(("ctx", var.get())), context=ctx)
+    loop.call_soon(seen.append, "cancelled").cancel()
+    loop.call_soon(boom, "x")
+    loop.call_later(0.001, seen.append, "timer")
+    loop.call_later(0.001, seen.append, "timer cancelled").cancel()
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    return seen, [(c["message"], type(c["exception"]).__name__, str(c["exception"]),
+                   sorted(c)) for c in reported]
+
+
+def test_callbacks_run_in_c_as_asyncio_runs_them():
+    # The turn runs a Handle's callback itself (LoopCore, _run_handle), not
+    # through Handle._run: the same contexts, cancellations and reports.
+    import selectors
+    ours = run_callbacks_as_asyncio_does(aio.new_event_loop())
+    stock = run_callbacks_as_asyncio_does(asyncio.SelectorEventLoop(selectors.EpollSelector()))
+    assert ours == stock
+    assert ours[0] == [("plain", "outer"), ("ctx", "inner"), "timer"]
+    (message, exc_type, text, keys), = ours[1]
+    assert message.startswith("Exception in callback ") and "boom('x')" in message
+    assert (exc_type, text, keys) == ("ValueError", "x", ["exception", "handle", "message"])
 
 
 def test_stream_reads_are_completions_not_polls():
