@@ -332,6 +332,10 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="write every run and the medians here")
     ap.add_argument("--write-docs", action="store_true",
                     help=f"put the tables in {tp.DOCS_FILE.relative_to(tp.REPO)}")
+    ap.add_argument("--from-json", type=Path, metavar="PATH",
+                    help="measure nothing: print (and with --write-docs, put in the docs) "
+                    "the tables of a run saved with --json; give the --pin, --rounds, "
+                    "--seconds and --warmup it ran with")
     args = ap.parse_args(argv)
     loops = [x for x in args.loops.split(",") if x]
     apis = [x for x in args.apis.split(",") if x]
@@ -361,6 +365,10 @@ def main(argv=None):
             return 2
         PIN["server"] = [tp.TASKSET, "-c", str(scpu)]
         PIN["generator"] = [tp.TASKSET, "-c", str(gcpu)]
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        return report(args, saved["meta"], saved["runs"], loops, apis, sizes, conns,
+                      any(r.get("failed") or r.get("errors") for r in saved["runs"]))
     cells = [(s, c) for s in sizes for c in conns]
     children = tp.Children()
     runs, failed = [], False
@@ -394,6 +402,16 @@ def main(argv=None):
         finally:
             tp.stop_everything(children)
     failed = failed or any(r.get("errors") for r in runs)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": [
+            {"loop": k[0], "api": k[1], "size": k[2], "conns": k[3], **v}
+            for k, v in summarize(runs).items()]}, indent=1))
+        tp.log(f"wrote {args.json}")
+    return report(args, meta, runs, loops, apis, sizes, conns, failed)
+
+
+def report(args, meta, runs, loops, apis, sizes, conns, failed):
+    """Print the tables of `runs`; with --write-docs, put them in the docs."""
     summary = summarize(runs)
     sc = syscalls_of(runs)
     main_table = table(summary, loops, apis, sizes, conns)
@@ -403,11 +421,6 @@ def main(argv=None):
     if sc:
         print()
         print(syscalls_table(sc, apis))
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": [
-            {"loop": k[0], "api": k[1], "size": k[2], "conns": k[3], **v}
-            for k, v in summary.items()]}, indent=1))
-        tp.log(f"wrote {args.json}")
     if args.write_docs:
         section = section_of(args.pin)
         scpu, _, gcpu = args.pin.partition(":")

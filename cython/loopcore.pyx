@@ -39,7 +39,10 @@ cdef double _MAX_SELECT_TIMEOUT = 0
 cdef Py_ssize_t _MIN_SCHEDULED = 0
 cdef double _MIN_CANCELLED_FRACTION = 0
 cdef bint _handle_by_slots = False
-cdef object _new_handle = None
+cdef object _set_running_loop = None
+cdef bint _forever_setup = False     # asyncio has _run_forever_setup/_cleanup (3.13+)
+cdef bint _aio_bound = False
+
 # Where a Handle keeps each of the slots call_soon fills (_H_*), read from
 # the slots' own member descriptors, as CPython's member_set finds them.
 cdef Py_ssize_t _h_off[7]
@@ -51,8 +54,6 @@ from cpython.ref cimport Py_DECREF
 cdef extern from "Python.h":
     int PyContext_Enter(object) except -1
     int PyContext_Exit(object) except -1
-
-cdef extern from "Python.h":
     ctypedef struct PyMemberDef:
         Py_ssize_t offset
     ctypedef struct PyMemberDescrObject:
@@ -60,6 +61,51 @@ cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
         PyObject *(*tp_alloc)(PyTypeObject *, Py_ssize_t)
 
+
+def aio_bind():
+    """Bind asyncio's objects this module's loop and transports use. Called when
+    uring_net.aio is imported (and by LoopOps, whoever makes one): importing
+    asyncio with the extension cost every proxy start ~50 ms for nothing."""
+    cdef int i
+    global _Handle, _Future, _base_call_soon, _format_handle, _aio_logger
+    global _MAX_SELECT_TIMEOUT, _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
+    global _handle_by_slots, _aio_bound, _set_running_loop, _forever_setup
+    global _TimerHandle, _format_callback_source, _format_takes_debug
+    if _aio_bound:
+        return
+    import logging
+    from asyncio import base_events, events, futures
+    stream_bind()
+    _Handle = events.Handle
+    _TimerHandle = events.TimerHandle
+    from asyncio import format_helpers
+    import inspect
+    _format_callback_source = format_helpers._format_callback_source
+    _format_takes_debug = 'debug' in inspect.signature(_format_callback_source).parameters
+    _Future = futures.Future
+    _base_call_soon = base_events.BaseEventLoop.call_soon
+    _format_handle = base_events._format_handle
+    _aio_logger = logging.getLogger("asyncio")
+    _MAX_SELECT_TIMEOUT = base_events.MAXIMUM_SELECT_TIMEOUT
+    _MIN_SCHEDULED = base_events._MIN_SCHEDULED_TIMER_HANDLES
+    _MIN_CANCELLED_FRACTION = base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+    # asyncio's Handle.__init__ outside debug mode sets these slots and no
+    # others, and TimerHandle runs as Handle does (3.11 to 3.13 agree);
+    # where that still holds, call_soon fills a Handle's slots and the turn
+    # runs it, in C. Elsewhere both go through asyncio's own methods.
+    _handle_by_slots = _TimerHandle._run is _Handle._run and _Handle.__slots__ == (
+        '_callback', '_args', '_cancelled', '_loop', '_source_traceback', '_repr',
+        '__weakref__', '_context')
+    if _handle_by_slots:
+        for i, name in enumerate(('_callback', '_args', '_cancelled', '_loop',
+                                  '_source_traceback', '_repr', '_context')):
+            _h_off[i] = _slot_offset(_Handle, name)
+    _set_running_loop = events._set_running_loop
+    _forever_setup = hasattr(base_events.BaseEventLoop, '_run_forever_setup')
+    _aio_bound = True
+
+
+# --- Handles made and run in C (call_soon, the turn) ---------------------
 
 cdef Py_ssize_t _slot_offset(cls, str name) except -1:
     d = cls.__dict__[name]
@@ -113,52 +159,6 @@ cdef object _alloc_handle():
     o = <object>p
     Py_DECREF(o)            # (the cast took a reference of its own)
     return o
-cdef object _set_running_loop = None
-cdef bint _forever_setup = False     # asyncio has _run_forever_setup/_cleanup (3.13+)
-cdef bint _aio_bound = False
-
-
-def aio_bind():
-    """Bind asyncio's objects this module's loop and transports use. Called when
-    uring_net.aio is imported (and by LoopOps, whoever makes one): importing
-    asyncio with the extension cost every proxy start ~50 ms for nothing."""
-    cdef int i
-    global _Handle, _Future, _base_call_soon, _format_handle, _aio_logger
-    global _MAX_SELECT_TIMEOUT, _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
-    global _handle_by_slots, _new_handle, _aio_bound, _set_running_loop, _forever_setup
-    global _TimerHandle, _format_callback_source, _format_takes_debug
-    if _aio_bound:
-        return
-    import logging
-    from asyncio import base_events, events, futures
-    stream_bind()
-    _Handle = events.Handle
-    _TimerHandle = events.TimerHandle
-    from asyncio import format_helpers
-    import inspect
-    _format_callback_source = format_helpers._format_callback_source
-    _format_takes_debug = 'debug' in inspect.signature(_format_callback_source).parameters
-    _Future = futures.Future
-    _base_call_soon = base_events.BaseEventLoop.call_soon
-    _format_handle = base_events._format_handle
-    _aio_logger = logging.getLogger("asyncio")
-    _MAX_SELECT_TIMEOUT = base_events.MAXIMUM_SELECT_TIMEOUT
-    _MIN_SCHEDULED = base_events._MIN_SCHEDULED_TIMER_HANDLES
-    _MIN_CANCELLED_FRACTION = base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION
-    # asyncio's Handle.__init__ outside debug mode sets these slots and no
-    # others (3.11 to 3.13 agree); where that still holds, a Handle is made
-    # here without running it, two Python frames fewer per callback scheduled.
-    _handle_by_slots = _TimerHandle._run is _Handle._run and _Handle.__slots__ == (
-        '_callback', '_args', '_cancelled', '_loop', '_source_traceback', '_repr',
-        '__weakref__', '_context')
-    _new_handle = _Handle.__new__
-    if _handle_by_slots:
-        for i, name in enumerate(('_callback', '_args', '_cancelled', '_loop',
-                                  '_source_traceback', '_repr', '_context')):
-            _h_off[i] = _slot_offset(_Handle, name)
-    _set_running_loop = events._set_running_loop
-    _forever_setup = hasattr(base_events.BaseEventLoop, '_run_forever_setup')
-    _aio_bound = True
 
 
 cdef class LoopCore:
