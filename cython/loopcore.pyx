@@ -29,6 +29,7 @@ cdef object _copy_context = _contextvars.copy_context
 # asyncio's own objects and constants, bound by aio_bind() (below).
 cdef object _Handle = None
 cdef object _TimerHandle = None
+cdef object _handle_run = None          # asyncio's Handle._run, as imported
 cdef object _format_callback_source = None
 cdef bint _format_takes_debug = False    # 3.13's format_helpers asks for the loop's debug
 cdef object _Future = None
@@ -70,7 +71,7 @@ def aio_bind():
     global _Handle, _Future, _base_call_soon, _format_handle, _aio_logger
     global _MAX_SELECT_TIMEOUT, _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
     global _handle_by_slots, _aio_bound, _set_running_loop, _forever_setup
-    global _TimerHandle, _format_callback_source, _format_takes_debug
+    global _TimerHandle, _format_callback_source, _format_takes_debug, _handle_run
     if _aio_bound:
         return
     import logging
@@ -78,6 +79,7 @@ def aio_bind():
     stream_bind()
     _Handle = events.Handle
     _TimerHandle = events.TimerHandle
+    _handle_run = _Handle._run
     from asyncio import format_helpers
     import inspect
     _format_callback_source = format_helpers._format_callback_source
@@ -129,11 +131,18 @@ cdef int _run_handle(handle) except -1:
     # asyncio's Handle._run: the callback in the handle's context; an
     # exception (but SystemExit and KeyboardInterrupt) to the loop's
     # exception handler, with the message and keys asyncio gives it.
+    # References of our own to what the call uses, as Handle._run's frame
+    # holds: a callback may cancel its own handle, which drops the slots'.
+    if (_slot(handle, _H_CONTEXT) == NULL or _slot(handle, _H_CALLBACK) == NULL
+            or _slot(handle, _H_ARGS) == NULL):
+        return handle._run()        # (a slot deleted: asyncio's own error)
     ctx = <object>_slot(handle, _H_CONTEXT)
+    callback = <object>_slot(handle, _H_CALLBACK)
+    args = <object>_slot(handle, _H_ARGS)     # any iterable, as *self._args takes
     try:
         PyContext_Enter(ctx)
         try:
-            (<object>_slot(handle, _H_CALLBACK))(*<tuple>_slot(handle, _H_ARGS))
+            callback(*args)
         finally:
             PyContext_Exit(ctx)
     except (SystemExit, KeyboardInterrupt):
@@ -163,17 +172,159 @@ cdef object _alloc_handle():
 
 cdef class LoopCore:
     # asyncio's BaseEventLoop attributes, set by its __init__ as usual.
-    cdef public object _ready               # collections.deque of Handles
-    cdef public list _scheduled             # heap of TimerHandles
-    cdef public Py_ssize_t _timer_cancelled_count
-    cdef public bint _stopping, _closed
-    cdef public object _debug               # whatever set_debug() was given
-    cdef public double _clock_resolution
-    cdef public object _selector
+    cdef object ready                   # _ready: collections.deque of Handles
+    cdef list scheduled                 # _scheduled: heap of TimerHandles
+    cdef Py_ssize_t cancelled_timers    # _timer_cancelled_count
+    cdef bint stopping, closed          # _stopping, _closed
+    cdef object debug                   # _debug: whatever set_debug() was given
+    cdef double clock_res               # _clock_resolution
+    cdef object selector                # _selector
+    cdef unsigned deleted               # bit i: fields' attribute i deleted (below)
     # uring_net.aio's: the ring's operations, and the PollSet to select on
     # directly when the selector is a UringSelector (None: call its select()).
     cdef public LoopOps _ops
     cdef public PollSet _polls
+
+    # asyncio's attributes over those fields, for asyncio's own Python code
+    # and anyone else's. Deleting one makes it absent until set again, as
+    # for an instance attribute: unittest.mock's patch.object deletes what
+    # it patched and puts the original back only if the name is then gone.
+
+    @property
+    def _ready(self):
+        if self.deleted & 1:
+            raise AttributeError('_ready')
+        return self.ready
+
+    @_ready.setter
+    def _ready(self, value):
+        self.ready = value
+        self.deleted &= ~1
+
+    @_ready.deleter
+    def _ready(self):
+        if self.deleted & 1:
+            raise AttributeError('_ready')
+        self.deleted |= 1
+
+    @property
+    def _scheduled(self):
+        if self.deleted & 2:
+            raise AttributeError('_scheduled')
+        return self.scheduled
+
+    @_scheduled.setter
+    def _scheduled(self, value):
+        self.scheduled = value
+        self.deleted &= ~2
+
+    @_scheduled.deleter
+    def _scheduled(self):
+        if self.deleted & 2:
+            raise AttributeError('_scheduled')
+        self.deleted |= 2
+
+    @property
+    def _timer_cancelled_count(self):
+        if self.deleted & 4:
+            raise AttributeError('_timer_cancelled_count')
+        return self.cancelled_timers
+
+    @_timer_cancelled_count.setter
+    def _timer_cancelled_count(self, value):
+        self.cancelled_timers = value
+        self.deleted &= ~4
+
+    @_timer_cancelled_count.deleter
+    def _timer_cancelled_count(self):
+        if self.deleted & 4:
+            raise AttributeError('_timer_cancelled_count')
+        self.deleted |= 4
+
+    @property
+    def _stopping(self):
+        if self.deleted & 8:
+            raise AttributeError('_stopping')
+        return self.stopping
+
+    @_stopping.setter
+    def _stopping(self, value):
+        self.stopping = value
+        self.deleted &= ~8
+
+    @_stopping.deleter
+    def _stopping(self):
+        if self.deleted & 8:
+            raise AttributeError('_stopping')
+        self.deleted |= 8
+
+    @property
+    def _closed(self):
+        if self.deleted & 16:
+            raise AttributeError('_closed')
+        return self.closed
+
+    @_closed.setter
+    def _closed(self, value):
+        self.closed = value
+        self.deleted &= ~16
+
+    @_closed.deleter
+    def _closed(self):
+        if self.deleted & 16:
+            raise AttributeError('_closed')
+        self.deleted |= 16
+
+    @property
+    def _debug(self):
+        if self.deleted & 32:
+            raise AttributeError('_debug')
+        return self.debug
+
+    @_debug.setter
+    def _debug(self, value):
+        self.debug = value
+        self.deleted &= ~32
+
+    @_debug.deleter
+    def _debug(self):
+        if self.deleted & 32:
+            raise AttributeError('_debug')
+        self.deleted |= 32
+
+    @property
+    def _clock_resolution(self):
+        if self.deleted & 64:
+            raise AttributeError('_clock_resolution')
+        return self.clock_res
+
+    @_clock_resolution.setter
+    def _clock_resolution(self, value):
+        self.clock_res = value
+        self.deleted &= ~64
+
+    @_clock_resolution.deleter
+    def _clock_resolution(self):
+        if self.deleted & 64:
+            raise AttributeError('_clock_resolution')
+        self.deleted |= 64
+
+    @property
+    def _selector(self):
+        if self.deleted & 128:
+            raise AttributeError('_selector')
+        return self.selector
+
+    @_selector.setter
+    def _selector(self, value):
+        self.selector = value
+        self.deleted &= ~128
+
+    @_selector.deleter
+    def _selector(self):
+        if self.deleted & 128:
+            raise AttributeError('_selector')
+        self.deleted |= 128
 
     def run_forever(self):
         """asyncio's run_forever, its set-up and clean-up asyncio's own
@@ -189,7 +340,7 @@ cdef class LoopCore:
             return
         self._check_closed()
         self._check_running()
-        self._set_coroutine_origin_tracking(self._debug)
+        self._set_coroutine_origin_tracking(self.debug)
         old_agen_hooks = _sys.get_asyncgen_hooks()
         try:
             self._thread_id = _threading.get_ident()
@@ -198,7 +349,7 @@ cdef class LoopCore:
             _set_running_loop(self)
             self.run_turns()
         finally:
-            self._stopping = False
+            self.stopping = False
             self._thread_id = None
             _set_running_loop(None)
             self._set_coroutine_origin_tracking(False)
@@ -210,11 +361,11 @@ cdef class LoopCore:
             # asyncio does, through the attribute.
             while True:
                 self._run_once()
-                if self._stopping:
+                if self.stopping:
                     return 0
         while True:
             self.turn()
-            if self._stopping:
+            if self.stopping:
                 return 0
             # Where asyncio's bytecode loop would run a Python signal
             # handler (SIGINT's KeyboardInterrupt, asyncio.Runner's own)
@@ -228,13 +379,14 @@ cdef class LoopCore:
         self.turn()
 
     cdef int turn(self) except -1:
-        cdef list scheduled = self._scheduled
+        cdef list scheduled = self.scheduled
         cdef Py_ssize_t sched_count = len(scheduled), ntodo, i
+        cdef bint direct
         cdef double t, end_time
         cdef list event_list
-        ready = self._ready
+        ready = self.ready
         if (sched_count > _MIN_SCHEDULED
-                and <double>self._timer_cancelled_count / sched_count > _MIN_CANCELLED_FRACTION):
+                and <double>self.cancelled_timers / sched_count > _MIN_CANCELLED_FRACTION):
             # Too many cancelled timers: rebuild the heap without them.
             live = []
             for handle in scheduled:
@@ -243,16 +395,16 @@ cdef class LoopCore:
                 else:
                     live.append(handle)
             _heapify(live)
-            self._scheduled = scheduled = live
-            self._timer_cancelled_count = 0
+            self.scheduled = scheduled = live
+            self.cancelled_timers = 0
         else:
             while scheduled and scheduled[0]._cancelled:
-                self._timer_cancelled_count -= 1
+                self.cancelled_timers -= 1
                 handle = _heappop(scheduled)
                 handle._scheduled = False
 
         timeout = None
-        if ready or self._stopping:
+        if ready or self.stopping:
             timeout = 0
         elif scheduled:
             t = scheduled[0]._when - self.time()
@@ -261,12 +413,12 @@ cdef class LoopCore:
         if self._polls is not None:
             event_list = self._polls.c_select(timeout)
         else:
-            event_list = self._selector.select(timeout)
+            event_list = self.selector.select(timeout)
         self.process_events(event_list)
         event_list = None
 
         if scheduled:
-            end_time = self.time() + self._clock_resolution
+            end_time = self.time() + self.clock_res
             while scheduled:
                 handle = scheduled[0]
                 if handle._when >= end_time:
@@ -281,7 +433,7 @@ cdef class LoopCore:
         if not ntodo:
             return 0
         popleft = ready.popleft
-        if self._debug:
+        if self.debug:
             for i in range(ntodo):
                 handle = popleft()
                 if handle._cancelled:
@@ -297,9 +449,13 @@ cdef class LoopCore:
                 finally:
                     self._current_handle = None
         else:
+            # Handle._run is asyncio's own still (instrumentation such as
+            # aiodebug's replaces it, and must then be called): once a turn.
+            direct = (_handle_by_slots and _Handle._run is _handle_run
+                      and _TimerHandle._run is _handle_run)
             for i in range(ntodo):
                 handle = popleft()
-                if _handle_by_slots and (type(handle) is _Handle or type(handle) is _TimerHandle):
+                if direct and (type(handle) is _Handle or type(handle) is _TimerHandle):
                     # Handle._run in C: the same steps, without its frame
                     # and two attribute lookups per callback.
                     if <object>_slot(handle, _H_CANCELLED):
@@ -314,9 +470,9 @@ cdef class LoopCore:
 
     def call_soon(self, callback, *args, context=None):
         """asyncio's call_soon; in debug mode asyncio's own, with its checks."""
-        if self._debug:
+        if self.debug:
             return _base_call_soon(self, callback, *args, context=context)
-        if self._closed:
+        if self.closed:
             raise RuntimeError('Event loop is closed')
         if not _handle_by_slots:
             handle = _Handle(callback, args, self, context)
@@ -332,7 +488,7 @@ cdef class LoopCore:
             _fill(handle, _h_off[_H_CANCELLED], False)
             _fill(handle, _h_off[_H_REPR], None)
             _fill(handle, _h_off[_H_TRACEBACK], None)
-        self._ready.append(handle)
+        self.ready.append(handle)
         return handle
 
     def create_future(self):
@@ -340,7 +496,7 @@ cdef class LoopCore:
 
     def get_debug(self):
         # asyncio's, without its Python frame: every new Future asks.
-        return self._debug
+        return self.debug
 
     def _process_events(self, list event_list):
         self.process_events(event_list)
@@ -359,12 +515,12 @@ cdef class LoopCore:
                 if reader._cancelled:
                     self._remove_reader(key.fileobj)
                 else:
-                    self._ready.append(reader)
+                    self.ready.append(reader)
             if mask & 2 and writer is not None:         # EVENT_WRITE
                 if writer._cancelled:
                     self._remove_writer(key.fileobj)
                 else:
-                    self._ready.append(writer)
+                    self.ready.append(writer)
         if self._ops is not None:
             self._ops.c_dispatch(self)
         return 0

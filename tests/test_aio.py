@@ -3,6 +3,7 @@ is completions, and the traps of completions (cancel before close, nothing
 lost to a cancelled operation, bounded memory, fork, the fallback)."""
 
 import asyncio
+import collections
 import contextvars
 import os
 import select
@@ -125,8 +126,81 @@ def test_callbacks_run_in_c_as_asyncio_runs_them():
     assert ours == stock
     assert ours[0] == [("plain", "outer"), ("ctx", "inner"), "timer"]
     (message, exc_type, text, keys), = ours[1]
-    assert message.startswith("Exception in callback ") and "boom('x')" in message
+    assert message.startswith("Exception in callback ") and ".boom(" in message
     assert (exc_type, text, keys) == ("ValueError", "x", ["exception", "handle", "message"])
+
+
+def handles_the_hard_ways(loop):
+    """Callbacks that test how a turn holds a Handle: one that cancels its
+    own handle while a C callable still uses its callback and arguments,
+    arguments given as a list, and Handle._run replaced by instrumentation."""
+    import gc
+    got = []
+
+    class Pairs:        # dict.update() calls keys() first: the handle is cancelled mid-call
+        def keys(self):
+            handle.cancel()         # drops the handle's own references
+            gc.collect()
+            return ["a", "b"]
+
+        def __getitem__(self, k):
+            return k * 3
+
+    target = {}
+    handle = loop.call_soon(target.update, Pairs())
+    loop._ready.append(asyncio.Handle(got.extend, [["listed"]], loop))
+    runs = []
+    own = asyncio.events.Handle._run
+
+    def counting(self):
+        runs.append(1)
+        return own(self)
+
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    asyncio.events.Handle._run = counting
+    try:
+        loop.call_soon(got.append, "counted")
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        asyncio.events.Handle._run = own
+    loop.close()
+    return target, got, len(runs)
+
+
+def test_handles_survive_what_asyncio_survives():
+    # The turn runs Handles in C (_run_handle); it must hold what it calls
+    # as Handle._run's frame does, take any iterable of arguments, and call
+    # a replaced Handle._run (aiodebug-style instrumentation) as asyncio does.
+    import selectors
+    ours = handles_the_hard_ways(aio.new_event_loop())
+    stock = handles_the_hard_ways(asyncio.SelectorEventLoop(selectors.EpollSelector()))
+    assert ours == stock == ({"a": "aaa", "b": "bbb"}, ["listed", "counted"], 2)
+
+
+def test_mock_patch_object_restores_the_loops_c_fields():
+    # asyncio's attributes the turn reads are C fields of LoopCore; deleting
+    # one must make it absent, as an instance attribute is, or
+    # mock.patch.object cannot put the original back.
+    from unittest import mock
+    loop = aio.new_event_loop()
+    try:
+        patches = {"_debug": True, "_selector": mock.Mock(), "_clock_resolution": 1.0,
+                   "_stopping": True, "_ready": collections.deque(), "_scheduled": []}
+        before = {n: getattr(loop, n) for n in patches}
+        for name, value in patches.items():
+            with mock.patch.object(loop, name, value):
+                assert getattr(loop, name) is value or getattr(loop, name) == value
+        after = {n: getattr(loop, n) for n in patches}
+        assert all(after[n] is before[n] or after[n] == before[n] for n in patches), after
+        del loop._debug
+        with pytest.raises(AttributeError):
+            loop._debug
+        loop._debug = False
+        assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+    finally:
+        loop.close()
 
 
 def test_stream_reads_are_completions_not_polls():
