@@ -303,14 +303,19 @@ cdef class PollSet:
             if self.eager:
                 # A send is queued (LoopOps.c_send): it nearly always
                 # completes inside the submit, and the wait would return at
-                # once. Submitting first, the GIL held as for asyncio's own
-                # send(), spares the GIL a release and a retake around a
-                # syscall that does not block; the wait, GIL released,
-                # comes after only if nothing completed.
+                # once. Submitting first with the GIL held spares a release
+                # and a retake around a syscall that does not block: it
+                # issues the SQEs (a socket op in the ring never sleeps on
+                # the socket) and runs the ring's pending task work, so
+                # another thread waits for the GIL no longer than that
+                # work takes. The wait, which can block, comes after only
+                # if nothing completed, and releases the GIL.
                 self.eager = False
                 ret = r.submit()
                 if ret < 0 and ret != -EINTR and ret != -EBUSY and ret != -EAGAIN:
                     raise OSError(-ret, os.strerror(-ret))
+                if ret == -EINTR:
+                    PyErr_CheckSignals()    # its handler first, as after a wait's EINTR
                 if r.ready() or r.cq_overflowed():
                     return False
                 self.enters += 1    # (the wait below: a syscall of its own)
