@@ -404,7 +404,9 @@ cdef class LoopCore:
                 handle._scheduled = False
 
         timeout = None
-        if ready or self.stopping:
+        if ready or self.stopping or (self._ops is not None and self._ops.done):
+            # (completions not yet handed out: a KeyboardInterrupt or
+            # SystemExit from one ended the last dispatch before them)
             timeout = 0
         elif scheduled:
             t = scheduled[0]._when - self.time()

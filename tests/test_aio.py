@@ -203,6 +203,47 @@ def test_mock_patch_object_restores_the_loops_c_fields():
         loop.close()
 
 
+def test_completions_after_a_keyboard_interrupt_are_handed_out_next_run():
+    # Two receives complete in one harvest; the first protocol raises
+    # KeyboardInterrupt, which ends the dispatch and the run. The other's
+    # bytes are still owed: the next run must deliver them at once, not
+    # wait for some new event to end its select().
+    loop = aio.new_event_loop()
+    raise_once = [True]
+    got = []
+    both = loop.create_future()
+
+    class Proto(asyncio.Protocol):
+        def data_received(self, data):
+            got.append(data)
+            if len(got) == 2:
+                both.set_result(None)
+            if raise_once:
+                raise_once.clear()
+                raise KeyboardInterrupt
+
+    async def connect(sock):
+        return await loop.create_connection(Proto, sock=sock)
+
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        for ours, _ in pairs:
+            loop.run_until_complete(connect(ours))
+        for _, peer in pairs:
+            peer.sendall(b"x")          # both are there before the loop looks
+        late = []
+        loop.call_later(30, late.append, True)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_forever()
+        loop.run_until_complete(both)       # nothing new comes: only what is owed
+        assert got == [b"x", b"x"] and late == []
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        loop.close()
+
+
 def test_stream_reads_are_completions_not_polls():
     async def main():
         async def handle(r, w):
