@@ -185,6 +185,12 @@ cdef class LoopCore:
     cdef public LoopOps _ops
     cdef public PollSet _polls
 
+    cdef int present(self, unsigned bit, str name) except -1:
+        # An attribute of the ones below that was deleted is absent.
+        if self.deleted & bit:
+            raise AttributeError(name)
+        return 0
+
     # asyncio's attributes over those fields, for asyncio's own Python code
     # and anyone else's. Deleting one makes it absent until set again, as
     # for an instance attribute: unittest.mock's patch.object deletes what
@@ -192,8 +198,7 @@ cdef class LoopCore:
 
     @property
     def _ready(self):
-        if self.deleted & 1:
-            raise AttributeError('_ready')
+        self.present(1, '_ready')
         return self.ready
 
     @_ready.setter
@@ -203,14 +208,12 @@ cdef class LoopCore:
 
     @_ready.deleter
     def _ready(self):
-        if self.deleted & 1:
-            raise AttributeError('_ready')
+        self.present(1, '_ready')
         self.deleted |= 1
 
     @property
     def _scheduled(self):
-        if self.deleted & 2:
-            raise AttributeError('_scheduled')
+        self.present(2, '_scheduled')
         return self.scheduled
 
     @_scheduled.setter
@@ -220,14 +223,12 @@ cdef class LoopCore:
 
     @_scheduled.deleter
     def _scheduled(self):
-        if self.deleted & 2:
-            raise AttributeError('_scheduled')
+        self.present(2, '_scheduled')
         self.deleted |= 2
 
     @property
     def _timer_cancelled_count(self):
-        if self.deleted & 4:
-            raise AttributeError('_timer_cancelled_count')
+        self.present(4, '_timer_cancelled_count')
         return self.cancelled_timers
 
     @_timer_cancelled_count.setter
@@ -237,14 +238,12 @@ cdef class LoopCore:
 
     @_timer_cancelled_count.deleter
     def _timer_cancelled_count(self):
-        if self.deleted & 4:
-            raise AttributeError('_timer_cancelled_count')
+        self.present(4, '_timer_cancelled_count')
         self.deleted |= 4
 
     @property
     def _stopping(self):
-        if self.deleted & 8:
-            raise AttributeError('_stopping')
+        self.present(8, '_stopping')
         return self.stopping
 
     @_stopping.setter
@@ -254,14 +253,12 @@ cdef class LoopCore:
 
     @_stopping.deleter
     def _stopping(self):
-        if self.deleted & 8:
-            raise AttributeError('_stopping')
+        self.present(8, '_stopping')
         self.deleted |= 8
 
     @property
     def _closed(self):
-        if self.deleted & 16:
-            raise AttributeError('_closed')
+        self.present(16, '_closed')
         return self.closed
 
     @_closed.setter
@@ -271,14 +268,12 @@ cdef class LoopCore:
 
     @_closed.deleter
     def _closed(self):
-        if self.deleted & 16:
-            raise AttributeError('_closed')
+        self.present(16, '_closed')
         self.deleted |= 16
 
     @property
     def _debug(self):
-        if self.deleted & 32:
-            raise AttributeError('_debug')
+        self.present(32, '_debug')
         return self.debug
 
     @_debug.setter
@@ -288,14 +283,12 @@ cdef class LoopCore:
 
     @_debug.deleter
     def _debug(self):
-        if self.deleted & 32:
-            raise AttributeError('_debug')
+        self.present(32, '_debug')
         self.deleted |= 32
 
     @property
     def _clock_resolution(self):
-        if self.deleted & 64:
-            raise AttributeError('_clock_resolution')
+        self.present(64, '_clock_resolution')
         return self.clock_res
 
     @_clock_resolution.setter
@@ -305,14 +298,12 @@ cdef class LoopCore:
 
     @_clock_resolution.deleter
     def _clock_resolution(self):
-        if self.deleted & 64:
-            raise AttributeError('_clock_resolution')
+        self.present(64, '_clock_resolution')
         self.deleted |= 64
 
     @property
     def _selector(self):
-        if self.deleted & 128:
-            raise AttributeError('_selector')
+        self.present(128, '_selector')
         return self.selector
 
     @_selector.setter
@@ -322,8 +313,7 @@ cdef class LoopCore:
 
     @_selector.deleter
     def _selector(self):
-        if self.deleted & 128:
-            raise AttributeError('_selector')
+        self.present(128, '_selector')
         self.deleted |= 128
 
     def run_forever(self):

@@ -417,15 +417,12 @@ cdef class LoopOps:
         self.cancels += 1
         return True
 
-    def dispatch(self, loop):
-        """Hand each completion harvested since the last call to its waiter:
-        a StreamIO by a C call, any other waiter by calling it with the
-        result. An exception goes to the loop's exception handler; the
-        completions after it are still handed out (SystemExit and
-        KeyboardInterrupt propagate, and the rest wait for the next call)."""
-        self.c_dispatch(loop)
-
     cdef int c_dispatch(self, loop) except -1:
+        # Hand each completion harvested since the last call to its waiter:
+        # a StreamIO by a C call, any other waiter by calling it with the
+        # result. An exception goes to the loop's exception handler; the
+        # completions after it are still handed out (SystemExit and
+        # KeyboardInterrupt propagate, and the rest wait for the next call).
         cdef list done = self.done
         cdef Py_ssize_t i, n = len(done)
         cdef tuple item
